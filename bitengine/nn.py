@@ -1,0 +1,103 @@
+"""Linear layers of a loaded bitengine model.
+
+BitLinear holds a ternary weight exactly as the checkpoint stores it (`weight_packed`, uint8
+[N, ceil(K/4)], layout k4; `weight_scale`, float32 [1] | [N] | [N, K/G], multiplies) and runs
+its matmul through the backend chosen at load time (backends/). DenseLinear is the 16-bit
+layer used for kept modules and for `--weights fp16` checkpoints (the FP16 baseline).
+
+Both carry an optional low-rank side path (LoRA adapters, lora.py): `y += (x @ A^T) @ B^T`,
+with the adapters' scaling already folded into B, so one path serves any number of stacked
+adapters (their factors are concatenated along the rank).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .quant import packed_cols
+
+
+class _AdapterPath:
+    """Mixin: the fused low-rank side path shared by BitLinear and DenseLinear."""
+
+    lora_A: torch.Tensor | None
+    lora_B: torch.Tensor | None
+
+    def _init_adapter(self) -> None:
+        self.lora_A = None  # (r_total, K), compute dtype
+        self.lora_B = None  # (N, r_total), scaling folded in
+
+    def _adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+
+class BitLinear(nn.Module, _AdapterPath):
+    """y = W1.58 linear(x) (+ bias) (+ adapter path); see quant.py for the number formats."""
+
+    def __init__(self, in_features: int, out_features: int, *, act_bits: int = 8, scale_shape=(1,),
+                 bias: bool = False, dtype=torch.float16, device=None):
+        super().__init__()
+        if act_bits not in (8, 16):
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.act_bits = act_bits
+        self.register_buffer(
+            "weight_packed", torch.empty(out_features, packed_cols(in_features), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("weight_scale", torch.empty(*scale_shape, dtype=torch.float32, device=device))
+        if bias:
+            self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self.backend = None  # set by prepare()
+        self._init_adapter()
+
+    @property
+    def group_size(self) -> int:
+        """Inputs per scale group (0 when the scale is per tensor or per channel)."""
+        return self.in_features // self.weight_scale.shape[1] if self.weight_scale.dim() == 2 else 0
+
+    def prepare(self, backend) -> None:
+        """Bind a backend and let it repack the weights into its kernel layout."""
+        self.backend = backend
+        backend.prepare(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.backend.linear(x, self)
+        if self.lora_A is not None:
+            y = y + self._adapter_delta(x)
+        return y
+
+    def extra_repr(self) -> str:
+        scale = {1: "tensor"}.get(self.weight_scale.numel(), "channel" if self.weight_scale.dim() == 1 else
+                                  f"group:{self.group_size}")
+        return (f"in={self.in_features}, out={self.out_features}, W1.58A{self.act_bits}, scale={scale}, "
+                f"backend={getattr(self.backend, 'name', None)}")
+
+
+class DenseLinear(nn.Module, _AdapterPath):
+    """A 16-bit linear layer (kept modules, fp16 checkpoints, the head)."""
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = False, dtype=torch.float16, device=None):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
+                                   requires_grad=False)
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.bias = None
+        self._init_adapter()
+
+    def prepare(self, backend) -> None:
+        pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is not None:
+            y = y + self._adapter_delta(x)
+        return y
