@@ -19,6 +19,20 @@ import torch.nn.functional as F
 from .quant import packed_cols
 
 
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers' LlamaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, dtype=torch.float16, device=None):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
 class _AdapterPath:
     """Mixin: the fused low-rank side path shared by BitLinear and DenseLinear."""
 
@@ -37,7 +51,7 @@ class BitLinear(nn.Module, _AdapterPath):
     """y = W1.58 linear(x) (+ bias) (+ adapter path); see quant.py for the number formats."""
 
     def __init__(self, in_features: int, out_features: int, *, act_bits: int = 8, scale_shape=(1,),
-                 bias: bool = False, dtype=torch.float16, device=None):
+                 bias: bool = False, input_norm_eps: float | None = None, dtype=torch.float16, device=None):
         super().__init__()
         if act_bits not in (8, 16):
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
@@ -52,6 +66,8 @@ class BitLinear(nn.Module, _AdapterPath):
             self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
+        # transformers' bitnet `use_rms_norm`: a learned RMSNorm on the input of every BitLinear
+        self.rms_norm = RMSNorm(in_features, input_norm_eps, dtype, device) if input_norm_eps else None
         self.backend = None  # set by prepare()
         self._init_adapter()
 
@@ -66,6 +82,8 @@ class BitLinear(nn.Module, _AdapterPath):
         backend.prepare(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rms_norm is not None:
+            x = self.rms_norm(x)
         y = self.backend.linear(x, self)
         if self.lora_A is not None:
             y = y + self._adapter_delta(x)

@@ -1,0 +1,210 @@
+"""The transformer: Llama family and BitNet b1.58, over BitLinear / DenseLinear layers.
+
+Module and parameter names follow transformers' LlamaForCausalLM / BitNetForCausalLM, so a
+checkpoint's tensor names are the state-dict keys. The KV cache is static and preallocated, and
+the decode step uses tensor positions only (no host syncs), so it can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+from .nn import BitLinear, DenseLinear, RMSNorm
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """Rotary inverse frequencies (head_dim/2,), with llama3 scaling when configured."""
+    dim = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    sc = cfg.rope_scaling
+    if not sc:
+        return inv_freq
+    factor = sc["factor"]
+    low, high = sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+    old_ctx = sc.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Static per-layer K/V buffers (L, B, n_kv, S, hd) plus which slots hold real tokens (B, S).
+
+    `valid` masks the left padding of batched prompts; slots are written with index_copy_ at tensor
+    positions, so one decode step has fixed shapes.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_seq: int, dtype, device):
+        super().__init__()
+        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_seq, cfg.head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("valid", torch.ones(batch, max_seq, dtype=torch.bool, device=device), persistent=False)
+        self.batch, self.max_seq = batch, max_seq
+
+    def reset(self) -> None:
+        self.valid.fill_(True)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        hd, h, kv = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        bias = cfg.attention_bias
+        self.q_proj = make_linear(cfg.hidden_size, h * hd, bias)
+        self.k_proj = make_linear(cfg.hidden_size, kv * hd, bias)
+        self.v_proj = make_linear(cfg.hidden_size, kv * hd, bias)
+        self.o_proj = make_linear(h * hd, cfg.hidden_size, False)
+        self.attn_sub_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norms else None
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, input_pos, kv_len: int | None):
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (B, 1, T, hd)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
+            kc.index_copy_(2, input_pos, k.to(kc.dtype))
+            vc.index_copy_(2, input_pos, v.to(vc.dtype))
+            k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*hd)
+        if self.attn_sub_norm is not None:
+            y = self.attn_sub_norm(y)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear):
+        super().__init__()
+        bias = cfg.mlp_bias
+        self.gate_proj = make_linear(cfg.hidden_size, cfg.intermediate_size, bias)
+        self.up_proj = make_linear(cfg.hidden_size, cfg.intermediate_size, bias)
+        self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, bias)
+        self.relu2 = cfg.hidden_act == "relu2"
+        self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norms else None
+
+    def forward(self, x):
+        g = self.gate_proj(x)
+        g = F.relu(g).square() if self.relu2 else F.silu(g)
+        h = g * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_linear, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, make_linear, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, make_linear)
+
+    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """`model.*` in the checkpoint: embeddings, layers, final norm."""
+
+    def __init__(self, cfg: ModelConfig, make_linear):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens.weight.requires_grad_(False)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, make_linear, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """forward(input_ids) -> logits (B, T, vocab), like a transformers causal LM.
+
+    With a KVCache: `input_pos` (T,) int64 are the cache slots the tokens go to, `position_ids`
+    (B, T) their rotary positions (they differ from the slots under left padding), and `kv_len`
+    an optional host-side bound on the slots to attend over (eager decoding; None = all slots,
+    for fixed-shape CUDA-graph decoding).
+    """
+
+    def __init__(self, cfg: ModelConfig, make_linear, max_seq: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg, make_linear)
+        self.lm_head = DenseLinear(cfg.hidden_size, cfg.vocab_size)
+        self.max_seq = max_seq or cfg.max_position_embeddings
+        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+
+    def tie_weights(self) -> None:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, DenseLinear):
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def rope(self, position_ids: torch.Tensor):
+        """cos, sin (B, 1, T, hd) in float32 for integer positions (B, T)."""
+        freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos()[:, None], emb.sin()[:, None]
+
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, kv_len: int | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        b, t = input_ids.shape
+        dev = input_ids.device
+        if input_pos is None:
+            input_pos = torch.arange(t, device=dev)
+        if position_ids is None:
+            position_ids = input_pos[None].expand(b, t)
+        cos, sin = self.rope(position_ids)
+        mask = self._mask(b, t, input_pos, cache, kv_len, dev)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, mask, cache, input_pos, kv_len)
+        x = self.model.norm(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)
+
+    def _mask(self, b, t, input_pos, cache, kv_len, dev):
+        """Boolean attention mask (B, 1, T, S): causal over slots, minus padding, minus outside the window."""
+        s = t if cache is None else (kv_len or cache.max_seq)
+        slots = torch.arange(s, device=dev)
+        mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+        window = self.config.sliding_window
+        if window:
+            mask = mask & (slots[None, :] > input_pos[:, None] - window)
+        mask = mask[None, None].expand(b, 1, t, s)
+        if cache is not None:
+            mask = mask & cache.valid[:, None, None, :s]
+            # a padding token sees no valid slot; let it see itself so its (unused) row is not NaN
+            mask = mask | (slots[None, :] == input_pos[:, None])[None, None]
+        return mask
+
+    def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype=None) -> KVCache:
+        dtype = dtype or self.model.embed_tokens.weight.dtype
+        return KVCache(self.config, batch, max_seq or self.max_seq, dtype, self.model.embed_tokens.weight.device)
+
+    @torch.no_grad()
+    def generate(self, *args, **kwargs):
+        """See bitengine.generate.generate."""
+        from .generate import generate
+
+        return generate(self, *args, **kwargs)
