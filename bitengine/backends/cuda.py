@@ -1,0 +1,73 @@
+"""The "cuda" backend: the CUDA C++ decode GEMV (csrc/cuda, bitengine._C_cuda) where it applies,
+the Triton kernels everywhere else.
+
+The C++ kernel covers W1.58A8 at M = 1 with per-tensor or per-channel scales (one fused launch:
+activation quantization + GEMV). Other calls (M > 1, A16, group scales) go to the Triton op; the
+split is by shape, dtype and layer settings only. Both read the same i2w weight buffer.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import register
+from .triton import TritonBackend, prepare_i2w, reference_linear
+
+try:
+    from .. import _C_cuda
+    _IMPORT_ERROR = None
+except ImportError as e:  # the package works without the extension
+    _C_cuda = None
+    _IMPORT_ERROR = e
+
+MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 16 inputs
+
+
+def rows_per_warp(n: int) -> int:
+    """Rows each warp streams at once: fewer for short outputs so every SM gets blocks."""
+    return 1 if n <= 8192 else 2
+
+
+if _C_cuda is not None:
+    @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
+    def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
+                          bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]. Returns [1, N]."""
+        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, rows_per_warp(words.shape[0]))
+
+    @ternary_gemv_cuda.register_fake
+    def _(x, words, scale, in_features, bias=None):
+        return x.new_empty(1, words.shape[0])
+
+
+def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
+    """Shape/settings rule for the C++ kernel (never looks at tensor values)."""
+    m = x.numel() // x.shape[-1]
+    return (m == 1 and layer.act_bits == 8 and layer.weight_scale.dim() <= 1
+            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and (layer.bias is None or layer.bias.dtype == x.dtype)
+            and layer.in_features <= MAX_CUDA_K)
+
+
+class CudaBackend(TritonBackend):
+    name = "cuda"
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        if _C_cuda is None:
+            return f"extension bitengine._C_cuda not built ({_IMPORT_ERROR})"
+        return super().unavailable_reason(device)
+
+    def prepare(self, layer) -> None:
+        prepare_i2w(layer)
+
+    def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
+        if not layer._kernel_ok:
+            return reference_linear(x, layer)
+        if cuda_gemv_applies(x, layer):
+            y = torch.ops.bitengine.ternary_gemv_cuda(x.reshape(1, -1), layer.weight_i2w, layer.weight_scale,
+                                                      layer.in_features, layer.bias)
+            return y.reshape(*x.shape[:-1], -1)
+        return super().linear(x, layer)
+
+
+register(CudaBackend())

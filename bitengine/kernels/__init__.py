@@ -1,0 +1,10 @@
+"""Triton kernels for ternary linear layers on CUDA GPUs (the "triton" backend; see backends/triton.py).
+
+layout.py     i2w: the in-memory weight layout the kernels read (made from on-disk k4 at prepare time)
+act_quant.py  per-token int8 activation quantization (the A8 front end)
+gemv.py       decode GEMV, M <= 16: dp4a on 2-bit codes (A8) or exponent-trick FMA (A16)
+gemm.py       prefill GEMM, M > 16: codes decoded in registers, int8 / fp16 tensor cores
+ops.py        torch.library custom ops (bitengine::ternary_linear ...) with fake implementations
+
+Importing this package needs triton; nothing here is imported by bitengine unless a GPU backend is asked for.
+"""

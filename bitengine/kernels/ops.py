@@ -1,0 +1,38 @@
+"""torch.library custom ops over the Triton kernels, so torch.compile and CUDA graphs see through them.
+
+bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias) -> y
+    x: float16/bfloat16/float32 [..., K]; words: int32 [N, KW] (i2w, layout.py); scale: float32
+    [1] | [N] | [N, K/G] (multiplies); act_bits 8 or 16; bias: [N] or None. y: [..., N], x's dtype.
+    M = prod(x.shape[:-1]) <= 16 runs the decode GEMV, larger M the prefill GEMM.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .gemm import ternary_gemm
+from .gemv import ternary_gemv_a8, ternary_gemv_a16
+
+GEMV_MAX_M = 16
+
+
+@torch.library.custom_op("bitengine::ternary_linear", mutates_args=())
+def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int,
+                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    if x2.shape[0] <= GEMV_MAX_M:
+        if act_bits == 8:
+            y = ternary_gemv_a8(x2, words, scale, in_features, bias)
+        elif act_bits == 16:
+            y = ternary_gemv_a16(x2, words, scale, in_features, bias)
+        else:
+            raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    else:
+        y = ternary_gemm(x2, words, scale, in_features, act_bits, bias)
+    return y.reshape(*lead, words.shape[0])
+
+
+@ternary_linear.register_fake
+def _(x, words, scale, in_features, act_bits, bias=None):
+    return x.new_empty(*x.shape[:-1], words.shape[0])

@@ -1,0 +1,226 @@
+// W1.58A8 decode GEMV (M = 1) in CUDA C++: y[N] = s * (x_q . W_q[n]) / a (+ bias).
+//
+// Weights: i2w layout (bitengine/kernels/layout.py): int32 [N, KW], KW % 16 == 0, 16 weights per
+// word, weight 16w + 4j + b at bits 8b + 2j, code = w + 1. So (word >> 2j) & 0x03030303 holds the
+// codes of 4 consecutive weights as bytes, and one dp4a against 4 int8 activations sums x_q * code.
+// The code offset is removed once: sum x_q (c - 1) = sum x_q c - sum x_q.
+//
+// One persistent launch does everything (no separate quantization kernel):
+//   1. every block quantizes x (per-token absmax, exactly quant.quantize_activations: IEEE reciprocal,
+//      rint half-to-even, clamp) into shared memory, with sum(x_q);
+//   2. each warp streams R weight rows with 16-byte non-caching loads, U of them in flight per row,
+//      and reduces with shuffles; blocks stride over row groups.
+// x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
+// read conflict-free (see xq_slot).
+
+#include <ATen/cuda/CUDAContext.h>
+#include <algorithm>
+#include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <torch/extension.h>
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = kWarps * 32;
+constexpr unsigned kLaneMask = 0x03030303u;
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+template <typename T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ uint4 load_stream(const uint4* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// Activation word wi (16 int8 values) lives at slot: chunk of 128 words, then (wi % 4) * 32 + (wi / 4) % 32,
+// so the 32 lanes reading word 4*l + e of one chunk hit 32 consecutive 16-byte slots.
+__device__ __forceinline__ int xq_slot(int wi) { return (wi >> 7) * 128 + (wi & 3) * 32 + ((wi >> 2) & 31); }
+
+__device__ __forceinline__ int dot_word(unsigned w, int4 x, int acc) {
+  acc = __dp4a(static_cast<int>(w & kLaneMask), x.x, acc);
+  acc = __dp4a(static_cast<int>((w >> 2) & kLaneMask), x.y, acc);
+  acc = __dp4a(static_cast<int>((w >> 4) & kLaneMask), x.z, acc);
+  acc = __dp4a(static_cast<int>((w >> 6) & kLaneMask), x.w, acc);
+  return acc;
+}
+
+template <typename T>
+__device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4* xq, float* a_out, int* xsum_out) {
+  __shared__ float red_f[kWarps];
+  __shared__ int red_i[kWarps];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float amax = 0.f;
+  for (int k = tid; k < K; k += kThreads) amax = fmaxf(amax, fabsf(to_float(x[k])));
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (lane == 0) red_f[warp] = amax;
+  __syncthreads();
+  amax = red_f[0];
+  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red_f[i]);
+  const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
+  int sum = 0;
+  for (int wi = tid; wi < KW; wi += kThreads) {
+    int packed[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      unsigned word = 0;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const int k = wi * 16 + j * 4 + b;
+        int q = 0;
+        if (k < K) q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(to_float(x[k]), a)), -128.f), 127.f));
+        sum += q;
+        word |= (static_cast<unsigned>(q) & 0xffu) << (8 * b);
+      }
+      packed[j] = static_cast<int>(word);
+    }
+    xq[xq_slot(wi)] = make_int4(packed[0], packed[1], packed[2], packed[3]);
+  }
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) red_i[warp] = sum;
+  __syncthreads();
+  if (tid == 0) {
+    int s = 0;
+    for (int i = 0; i < kWarps; ++i) s += red_i[i];
+    *xsum_out = s;
+    *a_out = a;
+  }
+  __syncthreads();
+}
+
+// R rows per warp, U 16-byte loads per row in flight per lane.
+template <typename T, int R, int U>
+__global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
+    const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
+    int per_channel, const T* __restrict__ bias, T* __restrict__ y, int N, int K, int KW) {
+  extern __shared__ int4 xq[];
+  __shared__ float a_s;
+  __shared__ int xsum_s;
+  quantize_to_shared(x, K, KW, xq, &a_s, &xsum_s);
+  const float a = a_s;
+  const int xsum = xsum_s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kw4 = KW / 4;  // 16-byte vectors per row
+  for (int row0 = (blockIdx.x * kWarps + warp) * R; row0 < N; row0 += gridDim.x * kWarps * R) {
+    int acc[R];
+    const uint4* rows[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] = 0;
+      rows[r] = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(row0 + r, N - 1)) * stride_w);
+    }
+    for (int v0 = lane; v0 < kw4; v0 += 32 * U) {
+      uint4 wv[U][R];
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+          if (v0 + 32 * u < kw4) wv[u][r] = load_stream(rows[r] + v0 + 32 * u);
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int v = v0 + 32 * u;
+        if (v < kw4) {
+          const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
+          const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            acc[r] = dot_word(wv[u][r].x, x0, acc[r]);
+            acc[r] = dot_word(wv[u][r].y, x1, acc[r]);
+            acc[r] = dot_word(wv[u][r].z, x2, acc[r]);
+            acc[r] = dot_word(wv[u][r].w, x3, acc[r]);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      int s = acc[r];
+      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+      const int n = row0 + r;
+      if (lane == 0 && n < N) {
+        const float sc = scale[per_channel ? n : 0];
+        float out = __fdiv_rn(__fmul_rn(static_cast<float>(s - xsum), sc), a);
+        if (bias) out = __fadd_rn(out, to_float(bias[n]));
+        y[n] = from_float<T>(out);
+      }
+    }
+  }
+}
+
+template <typename T, int R, int U>
+void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+            torch::Tensor& y, int K) {
+  const int N = w.size(0), KW = w.size(1);
+  const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
+  auto kernel = ternary_gemv_a8_kernel<T, R, U>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int row_groups = (N + kWarps * R - 1) / (kWarps * R);
+  const int grid = std::max(1, std::min(row_groups, sms * std::max(per_sm, 1)));
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int>(), w.stride(0), scale.data_ptr<float>(),
+      scale.numel() > 1 ? 1 : 0, bias, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename T>
+void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+                   torch::Tensor& y, int K, int rows_per_warp) {
+  switch (rows_per_warp) {
+    case 1: launch<T, 1, 8>(x, w, scale, bias, y, K); break;
+    case 2: launch<T, 2, 4>(x, w, scale, bias, y, K); break;
+    default: launch<T, 4, 2>(x, w, scale, bias, y, K); break;
+  }
+}
+
+}  // namespace
+
+// x: float16/bfloat16/float32 [1, K] (or [K]) contiguous; w: int32 [N, KW] i2w, KW % 16 == 0, KW * 16 >= K;
+// scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 1, 2 or 4.
+// Returns y [1, N] in x's dtype.
+torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
+                                   c10::optional<torch::Tensor> bias, int64_t rows_per_warp) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda(), "ternary_gemv_a8_cuda: tensors must be on CUDA");
+  TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "x must be a contiguous [1, ", in_features,
+              "] tensor, got ", x.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 2 && w.stride(1) == 1 && w.size(1) % 16 == 0 &&
+                  w.size(1) * 16 >= in_features && w.stride(0) % 4 == 0,
+              "w must be i2w int32 [N, KW] with KW % 16 == 0, got ", w.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && (scale.numel() == 1 || scale.numel() == w.size(0)),
+              "scale must be float32 [1] or [N], got ", scale.sizes());
+  const int64_t smem = (w.size(1) + 127) / 128 * 128 * 16;
+  TORCH_CHECK(smem <= 200 * 1024, "in_features ", in_features, " too large for the CUDA GEMV");
+  c10::cuda::CUDAGuard guard(x.device());
+  auto y = torch::empty({1, w.size(0)}, x.options());
+  if (bias) TORCH_CHECK(bias->numel() == w.size(0) && bias->scalar_type() == x.scalar_type(), "bias must be [N] in x's dtype");
+  const int K = static_cast<int>(in_features);
+  switch (x.scalar_type()) {
+    case at::kHalf:
+      dispatch_rows<__half>(x, w, scale, bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr, y, K,
+                            rows_per_warp);
+      break;
+    case at::kBFloat16:
+      dispatch_rows<__nv_bfloat16>(x, w, scale,
+                                   bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr, y, K,
+                                   rows_per_warp);
+      break;
+    case at::kFloat:
+      dispatch_rows<float>(x, w, scale, bias ? bias->data_ptr<float>() : nullptr, y, K, rows_per_warp);
+      break;
+    default:
+      TORCH_CHECK(false, "ternary_gemv_a8_cuda: unsupported dtype ", x.scalar_type());
+  }
+  return y;
+}

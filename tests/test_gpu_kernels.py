@@ -1,0 +1,200 @@
+"""GPU ternary kernels (Triton and CUDA C++) against the reference, on a CUDA device (marker `gpu`).
+
+Every case draws fresh random inputs and compares with a float64 evaluation of the reference
+formula (the A8 activation quantization itself is compared exactly). Integer accumulation is
+checked exactly where it is exposed: integer activations with row max 127 give a = 1, so with a
+unit scale the float32 output is the integer sum itself.
+Tolerances on ||y - ref|| / ||ref||: float32 1e-5, float16 1e-3, bfloat16 1e-2 (output rounding).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitengine.quant import (
+    absmean_quantize,
+    expand_scale,
+    pack_ternary,
+    quantize_activations,
+    unpack_ternary,
+)
+from bitengine.reference import ternary_accumulate_reference
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+MS = (1, 2, 3, 16, 17, 128, 1000)
+REAL = [(2560, 2560), (6912, 2560), (2560, 6912)]
+
+
+def _cuda_ext():
+    try:
+        from bitengine import _C_cuda  # noqa: F401
+        from bitengine.backends import cuda as cuda_backend
+        return cuda_backend
+    except ImportError:
+        return None
+
+
+def make_weight(n, k, gran="tensor", group=0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w_q, scale = absmean_quantize(torch.randn(n, k, generator=g), gran, group)
+    from bitengine.kernels.layout import k4_to_i2w
+
+    packed = pack_ternary(w_q).cuda()
+    return packed, scale.cuda(), k4_to_i2w(packed, k)
+
+
+def reference64(x, packed, scale, k, act_bits, bias=None):
+    w = unpack_ternary(packed, k, torch.float64) * expand_scale(scale, packed.shape[0], k).double()
+    if act_bits == 8:
+        xq, a = quantize_activations(x)
+        y = xq.double() @ w.t() / a.double()
+    else:
+        y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def check(y, ref, dtype, what):
+    assert y.dtype == dtype and y.shape == ref.shape, f"{what}: {y.dtype} {tuple(y.shape)}"
+    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+    err = ((y.double() - ref).norm() / ref.norm()).item()
+    worst = ((y.double() - ref).abs().max() / ref.abs().max()).item()
+    assert err < TOL[dtype] and worst < 20 * TOL[dtype], f"{what}: rel.err {err:.2e}, worst {worst:.2e}"
+
+
+def run_linear(x, words, scale, k, act_bits, bias=None):
+    from bitengine.kernels import ops  # noqa: F401
+
+    return torch.ops.bitengine.ternary_linear(x, words, scale, k, act_bits, bias)
+
+
+def test_i2w_round_trip():
+    from bitengine.kernels.layout import i2w_to_codes
+    from bitengine.quant import unpack_codes
+
+    for n, k in [(7, 5), (64, 1000), (2560, 2560)]:
+        packed, _, words = make_weight(n, k)
+        assert words.shape[1] % 16 == 0
+        assert torch.equal(i2w_to_codes(words, k), unpack_codes(packed, k))
+
+
+@pytest.mark.parametrize("m", [1, 17, 1000])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_activation_quantization_exact(m, dtype):
+    from bitengine.kernels.act_quant import quantize_activations_int8
+
+    x = (torch.randn(m, 2000, device="cuda") * 3).to(dtype)
+    q, a = quantize_activations_int8(x, 128)
+    q_ref, a_ref = quantize_activations(x)
+    assert torch.equal(a, a_ref[:, 0])
+    assert torch.equal(q[:, :2000].float(), q_ref)
+    assert not q[:, 2000:].any()
+
+
+@pytest.mark.parametrize("n,k", [(2560, 2560), (77, 1000), (300, 4100)])
+def test_integer_accumulation_exact(n, k):
+    """a = 1 and scale = 1: every kernel's float32 output must be the exact integer sum."""
+    packed, _, words = make_weight(n, k, seed=1)
+    one = torch.ones(1, device="cuda")
+    for m in (1, 3, 16, 17, 1000):
+        x = torch.randint(-127, 128, (m, k), device="cuda").float()
+        x[:, 0] = 127.0
+        exact = ternary_accumulate_reference(x.to(torch.int8), packed, k).float()
+        from bitengine.kernels.gemm import ternary_gemm
+        from bitengine.kernels.gemv import ternary_gemv_a8
+
+        if m <= 16:
+            assert torch.equal(ternary_gemv_a8(x, words, one, k, fused=True), exact), f"gemv fused m={m}"
+            assert torch.equal(ternary_gemv_a8(x, words, one, k, fused=False), exact), f"gemv m={m}"
+        assert torch.equal(ternary_gemm(x, words, one, k, 8), exact), f"gemm m={m}"
+        ext = _cuda_ext()
+        if ext is not None and m == 1:
+            assert torch.equal(torch.ops.bitengine.ternary_gemv_cuda(x, words, one, k, None), exact), "cuda gemv"
+
+
+@pytest.mark.parametrize("n,k", REAL)
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_real_shapes_all_m(n, k, act_bits):
+    packed, scale, words = make_weight(n, k, seed=2)
+    for m in MS:
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        check(run_linear(x, words, scale, k, act_bits), reference64(x, packed, scale, k, act_bits), torch.float16,
+              f"{n}x{k} A{act_bits} m={m}")
+
+
+@pytest.mark.parametrize("n,k,gran,group", [(77, 1000, "channel", 0), (1000, 333, "tensor", 0),
+                                            (384, 512, "group", 128), (130, 4128, "group", 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_awkward_shapes(n, k, gran, group, dtype, act_bits):
+    packed, scale, words = make_weight(n, k, gran, group, seed=3)
+    bias = torch.randn(n, device="cuda").to(dtype)
+    for m in (1, 2, 3, 16, 17, 128, 1000):
+        x = torch.randn(m, k, device="cuda").to(dtype)
+        y = run_linear(x, words, scale, k, act_bits, bias)
+        check(y, reference64(x, packed, scale, k, act_bits, bias), dtype, f"{n}x{k} {gran} A{act_bits} m={m}")
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gemv_fused_and_unfused(fused):
+    from bitengine.kernels.gemv import ternary_gemv_a8
+
+    packed, scale, words = make_weight(3840, 2560, "channel", seed=4)
+    for m in (1, 2, 3, 16):
+        x = torch.randn(m, 2560, device="cuda", dtype=torch.float16)
+        check(ternary_gemv_a8(x, words, scale, 2560, fused=fused), reference64(x, packed, scale, 2560, 8),
+              torch.float16, f"fused={fused} m={m}")
+
+
+@pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_gemv(n, k, dtype):
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    for gran in ("tensor", "channel"):
+        packed, scale, words = make_weight(n, k, gran, seed=5)
+        bias = torch.randn(n, device="cuda").to(dtype)
+        x = torch.randn(1, k, device="cuda").to(dtype)
+        y = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias)
+        check(y, reference64(x, packed, scale, k, 8, bias), dtype, f"cuda {n}x{k} {gran}")
+
+
+def test_backends_on_bitlinear_and_cuda_graph():
+    """BitLinear through the triton / cuda backends equals the reference backend, also replayed in a CUDA graph."""
+    from bitengine import backends
+    from bitengine.nn import BitLinear
+
+    packed, scale, _ = make_weight(1000, 2560, "channel", seed=6)
+    names = ["triton"] + (["cuda"] if _cuda_ext() is not None else [])
+    for name in names:
+        layer = BitLinear(2560, 1000, scale_shape=(1000,), bias=True, device="cuda")
+        layer.weight_packed.copy_(packed)
+        layer.weight_scale.copy_(scale)
+        layer.bias.copy_(torch.randn(1000))
+        layer.prepare(backends.get(name))
+        for m in (1, 5, 100):
+            x = torch.randn(2, m, 2560, device="cuda", dtype=torch.float16)[:, : (m + 1) // 2]
+            check(layer(x), reference64(x.reshape(-1, 2560), packed, scale, 2560, 8, layer.bias).reshape(
+                *x.shape[:-1], 1000), torch.float16, f"{name} m={m}")
+        static_x = torch.randn(1, 2560, device="cuda", dtype=torch.float16)
+        layer(static_x)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_y = layer(static_x)
+        static_x.copy_(torch.randn(1, 2560, device="cuda", dtype=torch.float16))
+        graph.replay()
+        check(static_y, reference64(static_x, packed, scale, 2560, 8, layer.bias), torch.float16, f"{name} graph")
+
+
+def test_torch_compile_sees_through_op():
+    from bitengine.kernels import ops  # noqa: F401
+
+    packed, scale, words = make_weight(512, 1024, seed=7)
+    fn = torch.compile(lambda x: torch.relu(torch.ops.bitengine.ternary_linear(x, words, scale, 1024, 8, None)),
+                       fullgraph=True)
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    check(fn(x), reference64(x, packed, scale, 1024, 8).relu(), torch.float16, "compiled")

@@ -1,0 +1,119 @@
+"""The Triton ternary kernels on the CPU through the Triton interpreter (TRITON_INTERPRET=1), small shapes.
+
+Runs in a child process: the interpreter must be switched on before triton is first imported, and
+other tests may already have imported it. The child checks every kernel (GEMV A8 fused / unfused,
+GEMV A16, GEMM A8 / A16) against a float64 reference for the three scale layouts, with bias,
+padding (K not a multiple of 16) and M across the GEMV/GEMM split; the inline-asm dp4a is replaced
+by its plain-integer twin there (gemv.dp4a), so the GPU tests cover that one instruction.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def test_triton_kernels_under_interpreter():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(HERE) + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
+                          timeout=300, check=False)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def _patch_interpreter_index():
+    """numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for loop bounds."""
+    import numpy as np
+    import triton.runtime.interpreter as interp
+
+    original = interp._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    interp._patch_lang_tensor = patched
+
+
+def _reference64(x, packed, scale, k, act_bits, bias):
+    import torch
+
+    from bitengine.quant import expand_scale, quantize_activations, unpack_ternary
+
+    w = unpack_ternary(packed, k, torch.float64) * expand_scale(scale, packed.shape[0], k).double()
+    if act_bits == 8:
+        xq, a = quantize_activations(x)
+        y = xq.double() @ w.t() / a.double()
+    else:
+        y = x.double() @ w.t()
+    return y if bias is None else y + bias.double()
+
+
+def _main() -> int:
+    import time
+
+    import torch
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _patch_interpreter_index()
+    from bitengine.kernels.act_quant import quantize_activations_int8
+    from bitengine.kernels.gemm import ternary_gemm
+    from bitengine.kernels.gemv import ternary_gemv_a8, ternary_gemv_a16
+    from bitengine.kernels.layout import i2w_to_codes, k4_to_i2w
+    from bitengine.quant import (
+        absmean_quantize,
+        pack_ternary,
+        quantize_activations,
+        unpack_codes,
+    )
+
+    torch.manual_seed(0)
+    gemv_cfg = {"BLOCK_N": 16, "BLOCK_KW": 16, "num_warps": 4}
+    gemm_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 2, "GROUP_M": 2, "num_warps": 4}
+    failures = []
+    start = time.time()
+    cases = [(40, 100, "tensor", 0, torch.float32, False), (33, 200, "channel", 0, torch.float16, True),
+             (17, 256, "group", 64, torch.float32, True)]
+    for n, k, gran, group, dtype, with_bias in cases:
+        w_q, scale = absmean_quantize(torch.randn(n, k), gran, group)
+        packed = pack_ternary(w_q)
+        words = k4_to_i2w(packed, k)
+        if not torch.equal(i2w_to_codes(words, k), unpack_codes(packed, k)):
+            failures.append(f"i2w round trip {n}x{k}")
+        bias = torch.randn(n).to(dtype) if with_bias else None
+        tol = 1e-5 if dtype == torch.float32 else 1e-3
+        for m in (1, 3, 17):
+            x = torch.randn(m, k).to(dtype)
+            q, a = quantize_activations_int8(x, words.shape[1])
+            q_ref, a_ref = quantize_activations(x)
+            if not (torch.equal(q[:, :k].float(), q_ref) and torch.equal(a, a_ref[:, 0]) and not q[:, k:].any()):
+                failures.append(f"act quant m={m} k={k}")
+            bm = max(1, 1 << (m - 1).bit_length())
+            runs = [("gemm_a8", 8, ternary_gemm, {"act_bits": 8, "config": gemm_cfg})]
+            if dtype != torch.float32:  # IEEE float32 tl.dot is not in the interpreter's numpy path
+                runs.append(("gemm_a16", 16, ternary_gemm, {"act_bits": 16, "config": gemm_cfg}))
+            if m <= 16:
+                runs += [("gemv_a8_fused", 8, ternary_gemv_a8, {"fused": True, "config": {**gemv_cfg, "BLOCK_M": bm}}),
+                         ("gemv_a8", 8, ternary_gemv_a8, {"fused": False, "config": {**gemv_cfg, "BLOCK_M": bm}}),
+                         ("gemv_a16", 16, ternary_gemv_a16, {"config": {**gemv_cfg, "BLOCK_M": bm, "BLOCK_KW": 8}})]
+            for name, bits, kernel, kwargs in runs:
+                ref = _reference64(x, packed, scale, k, bits, bias)
+                y = kernel(x, words, scale, k, bias=bias, **kwargs)
+                err = ((y.double() - ref).norm() / ref.norm()).item()
+                ok = y.shape == (m, n) and y.dtype == dtype and err < tol
+                print(f"{name:14s} {n}x{k} {gran:7s} m={m:2d} {str(dtype)[6:]:8s} rel.err {err:.2e} {'ok' if ok else 'FAIL'}")
+                if not ok:
+                    failures.append(f"{name} {n}x{k} {gran} m={m}: {err:.2e}")
+    print(f"{time.time() - start:.1f} s; failures: {failures}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
