@@ -208,3 +208,23 @@ class CausalLM(nn.Module):
         from .generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def dense_linear(in_features: int, out_features: int, bias: bool) -> DenseLinear:
+    return DenseLinear(in_features, out_features, bias=bias)
+
+
+def expected_shapes(cfg: ModelConfig) -> tuple[dict[str, tuple], list[str]]:
+    """({parameter name: shape} of the 16-bit model, [names of the linear modules in the layers]).
+
+    The head is a linear module too but is listed only in the shapes (absent when tied)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg, dense_linear)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    linears = [n for n, m in model.named_modules() if isinstance(m, DenseLinear) and n != "lm_head"]
+    if cfg.linear_input_norm:
+        for n in linears:
+            shapes[f"{n}.rms_norm.weight"] = (model.get_submodule(n).in_features,)
+    return shapes, linears

@@ -1,0 +1,228 @@
+"""Text generation: prefill, decode step, sampling, stop conditions, streaming.
+
+`generate(model, ...)` takes a prompt, token ids, chat messages or a batch of prompts. Batches are
+left-padded; the KV cache's `valid` mask hides the padding and each row gets its own rotary
+positions. Sampling runs on the device (temperature, top-k, top-p, repetition penalty) with a
+seeded generator. The decode step is a separate callable (`Decoder`) so a CUDA-graph version
+can replace the eager one without touching the loop.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+           generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next tokens (B,) from logits (B, V). temperature 0 means greedy (argmax)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """transformers' rule: for tokens already present, divide positive logits by penalty, multiply negative ones.
+
+    seen: bool (B, V) of tokens in the prompt or generated so far."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    return torch.where(seen, penalized, logits)
+
+
+class Decoder:
+    """Eager one-token decode step: (tokens (B,1), slot int) -> logits (B, V) float32."""
+
+    def __init__(self, model, cache, position_offset: torch.Tensor):
+        self.model, self.cache, self.offset = model, cache, position_offset  # offset (B,): left padding
+
+    def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
+        pos = torch.tensor([slot], device=tokens.device)
+        positions = (pos[None] - self.offset[:, None])  # (B, 1)
+        logits = self.model(tokens, cache=self.cache, input_pos=pos, position_ids=positions, kv_len=slot + 1)
+        return logits[:, -1].float()
+
+
+def _encode(model, prompt, input_ids, messages, prompts):
+    tok = model.tokenizer
+    given = sum(x is not None for x in (prompt, input_ids, messages, prompts))
+    if given != 1:
+        raise ValueError("generate() takes exactly one of: prompt, input_ids, messages, prompts")
+    if input_ids is not None:
+        if isinstance(input_ids, torch.Tensor):
+            batch = input_ids.dim() == 2 and input_ids.shape[0] > 1
+            rows = input_ids.tolist() if input_ids.dim() == 2 else [input_ids.tolist()]
+        else:
+            batch = bool(input_ids) and not isinstance(input_ids[0], int)
+            rows = [list(r) for r in input_ids] if batch else [list(input_ids)]
+        return rows, batch
+    if tok is None:
+        raise ValueError("this checkpoint has no tokenizer files; pass input_ids instead of text")
+    if messages is not None:
+        batch = isinstance(messages[0], (list, tuple))
+        convs = messages if batch else [messages]
+        texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in convs]
+        return [tok(t, add_special_tokens=False)["input_ids"] for t in texts], batch
+    if prompts is not None:
+        return [tok(p)["input_ids"] for p in prompts], True
+    if isinstance(prompt, (list, tuple)):
+        return [tok(p)["input_ids"] for p in prompt], True
+    return [tok(prompt)["input_ids"]], False
+
+
+def eos_ids(model) -> set[int]:
+    ids = set()
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and tok.eos_token_id is not None:
+        ids.add(int(tok.eos_token_id))
+    gen = getattr(model, "generation_eos", None)
+    if gen is None:
+        path = getattr(model, "checkpoint_path", None)
+        gen = []
+        if path is not None and (path / "generation_config.json").exists():
+            import json
+
+            e = json.loads((path / "generation_config.json").read_text()).get("eos_token_id")
+            gen = e if isinstance(e, list) else ([e] if e is not None else [])
+        model.generation_eos = gen
+    ids.update(int(e) for e in gen)
+    return ids
+
+
+def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None, max_new_tokens: int = 128,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+             stop: list[str] | str | None = None, seed: int | None = None, stream: bool = False,
+             ignore_eos: bool = False):
+    """Generate continuations.
+
+    Exactly one input: `prompt` (str, or a list of str for a batch), `input_ids` (list of ints,
+    list of lists, or a LongTensor (B, T)), `messages` (chat messages, formatted with the
+    tokenizer's chat template; or a list of conversations), or `prompts` (a list of str).
+    Returns the generated text (str, or list[str] for a batch); with `input_ids`, the generated
+    token ids (list[int], or list of lists). With stream=True (single sequence only) returns an
+    iterator of text pieces (or token ids when given `input_ids`) as they are decoded.
+    temperature 0 is greedy; `stop` strings end a sequence (not included in the output).
+    """
+    rows, batched = _encode(model, prompt, input_ids, messages, prompts)
+    text_mode = input_ids is None
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if stream and len(rows) != 1:
+        raise ValueError("stream=True supports a single sequence")
+    if any(len(r) == 0 for r in rows):
+        raise ValueError("empty prompt")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    gen = _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops,
+                         seed, text_mode, ignore_eos)
+    if stream:
+        return _stream(gen, model, text_mode, stops)
+    outs = None
+    for outs in gen:
+        pass
+    results = [(_text(model, o, stops) if text_mode else o) for o in outs]
+    return results if batched else results[0]
+
+
+def _text(model, ids: list[int], stops: list[str]) -> str:
+    text = model.tokenizer.decode(ids, skip_special_tokens=True)
+    return _cut(text, stops)[0]
+
+
+def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _stream(gen, model, text_mode: bool, stops: list[str]) -> Iterator:
+    emitted_text, emitted_ids = "", 0
+    for outs in gen:
+        ids = outs[0]
+        if not text_mode:
+            yield from ids[emitted_ids:]
+            emitted_ids = len(ids)
+            continue
+        text, _ = _cut(model.tokenizer.decode(ids, skip_special_tokens=True), stops)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        # hold back a tail that could still become a stop string
+        hold = max((len(s) - 1 for s in stops), default=0)
+        safe = len(text) - hold if hold else len(text)
+        if safe > len(emitted_text):
+            yield text[len(emitted_text):safe]
+            emitted_text = text[:safe]
+    if text_mode:
+        text, _ = _cut(model.tokenizer.decode(outs[0], skip_special_tokens=True), stops)
+        if len(text) > len(emitted_text):
+            yield text[len(emitted_text):]
+
+
+@torch.no_grad()
+def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed,
+                   text_mode, ignore_eos):
+    """Yields after each step the generated ids so far for every row (list of lists)."""
+    device = model.model.embed_tokens.weight.device
+    b = len(rows)
+    t = max(len(r) for r in rows)
+    context = model.max_seq
+    if t >= context:
+        raise ValueError(f"prompt of {t} tokens does not fit the context of {context} tokens")
+    max_new_tokens = min(max_new_tokens, context - t)
+    pad = [t - len(r) for r in rows]
+    ids = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], device=device)  # (B, T) left-padded
+    cache = model.new_cache(batch=b, max_seq=t + max_new_tokens)
+    offset = torch.tensor(pad, device=device)
+    slots = torch.arange(t + max_new_tokens, device=device)
+    cache.valid.copy_(slots[None, :] >= offset[:, None])
+    gen = torch.Generator(device=device)
+    if seed is not None:
+        gen.manual_seed(seed)
+    else:
+        gen.seed()
+    vocab = model.config.vocab_size
+    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
+    if repetition_penalty != 1.0:
+        for r, row in enumerate(rows):  # the prompt's own tokens (not the padding)
+            seen[r, torch.tensor(row, device=device)] = True
+    eos = torch.tensor(sorted(eos_ids(model)) if not ignore_eos else [], device=device, dtype=torch.long)
+
+    input_pos = slots[:t]
+    positions = (input_pos[None] - offset[:, None]).clamp(min=0)
+    logits = model(ids, cache=cache, input_pos=input_pos, position_ids=positions, kv_len=t, last_only=True)[:, -1].float()
+    step = Decoder(model, cache, offset)
+    out = [[] for _ in range(b)]
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    for i in range(max_new_tokens):
+        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+        nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+        is_eos = torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
+        newly = ~done & ~is_eos
+        host_next, host_new = nxt.tolist(), newly.tolist()  # one sync per step: stopping and streaming need it
+        for r in range(b):
+            if host_new[r]:
+                out[r].append(host_next[r])
+        done = done | is_eos
+        if stops and text_mode:
+            for r in range(b):
+                if not done[r] and _cut(model.tokenizer.decode(out[r][-16 - max(map(len, stops)):],
+                                                               skip_special_tokens=True), stops)[1]:
+                    done[r] = True
+        yield out
+        if bool(done.all()) or i == max_new_tokens - 1:
+            return
+        if repetition_penalty != 1.0:
+            seen[torch.arange(b, device=device), nxt] = True
+        logits = step(nxt[:, None], t + i)

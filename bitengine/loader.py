@@ -1,0 +1,131 @@
+"""Load a bitengine checkpoint into a ready-to-run CausalLM.
+
+The model is built on the meta device; every tensor in the files is checked (name, dtype, shape)
+against what the config implies before any is read, then assigned without copies on the CPU
+(`load_state_dict(assign=True)`). Finally the backend is chosen (backends/) and lets each
+BitLinear repack its weights for its kernels.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import backends
+from .config import ModelConfig
+from .formats.checkpoint import CheckpointError, CheckpointReader
+from .model import CausalLM, dense_linear, expected_shapes, rope_inv_freq
+from .nn import BitLinear
+from .quant import check_packed_codes, packed_cols
+
+_16BIT = {"F16", "BF16", "F32"}
+
+
+def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
+    if device.type == "cpu":
+        return torch.float32  # CPU half-precision matmuls are slow or missing; kernels take fp32 activations
+    return torch.bfloat16 if stored == "bfloat16" else torch.float16
+
+
+def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
+         max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", verify_codes: bool = True):
+    """Load the checkpoint folder `path` onto `device` and return a CausalLM (with `.tokenizer`).
+
+    backend: "auto" (default, or $BITENGINE_BACKEND), "reference", "cpu", "triton", "cuda".
+    dtype: compute dtype for activations and 16-bit weights (default fp32 on CPU, the checkpoint's
+    16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
+    adapters / adapter_mode: LoRA adapters applied at load time (see bitengine.lora).
+    """
+    device = torch.device(device)
+    reader = CheckpointReader(path)
+    cfg = ModelConfig.from_hf(reader.config, str(reader.path / "config.json"))
+    block = reader.block
+    if isinstance(dtype, str):
+        dtype = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+                 "fp32": torch.float32, "float32": torch.float32}[dtype]
+    dtype = dtype or _default_dtype(device, block.get("dtype", "float16"))
+    act_bits = int(block.get("act_bits", 8))
+
+    shapes, linears = expected_shapes(cfg)
+    ternary = {m for m in linears + ["lm_head"] if f"{m}.weight_packed" in reader.index}
+    _validate(reader, shapes, ternary)
+
+    with torch.device("meta"):
+        model = CausalLM(cfg, dense_linear, max_seq=max_seq)
+        for name in ternary:
+            dense = model.get_submodule(name)
+            scale_shape = reader.meta[f"{name}.weight_scale"][1]
+            bit = BitLinear(dense.in_features, dense.out_features, act_bits=act_bits, scale_shape=scale_shape,
+                            bias=dense.bias is not None,
+                            input_norm_eps=cfg.rms_norm_eps if cfg.linear_input_norm else None)
+            model.set_submodule(name, bit)
+
+    state = {}
+    for name in reader.index:
+        t = reader.tensor(name)
+        if t.is_floating_point() and not name.endswith(".weight_scale"):
+            t = t.to(dtype)
+        if name.endswith(".weight_packed") and verify_codes:
+            try:
+                check_packed_codes(t, model.get_submodule(name[: -len(".weight_packed")]).in_features)
+            except ValueError as e:
+                raise CheckpointError(f"{reader.index[name]}: {name}: {e}") from None
+        state[name] = t.to(device)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [m for m in missing if not (m == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:  # _validate should have caught these; keep the invariant explicit
+        raise CheckpointError(f"{reader.path}: state mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(cfg).to(device)
+    model.eval()
+
+    chosen = backends.select(device, backend)
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            m.prepare(chosen)
+    model.backend_name = chosen.name
+    model.checkpoint_path = reader.path
+    model.bitengine_config = block
+    model.compute_dtype = dtype
+    model.tokenizer = _tokenizer(reader.path)
+    if adapters:
+        from .lora import apply_adapters
+
+        apply_adapters(model, adapters, mode=adapter_mode)
+    return model
+
+
+def _validate(reader: CheckpointReader, shapes: dict, ternary: set) -> None:
+    """Every expected tensor present with the right dtype and shape, and nothing else."""
+    expected: dict[str, tuple[set, tuple]] = {}
+    for name, shape in shapes.items():
+        module = name.rsplit(".", 1)[0]
+        if module in ternary and name == f"{module}.weight":
+            n, k = shape
+            expected[f"{module}.weight_packed"] = ({"U8"}, (n, packed_cols(k)))
+            scale_shape = reader.meta.get(f"{module}.weight_scale", (None, None))[1]
+            ok = scale_shape in ((1,), (n,)) or (scale_shape is not None and len(scale_shape) == 2
+                                                 and scale_shape[0] == n and scale_shape[1] > 0 and k % scale_shape[1] == 0)
+            expected[f"{module}.weight_scale"] = ({"F32"}, scale_shape if ok else ("[1], [N] or [N, K/G]",))
+        else:
+            expected[name] = (_16BIT, shape)
+    for name, (dtypes, shape) in expected.items():
+        if name not in reader.meta:
+            raise CheckpointError(f"{reader.path}: missing tensor {name}")
+        dt, got = reader.meta[name]
+        if dt not in dtypes:
+            raise CheckpointError(f"{reader.index[name]}: tensor {name} has dtype {dt}, expected {'/'.join(sorted(dtypes))}")
+        if got != shape:
+            raise CheckpointError(f"{reader.index[name]}: tensor {name} has shape {list(got)}, expected {list(shape)}")
+    extra = sorted(set(reader.meta) - set(expected))
+    if extra:
+        raise CheckpointError(f"{reader.index[extra[0]]}: unexpected tensor {extra[0]}")
+
+
+def _tokenizer(path: Path):
+    if not any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
