@@ -1,0 +1,159 @@
+"""Smaller / faster 16-bit heads for CPU decode: int8 head (and embeddings), fast fp16 head.
+
+On small models the 16-bit head is a large share of the bytes read per decoded token (TinyLlama
+shape: 131 MB of fp16 head vs 242 MB of 2-bit linear weights), and decode is memory-bound.
+  - quantize_head_int8(model): lm_head -> Int8Linear, per-row int8 weights with an fp32 scale
+    (W ~= scale[n] * W_q[n, :], scale multiplies; W_q in [-127, 127]); activations stay float, so
+    the only error is the weight rounding. Halves the head bytes.
+  - quantize_head_int8(model, embeddings=True) also stores the token embeddings as int8 rows.
+  - use_cpu_half_head(model): keeps fp16 weights but runs them through the F16C kernel instead of
+    torch's fp16 GEMV, which is ~2x slower on CPU.
+Both kernels are `torch.ops.bitengine.dense_linear_cpu` (csrc/cpu); without the extension (or off
+CPU) the modules fall back to plain PyTorch with the same numbers up to fp32 summation order.
+This module does not load or convert checkpoints; the loader decides when to call it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PAD = 32  # the dense kernels want K padded to a multiple of 32 (zeros)
+
+
+def _kernel_ready(t: torch.Tensor) -> bool:
+    if t.device.type != "cpu":
+        return False
+    from .backends import cpu
+
+    return cpu._C is not None
+
+
+def _pad_cols(w: torch.Tensor) -> torch.Tensor:
+    pad = (-w.shape[1]) % PAD
+    return F.pad(w, (0, pad)).contiguous() if pad else w.contiguous()
+
+
+def int8_rows(w: torch.Tensor):
+    """float [N, K] -> (int8 [N, K] in [-127, 127], float32 scale [N]) with w ~= scale[:, None] * q."""
+    wf = w.float()
+    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+    q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
+    return q, scale.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """y = (x @ W_q^T) * scale (+ bias); W_q int8 [N, ceil(K/32)*32] zero padded, scale fp32 [N]."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        q, scale = int8_rows(weight)
+        self.register_buffer("weight_int8", _pad_cols(q))
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_ready(x):
+            return torch.ops.bitengine.dense_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias,
+                                                        self.in_features)
+        w = self.weight_int8[:, : self.in_features].float()
+        y = F.linear(x.float(), w) * self.weight_scale
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, int8 rows + fp32 scale"
+
+
+class HalfLinearCpu(nn.Module):
+    """y = x @ W^T (+ bias) with fp16 W [N, ceil(K/32)*32] (zero padded) and fp32 accumulation."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight_half", _pad_cols(weight.detach().to(torch.float16)))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _kernel_ready(x):
+            return torch.ops.bitengine.dense_linear_cpu(x, self.weight_half, None, self.bias, self.in_features)
+        y = F.linear(x.float(), self.weight_half[:, : self.in_features].float())
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+
+class Int8Embedding(nn.Module):
+    """Token embeddings as int8 rows with an fp32 scale per row; returns `dtype` vectors."""
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        q, scale = int8_rows(weight)
+        self.register_buffer("weight_int8", q)
+        self.register_buffer("weight_scale", scale)
+        self.dtype = dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return (self.weight_int8[ids].float() * self.weight_scale[ids, None]).to(self.dtype)
+
+
+def _replace(model: nn.Module, suffix: str, make) -> list[str]:
+    done = []
+    for name, module in list(model.named_modules()):
+        if name == suffix or name.endswith("." + suffix):
+            new = make(module)
+            if new is None:
+                continue
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], new)
+            done.append(name)
+    return done
+
+
+def _weight_and_bias(module: nn.Module):
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 2:
+        raise ValueError(f"cannot requantize {type(module).__name__}: no 2-D weight")
+    return w.detach(), getattr(module, "bias", None)
+
+
+def quantize_head_int8(model: nn.Module, head: str = "lm_head", embeddings: bool = False,
+                       embeddings_name: str = "embed_tokens") -> list[str]:
+    """Replace the 16-bit head (a DenseLinear / nn.Linear called `head`) by an Int8Linear in place.
+
+    With embeddings=True also replace the nn.Embedding called `embeddings_name` by an
+    Int8Embedding. Tied weights are fine: each gets its own int8 copy. Returns the replaced
+    module names; ValueError if no head was found.
+    """
+    def make_head(m):
+        if isinstance(m, (Int8Linear,)):
+            return None
+        w, b = _weight_and_bias(m)
+        return Int8Linear(w, b)
+
+    done = _replace(model, head, make_head)
+    if not done and not any(isinstance(m, Int8Linear) for m in model.modules()):
+        raise ValueError(f"quantize_head_int8: no module named {head!r} in {type(model).__name__}")
+    if embeddings:
+        def make_emb(m):
+            if not isinstance(m, nn.Embedding):
+                return None
+            return Int8Embedding(m.weight.detach(), m.weight.dtype)
+
+        done += _replace(model, embeddings_name, make_emb)
+    return done
+
+
+def use_cpu_half_head(model: nn.Module, head: str = "lm_head") -> list[str]:
+    """Run the fp16 head through the F16C kernel (same weights, fp32 accumulation)."""
+    def make(m):
+        if isinstance(m, (Int8Linear, HalfLinearCpu)):
+            return None
+        w, b = _weight_and_bias(m)
+        return HalfLinearCpu(w, b)
+
+    return _replace(model, head, make)

@@ -1,0 +1,79 @@
+// Raw-pointer CPU kernels for bitengine (no torch headers: the ISA-specific files are compiled with
+// `#pragma GCC target`, and torch's inline code must never be compiled for a wider ISA than the
+// machine running it).
+//
+// Repacked ternary layout "i256" (made at load time by repack_k4_to_i256 from the on-disk "k4"):
+//   per row: ceil(K / 256) blocks of 64 bytes; in block t, bits 2i..2i+1 of byte b hold the code
+//   (w + 1, so 0 -> -1, 1 -> 0, 2 -> +1) of weight k = 256 t + 64 i + b. Padding past K is code 1
+//   (weight 0). 2 bits per weight, same size as k4 up to the 256 padding.
+//   Why: one 64-byte load, a 16-bit shift by 2i and a mask give 64 (AVX2: 2 x 32) codes for 64
+//   consecutive k, so int8 activations are read contiguously.
+// A16 kernels read one 32-bit word q of a block and shift lane l by 2l (and 16 + 2l): lane l gets
+// the code of k = 256 t + 64 (l % 4) + 4 q + l / 4. The driver permutes x to that order once per
+// call ("x_perm", see a16_perm_index), so the weights need no second layout.
+#pragma once
+#include <cstdint>
+
+namespace bitengine_cpu {
+
+constexpr int64_t kBlockK = 256;     // weights per i256 block
+constexpr int64_t kBlockBytes = 64;  // bytes per i256 block
+
+// Position in x_perm of weight offset r (0..255) inside a block, for the A16 kernels.
+inline int64_t a16_perm_index(int64_t r) {
+  const int64_t i = r / 64, b = r % 64;  // r = 64 i + b, b = 4 q + byte
+  return (b / 4) * 16 + (b % 4) * 4 + i;
+}
+
+// Sum over blocks [0, nblk) of one group for NR rows x M tokens.
+//   w:    first block of row 0; row r starts at w + r * w_stride (bytes)
+//   xq:   int8 activations of token m at xq + m * x_stride, in natural k order, zero padded
+//   xsum: per token sum of xq over the same range (used by the dot variant's correction)
+//   out:  int32 [M, nrows] at out + m * out_stride + r; exact sum_k xq[m, k] * w[r, k]
+using A8Kernel = void (*)(const uint8_t* w, int64_t w_stride, int64_t nrows, const int8_t* xq,
+                          int64_t x_stride, const int32_t* xsum, int64_t xsum_stride, int64_t M,
+                          int64_t nblk, int32_t* out, int64_t out_stride);
+// Same for float activations in x_perm order; out float [M, nrows] = sum_k x[m, k] * w[r, k].
+using A16Kernel = void (*)(const uint8_t* w, int64_t w_stride, int64_t nrows, const float* xp,
+                           int64_t x_stride, const float* xsum, int64_t xsum_stride, int64_t M,
+                           int64_t nblk, float* out, int64_t out_stride);
+// Dense rows (head): out[m, r] = sum_k x[m, k] * w[r, k] in fp32; w int8 or fp16 bits, K padded
+// to a multiple of 32 with zeros (both x and w).
+using Int8Kernel = void (*)(const int8_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                            int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride);
+using HalfKernel = void (*)(const uint16_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                            int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride);
+
+// Portable scalar kernels. The scalar ternary kernels also serve any group size (multiple of 4):
+// they take a k range [k0, k1) instead of whole blocks.
+void a8_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const int8_t* xq,
+                     int64_t x_stride, int64_t M, int64_t k0, int64_t k1, int32_t* out,
+                     int64_t out_stride);
+void a16_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const float* xp,
+                      int64_t x_stride, int64_t M, int64_t k0, int64_t k1, float* out,
+                      int64_t out_stride);
+void int8_rows_scalar(const int8_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                      int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride);
+void half_rows_scalar(const uint16_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                      int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride);
+
+// AVX2 (+FMA, F16C) kernels; "dot" uses maddubs on the codes (w + 1) with a sum(x) correction,
+// "add" is multiplication-free: sign(x, w) selects +x / 0 / -x and psadbw adds the bytes.
+void a8_avx2_dot(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, const int32_t*, int64_t,
+                 int64_t, int64_t, int32_t*, int64_t);
+void a8_avx2_add(const uint8_t*, int64_t, int64_t, const int8_t*, int64_t, const int32_t*, int64_t,
+                 int64_t, int64_t, int32_t*, int64_t);
+// A16: "add" blends x by each code bit (sum x*c = sum_bit0 x + 2 sum_bit1 x, minus sum x), no
+// multiplies; "dot" converts codes to float and uses FMA.
+void a16_avx2_add(const uint8_t*, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                  int64_t, int64_t, float*, int64_t);
+void a16_avx2_dot(const uint8_t*, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                  int64_t, int64_t, float*, int64_t);
+void int8_rows_avx2(const int8_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t, float*,
+                    int64_t);
+void half_rows_avx2(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
+                    float*, int64_t);
+
+bool cpu_has_avx2();  // AVX2 + FMA + F16C, checked with cpuid (and OS support for ymm state)
+
+}  // namespace bitengine_cpu

@@ -1,0 +1,294 @@
+// AVX2 (+FMA, F16C) kernels over the i256 layout (kernels.h). Compiled for AVX2 with a target
+// pragma so one build runs anywhere: they are only called after cpu_has_avx2() said yes.
+// Tiles of MT tokens x NR rows share each weight unpack (prefill) and each activation load.
+#pragma GCC target("avx2,fma,f16c")
+#include <immintrin.h>
+
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace bitengine_cpu {
+
+namespace {
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4e));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xb1));
+  return _mm_cvtsi128_si32(s);
+}
+
+inline int64_t hsum_epi64(__m256i v) {
+  __m128i s = _mm_add_epi64(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi64(s, _mm_unpackhi_epi64(s, s));
+  return _mm_cvtsi128_si64(s);
+}
+
+inline float hsum_ps(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// Codes (0..2) of the 32 weights k = 64 i + 32 h + j from the block half loaded in v.
+template <int I>
+inline __m256i codes(__m256i v) {
+  return _mm256_and_si256(_mm256_srli_epi16(v, 2 * I), _mm256_set1_epi8(3));
+}
+
+// ---- W1.58A8, dot variant: maddubs(u8 code, s8 x) -> int16 pairs (|.| <= 2*2*127), summed over
+// one block (8 steps, |.| <= 4064) before widening; sum x*(c-1) = sum x*c - sum x.
+template <int MT, int NR>
+void a8_dot_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk,
+                 int32_t* res) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = _mm256_setzero_si256();
+  for (int64_t t = 0; t < nblk; ++t) {
+    __m256i acc16[MT][NR];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NR; ++r) acc16[m][r] = _mm256_setzero_si256();
+    const int8_t* xb = x + t * kBlockK;
+    for (int h = 0; h < 2; ++h) {
+      __m256i wv[NR];
+      for (int r = 0; r < NR; ++r)
+        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * ws + t * kBlockBytes + 32 * h));
+      auto step = [&](auto ic) {
+        constexpr int I = decltype(ic)::value;
+        __m256i c[NR];
+        for (int r = 0; r < NR; ++r) c[r] = codes<I>(wv[r]);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xb + m * xs + 64 * I + 32 * h));
+          for (int r = 0; r < NR; ++r)
+            acc16[m][r] = _mm256_add_epi16(acc16[m][r], _mm256_maddubs_epi16(c[r], xv));
+        }
+      };
+      step(std::integral_constant<int, 0>{});
+      step(std::integral_constant<int, 1>{});
+      step(std::integral_constant<int, 2>{});
+      step(std::integral_constant<int, 3>{});
+    }
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < NR; ++r)
+        acc[m][r] = _mm256_add_epi32(acc[m][r], _mm256_madd_epi16(acc16[m][r], ones16));
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) res[m * NR + r] = hsum_epi32(acc[m][r]);
+}
+
+// ---- W1.58A8, add-only variant: s = sign(x, c - 1) is +x, 0 or -x (|x| <= 127 after
+// quantization, so negation never overflows); psadbw against 0 adds the bytes of s + 128.
+template <int MT, int NR>
+void a8_add_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk,
+                 int32_t* res) {
+  const __m256i one8 = _mm256_set1_epi8(1), bias8 = _mm256_set1_epi8((char)0x80);
+  const __m256i zero = _mm256_setzero_si256();
+  __m256i acc[MT][NR];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc[m][r] = zero;
+  for (int64_t t = 0; t < nblk; ++t) {
+    const int8_t* xb = x + t * kBlockK;
+    for (int h = 0; h < 2; ++h) {
+      __m256i wv[NR];
+      for (int r = 0; r < NR; ++r)
+        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * ws + t * kBlockBytes + 32 * h));
+      auto step = [&](auto ic) {
+        constexpr int I = decltype(ic)::value;
+        __m256i sgn[NR];
+        for (int r = 0; r < NR; ++r) sgn[r] = _mm256_sub_epi8(codes<I>(wv[r]), one8);
+        for (int m = 0; m < MT; ++m) {
+          const __m256i xv = _mm256_loadu_si256((const __m256i*)(xb + m * xs + 64 * I + 32 * h));
+          for (int r = 0; r < NR; ++r) {
+            const __m256i s = _mm256_xor_si256(_mm256_sign_epi8(xv, sgn[r]), bias8);
+            acc[m][r] = _mm256_add_epi64(acc[m][r], _mm256_sad_epu8(s, zero));
+          }
+        }
+      };
+      step(std::integral_constant<int, 0>{});
+      step(std::integral_constant<int, 1>{});
+      step(std::integral_constant<int, 2>{});
+      step(std::integral_constant<int, 3>{});
+    }
+  }
+  const int64_t offset = 128 * kBlockK * nblk;  // every byte carried +128
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) res[m * NR + r] = (int32_t)(hsum_epi64(acc[m][r]) - offset);
+}
+
+// Runs NR-row tiles over all rows (tail rows one at a time); the runner loops over tokens inside,
+// so a tile's weights stay in L1 while every token passes over them.
+template <int NR, typename F>
+inline void run_rows(F&& f, int64_t nrows, int64_t M) {
+  int64_t r = 0;
+  for (; r + NR <= nrows; r += NR) f.template call<NR>(r, M);
+  for (; r < nrows; ++r) f.template call<1>(r, M);
+}
+
+template <bool ADD>
+struct A8Runner {
+  const uint8_t* w; int64_t ws; const int8_t* xq; int64_t xs; const int32_t* xsum; int64_t sums;
+  int64_t nblk; int32_t* out; int64_t os;
+  template <int NR>
+  void call(int64_t r0, int64_t M) const {
+    int32_t res[4 * NR];
+    int64_t m = 0;
+    auto emit = [&](int mt) {
+      for (int i = 0; i < mt; ++i)
+        for (int r = 0; r < NR; ++r)
+          out[(m + i) * os + r0 + r] = res[i * NR + r] - (ADD ? 0 : xsum[(m + i) * sums]);
+    };
+    const uint8_t* wr = w + r0 * ws;
+    for (; m + 4 <= M; m += 4) {
+      if (ADD) a8_add_tile<4, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      else a8_dot_tile<4, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      emit(4);
+    }
+    for (; m < M; ++m) {
+      if (ADD) a8_add_tile<1, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      else a8_dot_tile<1, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      emit(1);
+    }
+  }
+};
+
+// ---- W1.58A16. Word q of a block holds 16 codes; lane l of the low (high) half gets the code at
+// bit 2l (16 + 2l), which x_perm lines up with. "add": shift each code bit to the sign bit and
+// blend x in (no multiplies): sum x*c = sum_bit0 x + 2 sum_bit1 x. "dot": codes to float, FMA.
+template <bool ADD, int NR>
+void a16_tile(const uint8_t* w, int64_t ws, const float* x, int64_t nblk, float* res) {
+  const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+  const __m256i sh0lo = _mm256_sub_epi32(_mm256_set1_epi32(31), lane2);  // bit 2l -> 31
+  const __m256i sh1lo = _mm256_sub_epi32(_mm256_set1_epi32(30), lane2);  // bit 2l+1 -> 31
+  const __m256i sh0hi = _mm256_sub_epi32(_mm256_set1_epi32(15), lane2);  // bit 16+2l -> 31
+  const __m256i sh1hi = _mm256_sub_epi32(_mm256_set1_epi32(14), lane2);
+  const __m256i shrlo = lane2, shrhi = _mm256_add_epi32(lane2, _mm256_set1_epi32(16));
+  const __m256i mask3 = _mm256_set1_epi32(3);
+  const __m256 zero = _mm256_setzero_ps();
+  __m256 acc0[NR], acc1[NR];
+  for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = zero;
+  for (int64_t t = 0; t < nblk; ++t) {
+    for (int q = 0; q < 16; ++q) {
+      const __m256 xlo = _mm256_loadu_ps(x + t * kBlockK + 16 * q);
+      const __m256 xhi = _mm256_loadu_ps(x + t * kBlockK + 16 * q + 8);
+      for (int r = 0; r < NR; ++r) {
+        const __m256i word =
+            _mm256_set1_epi32(*(const int32_t*)(w + r * ws + t * kBlockBytes + 4 * q));
+        if (ADD) {
+          acc0[r] = _mm256_add_ps(acc0[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0lo))));
+          acc1[r] = _mm256_add_ps(acc1[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1lo))));
+          acc0[r] = _mm256_add_ps(acc0[r], _mm256_blendv_ps(zero, xhi, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0hi))));
+          acc1[r] = _mm256_add_ps(acc1[r], _mm256_blendv_ps(zero, xhi, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1hi))));
+        } else {
+          const __m256 clo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shrlo), mask3));
+          const __m256 chi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shrhi), mask3));
+          acc0[r] = _mm256_fmadd_ps(xlo, clo, acc0[r]);
+          acc1[r] = _mm256_fmadd_ps(xhi, chi, acc1[r]);
+        }
+      }
+    }
+  }
+  for (int r = 0; r < NR; ++r)
+    res[r] = ADD ? hsum_ps(acc0[r]) + 2.f * hsum_ps(acc1[r]) : hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
+}
+
+template <bool ADD>
+struct A16Runner {
+  const uint8_t* w; int64_t ws; const float* xp; int64_t xs; const float* xsum; int64_t sums;
+  int64_t nblk; float* out; int64_t os;
+  template <int NR>
+  void call(int64_t r0, int64_t M) const {
+    float res[NR];
+    for (int64_t m = 0; m < M; ++m) {
+      a16_tile<ADD, NR>(w + r0 * ws, ws, xp + m * xs, nblk, res);
+      for (int r = 0; r < NR; ++r) out[m * os + r0 + r] = res[r] - xsum[m * sums];
+    }
+  }
+};
+
+// ---- dense rows (head): 4 rows share each x load; two accumulators per row hide FMA latency.
+template <typename Load, int NR>
+void dense_tile(Load load, int64_t ws, const float* x, int64_t kpad, float* res) {
+  __m256 a[NR], b[NR];
+  for (int r = 0; r < NR; ++r) a[r] = b[r] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= kpad; k += 16) {
+    const __m256 x0 = _mm256_loadu_ps(x + k), x1 = _mm256_loadu_ps(x + k + 8);
+    for (int r = 0; r < NR; ++r) {
+      a[r] = _mm256_fmadd_ps(x0, load(r * ws + k), a[r]);
+      b[r] = _mm256_fmadd_ps(x1, load(r * ws + k + 8), b[r]);
+    }
+  }
+  for (; k < kpad; k += 8) {
+    const __m256 x0 = _mm256_loadu_ps(x + k);
+    for (int r = 0; r < NR; ++r) a[r] = _mm256_fmadd_ps(x0, load(r * ws + k), a[r]);
+  }
+  for (int r = 0; r < NR; ++r) res[r] = hsum_ps(_mm256_add_ps(a[r], b[r]));
+}
+
+template <typename Load>
+void dense_rows(Load make, int64_t ws, int64_t nrows, const float* x, int64_t xs, int64_t M,
+                int64_t kpad, float* out, int64_t os) {
+  float res[4];
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t r = 0;
+    for (; r + 4 <= nrows; r += 4) {
+      dense_tile<decltype(make(r)), 4>(make(r), ws, x + m * xs, kpad, res);
+      for (int i = 0; i < 4; ++i) out[m * os + r + i] = res[i];
+    }
+    for (; r < nrows; ++r) {
+      dense_tile<decltype(make(r)), 1>(make(r), ws, x + m * xs, kpad, res);
+      out[m * os + r] = res[0];
+    }
+  }
+}
+
+}  // namespace
+
+void a8_avx2_dot(const uint8_t* w, int64_t ws, int64_t nrows, const int8_t* xq, int64_t xs,
+                 const int32_t* xsum, int64_t sums, int64_t M, int64_t nblk, int32_t* out,
+                 int64_t os) {
+  A8Runner<false> f{w, ws, xq, xs, xsum, sums, nblk, out, os};
+  if (M >= 4) run_rows<2>(f, nrows, M);
+  else run_rows<4>(f, nrows, M);
+}
+
+void a8_avx2_add(const uint8_t* w, int64_t ws, int64_t nrows, const int8_t* xq, int64_t xs,
+                 const int32_t* xsum, int64_t sums, int64_t M, int64_t nblk, int32_t* out,
+                 int64_t os) {
+  A8Runner<true> f{w, ws, xq, xs, xsum, sums, nblk, out, os};
+  if (M >= 4) run_rows<2>(f, nrows, M);
+  else run_rows<4>(f, nrows, M);
+}
+
+void a16_avx2_add(const uint8_t* w, int64_t ws, int64_t nrows, const float* xp, int64_t xs,
+                  const float* xsum, int64_t sums, int64_t M, int64_t nblk, float* out, int64_t os) {
+  run_rows<2>(A16Runner<true>{w, ws, xp, xs, xsum, sums, nblk, out, os}, nrows, M);
+}
+
+void a16_avx2_dot(const uint8_t* w, int64_t ws, int64_t nrows, const float* xp, int64_t xs,
+                  const float* xsum, int64_t sums, int64_t M, int64_t nblk, float* out, int64_t os) {
+  run_rows<4>(A16Runner<false>{w, ws, xp, xs, xsum, sums, nblk, out, os}, nrows, M);
+}
+
+void int8_rows_avx2(const int8_t* w, int64_t ws, int64_t nrows, const float* x, int64_t xs,
+                    int64_t M, int64_t kpad, float* out, int64_t os) {
+  dense_rows([w, ws](int64_t r0) {
+    const int8_t* p = w + r0 * ws;
+    return [p](int64_t off) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(p + off))));
+    };
+  }, ws, nrows, x, xs, M, kpad, out, os);
+}
+
+void half_rows_avx2(const uint16_t* w, int64_t ws, int64_t nrows, const float* x, int64_t xs,
+                    int64_t M, int64_t kpad, float* out, int64_t os) {
+  dense_rows([w, ws](int64_t r0) {
+    const uint16_t* p = w + r0 * ws;
+    return [p](int64_t off) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + off))); };
+  }, ws, nrows, x, xs, M, kpad, out, os);
+}
+
+}  // namespace bitengine_cpu

@@ -1,0 +1,102 @@
+// Portable scalar kernels: the twin every SIMD path is tested against (besides the PyTorch
+// reference), the fallback on CPUs without AVX2, and the path for scale groups that are not a
+// multiple of the 256-weight block. Add-only: each weight selects +x, 0 or -x.
+#include <cstring>
+
+#include "kernels.h"
+
+namespace bitengine_cpu {
+
+namespace {
+inline int code_at(const uint8_t* row, int64_t k) {
+  const int64_t t = k / kBlockK, r = k % kBlockK;
+  return (row[t * kBlockBytes + r % 64] >> (2 * (r / 64))) & 3;
+}
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = (uint32_t)(h >> 15) << 31;
+  uint32_t exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: renormalize
+      int e = -1;
+      do { man <<= 1; ++e; } while (!(man & 0x400));
+      bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ff) << 13);
+    }
+  } else {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+}  // namespace
+
+void a8_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const int8_t* xq,
+                     int64_t x_stride, int64_t M, int64_t k0, int64_t k1, int32_t* out,
+                     int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const uint8_t* row = w + r * w_stride;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* x = xq + m * x_stride;
+      int32_t acc = 0;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int c = code_at(row, k);
+        acc += c == 2 ? x[k] : (c == 0 ? -x[k] : 0);
+      }
+      out[m * out_stride + r] = acc;
+    }
+  }
+}
+
+void a16_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const float* xp,
+                      int64_t x_stride, int64_t M, int64_t k0, int64_t k1, float* out,
+                      int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    const uint8_t* row = w + r * w_stride;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = xp + m * x_stride;
+      float acc = 0.f;
+      for (int64_t k = k0; k < k1; ++k) {
+        const int c = code_at(row, k);
+        const float v = x[(k / kBlockK) * kBlockK + a16_perm_index(k % kBlockK)];
+        acc += c == 2 ? v : (c == 0 ? -v : 0.f);
+      }
+      out[m * out_stride + r] = acc;
+    }
+  }
+}
+
+void int8_rows_scalar(const int8_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                      int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kpad; ++k) acc += x[m * x_stride + k] * (float)w[r * w_stride + k];
+      out[m * out_stride + r] = acc;
+    }
+}
+
+void half_rows_scalar(const uint16_t* w, int64_t w_stride, int64_t nrows, const float* x,
+                      int64_t x_stride, int64_t M, int64_t kpad, float* out, int64_t out_stride) {
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < kpad; ++k)
+        acc += x[m * x_stride + k] * half_to_float(w[r * w_stride + k]);
+      out[m * out_stride + r] = acc;
+    }
+}
+
+}  // namespace bitengine_cpu
+
+namespace bitengine_cpu {
+bool cpu_has_avx2() {
+  // libgcc's cpu model checks both cpuid and the OS-enabled ymm state (xgetbv).
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c");
+}
+}  // namespace bitengine_cpu

@@ -1,0 +1,345 @@
+// torch ops for the CPU kernels: input checks, per-token activation quantization, threading over
+// output rows, scale/bias epilogue, runtime ISA dispatch. Registered as `bitengine::*_cpu`
+// (TORCH_LIBRARY_FRAGMENT), so torch.compile sees them (fake impls: bitengine/backends/cpu.py).
+//
+// Settings: ISA = BITENGINE_CPU_ISA (auto | scalar | avx2) at import or set_isa(); threads =
+// set_num_threads(n) (0: torch.get_num_threads()).
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+namespace bitengine_cpu {
+namespace {
+
+enum Isa : int { kScalar = 0, kAvx2 = 1 };
+const char* kIsaNames[] = {"scalar", "avx2"};
+constexpr int64_t kRowChunk = 32;  // output rows per work item (its weights stay in L1/L2)
+
+int g_forced_isa = -1;  // -1: best available
+int g_threads = 0;      // 0: at::get_num_threads()
+
+int best_isa() { return cpu_has_avx2() ? kAvx2 : kScalar; }
+int active_isa() { return g_forced_isa >= 0 ? g_forced_isa : best_isa(); }
+int num_threads() { return g_threads > 0 ? g_threads : at::get_num_threads(); }
+
+void set_isa(const std::string& name) {
+  if (name == "auto" || name.empty()) { g_forced_isa = -1; return; }
+  for (int i = 0; i <= kAvx2; ++i)
+    if (name == kIsaNames[i]) {
+      TORCH_CHECK(i <= best_isa(), "BITENGINE_CPU_ISA=", name, ": this CPU does not support it");
+      g_forced_isa = i;
+      return;
+    }
+  TORCH_CHECK(false, "unknown CPU ISA '", name, "'; expected auto, scalar or avx2");
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (int i = 0; i <= best_isa(); ++i) out.push_back(kIsaNames[i]);
+  return out;
+}
+
+int64_t nblocks(int64_t K) { return (K + kBlockK - 1) / kBlockK; }
+
+void check_weight(const at::Tensor& w, int64_t K) {
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
+              "repacked weight must be contiguous uint8 [N, ceil(K/256)*64], got ", w.sizes());
+  TORCH_CHECK(w.size(1) == nblocks(K) * kBlockBytes, "repacked weight has ", w.size(1),
+              " bytes per row; in_features=", K, " needs ", nblocks(K) * kBlockBytes);
+}
+
+// Scale granularity: groups = 1 for tensor/channel scales, K / group_size for [N, K/G] scales.
+struct ScaleView {
+  const float* p; int64_t groups, per_row;  // per_row: 0 (tensor), 1 (channel), groups (group)
+  float at(int64_t n, int64_t g) const { return p[n * per_row + g * (per_row > 1)]; }
+};
+
+ScaleView scale_view(const at::Tensor& scale, int64_t N, int64_t K) {
+  TORCH_CHECK(scale.dtype() == at::kFloat && scale.is_contiguous(), "scale must be contiguous float32");
+  if (scale.numel() == 1) return {scale.data_ptr<float>(), 1, 0};
+  if (scale.dim() == 1) {
+    TORCH_CHECK(scale.size(0) == N, "per-channel scale has ", scale.size(0), " entries, expected ", N);
+    return {scale.data_ptr<float>(), 1, 1};
+  }
+  TORCH_CHECK(scale.dim() == 2 && scale.size(0) == N && K % scale.size(1) == 0 &&
+                  (K / scale.size(1)) % 4 == 0,
+              "group scale must be [N, K/G] with G a multiple of 4, got ", scale.sizes(), " for K=", K);
+  return {scale.data_ptr<float>(), scale.size(1), scale.size(1)};
+}
+
+// Flattens x to float32 [M, K] (a copy only when the dtype or layout asks for it).
+at::Tensor as_float_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.size(-1) == K, "input has ", x.size(-1), " features, layer expects ", K);
+  return x.reshape({-1, K}).to(at::kFloat).contiguous();
+}
+
+at::Tensor finish(const at::Tensor& y, const at::Tensor& x, int64_t N) {
+  auto shape = x.sizes().vec();
+  shape.back() = N;
+  return y.to(x.scalar_type()).reshape(shape);
+}
+
+// Per token: a = 127 / max(max|x|, 1e-5) (as torch computes it), xq = clamp(rint(x * a), -128, 127) (quant.py), zero
+// padding to Kp; xsum[m, g] = sum of xq over group g (for the dot kernels' correction).
+void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t groups, int8_t* xq,
+                     float* a, int32_t* xsum) {
+  const int64_t gsize = K / groups;
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* xr = x + m * K;
+      float amax = 0.f;
+      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
+      // Not 127 / amax: torch evaluates `127.0 / tensor` as reciprocal(tensor) * 127, which differs
+      // in the last bit for ~25% of inputs, and then flips rint ties on 16-bit inputs.
+      const float am = (1.f / std::max(amax, 1e-5f)) * 127.f;
+      a[m] = am;
+      int8_t* q = xq + m * Kp;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t s = 0;
+        for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) {
+          const float v = std::min(std::max(std::nearbyint(xr[k] * am), -128.f), 127.f);
+          q[k] = (int8_t)v;
+          s += (int32_t)v;
+        }
+        xsum[m * groups + g] = s;
+      }
+      std::memset(q + K, 0, Kp - K);
+    }
+  });
+}
+
+// Runs `body(r0, nr, thread_buffers)` over row chunks on num_threads() threads.
+template <typename F>
+void for_row_chunks(int64_t N, F&& body) {
+  const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
+  const int nt = (int)std::min<int64_t>(num_threads(), chunks);
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t c = 0; c < chunks; ++c) body(c * kRowChunk, std::min(kRowChunk, N - c * kRowChunk));
+}
+
+at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
+                      int64_t N, int64_t variant, const float* bias) {
+  const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
+  const int64_t gsize = K / G, ws = w.size(1);
+  const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
+  const A8Kernel kern = variant == 1 ? a8_avx2_dot : a8_avx2_add;
+  auto xq = at::empty({M, Kp}, at::kChar);
+  auto a = at::empty({M}, at::kFloat);
+  auto xsum = at::empty({M, G}, at::kInt);
+  quantize_tokens(x2.data_ptr<float>(), M, K, Kp, G, xq.data_ptr<int8_t>(), a.data_ptr<float>(),
+                  xsum.data_ptr<int32_t>());
+  auto y = at::empty({M, N}, at::kFloat);
+  const int8_t* q = xq.data_ptr<int8_t>();
+  const float* ap = a.data_ptr<float>();
+  const int32_t* xs = xsum.data_ptr<int32_t>();
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+    std::vector<int32_t> acc(M * kRowChunk);
+    std::vector<float> part(G > 1 ? M * kRowChunk : 0, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      if (simd) {
+        const int64_t b0 = g * gsize / kBlockK, nb = G == 1 ? nblk : gsize / kBlockK;
+        kern(wp + r0 * ws + b0 * kBlockBytes, ws, nr, q + b0 * kBlockK, Kp, xs + g, G, M, nb,
+             acc.data(), kRowChunk);
+      } else {
+        a8_scalar_range(wp + r0 * ws, ws, nr, q, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r) {
+          const float v = (float)acc[m * kRowChunk + r] * sv.at(r0 + r, g);
+          if (G == 1) yp[m * N + r0 + r] = v / ap[m] + (bias ? bias[r0 + r] : 0.f);
+          else part[m * kRowChunk + r] += v;
+        }
+    }
+    if (G > 1)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r)
+          yp[m * N + r0 + r] = part[m * kRowChunk + r] / ap[m] + (bias ? bias[r0 + r] : 0.f);
+  });
+  return y;
+}
+
+at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
+                       int64_t N, int64_t variant, const float* bias) {
+  const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
+  const int64_t gsize = K / G, ws = w.size(1);
+  const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
+  const A16Kernel kern = variant == 1 ? a16_avx2_dot : a16_avx2_add;
+  // x in the A16 lane order (kernels.h), zero padded; xsum[m, g] accumulated in double because
+  // the kernels subtract it from sum x*(w+1).
+  auto xp = at::zeros({M, Kp}, at::kFloat);
+  auto xsum = at::empty({M, G}, at::kFloat);
+  const float* x = x2.data_ptr<float>();
+  float* xpp = xp.data_ptr<float>();
+  float* xsp = xsum.data_ptr<float>();
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t k = 0; k < K; ++k)
+        xpp[m * Kp + (k / kBlockK) * kBlockK + a16_perm_index(k % kBlockK)] = x[m * K + k];
+      for (int64_t g = 0; g < G; ++g) {
+        double s = 0;
+        for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) s += x[m * K + k];
+        xsp[m * G + g] = (float)s;
+      }
+    }
+  });
+  auto y = at::empty({M, N}, at::kFloat);
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  float* yp = y.data_ptr<float>();
+  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+    std::vector<float> acc(M * kRowChunk), part(M * kRowChunk, 0.f);
+    for (int64_t g = 0; g < G; ++g) {
+      if (simd) {
+        const int64_t b0 = g * gsize / kBlockK, nb = G == 1 ? nblk : gsize / kBlockK;
+        kern(wp + r0 * ws + b0 * kBlockBytes, ws, nr, xpp + b0 * kBlockK, Kp, xsp + g, G, M, nb,
+             acc.data(), kRowChunk);
+      } else {
+        a16_scalar_range(wp + r0 * ws, ws, nr, xpp, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
+      }
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t r = 0; r < nr; ++r) part[m * kRowChunk + r] += acc[m * kRowChunk + r] * sv.at(r0 + r, g);
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t r = 0; r < nr; ++r)
+        yp[m * N + r0 + r] = part[m * kRowChunk + r] + (bias ? bias[r0 + r] : 0.f);
+  });
+  return y;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// Public ops.
+
+// k4 uint8 [N, ceil(K/4)] -> i256 uint8 [N, ceil(K/256) * 64] (kernels.h), padding code 1.
+at::Tensor ternary_repack_cpu(const at::Tensor& packed, int64_t K) {
+  TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2, "packed weight must be uint8 [N, ceil(K/4)]");
+  TORCH_CHECK(packed.size(1) == (K + 3) / 4, "packed weight has ", packed.size(1),
+              " bytes per row; in_features=", K, " needs ", (K + 3) / 4);
+  auto src = packed.contiguous();
+  const int64_t N = src.size(0), cols = src.size(1), ws = nblocks(K) * kBlockBytes;
+  auto out = at::full({N, ws}, 0x55, at::kByte);  // 0x55: code 1 (weight 0) in all four slots
+  const uint8_t* s = src.data_ptr<uint8_t>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t k = 0; k < K; ++k) {
+        const int code = (s[n * cols + k / 4] >> (2 * (k % 4))) & 3;
+        const int64_t t = k / kBlockK, r = k % kBlockK, shift = 2 * (r / 64);
+        uint8_t& byte = o[n * ws + t * kBlockBytes + r % 64];
+        byte = (uint8_t)((byte & ~(3 << shift)) | (code << shift));
+      }
+  });
+  return out;
+}
+
+// y [..., N] = W1.58 linear of x [..., K] (float32/bfloat16/float16), same numbers as
+// reference.ternary_linear_reference. w: ternary_repack_cpu output; scale float32 [1] | [N] |
+// [N, K/G] (multiplies); bias [N] or None; act_bits 8 | 16; variant 0 = add-only, 1 = dot.
+at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                              const c10::optional<at::Tensor>& bias, int64_t K, int64_t act_bits,
+                              int64_t variant) {
+  check_weight(w, K);
+  TORCH_CHECK(act_bits == 8 || act_bits == 16, "act_bits must be 8 or 16, got ", act_bits);
+  TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (add) or 1 (dot), got ", variant);
+  const int64_t N = w.size(0);
+  const ScaleView sv = scale_view(scale, N, K);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, expected ", N);
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const at::Tensor x2 = as_float_rows(x, K);
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
+  at::Tensor y = act_bits == 8 ? ternary_a8(x2, w, sv, K, N, variant, bp) : ternary_a16(x2, w, sv, K, N, variant, bp);
+  return finish(y, x, N);
+}
+
+// int32 [M, N] = x_q @ W^T for int8 x_q [M, K] (values in [-127, 127] for the add variant, as
+// quantize_activations produces): the integer core, compared exactly with the reference.
+at::Tensor ternary_accumulate_cpu(const at::Tensor& x_q, const at::Tensor& w, int64_t K, int64_t variant) {
+  check_weight(w, K);
+  TORCH_CHECK(x_q.dtype() == at::kChar && x_q.dim() == 2 && x_q.size(1) == K, "x_q must be int8 [M, K]");
+  const int64_t M = x_q.size(0), N = w.size(0), nblk = nblocks(K), Kp = nblk * kBlockK;
+  auto xp = at::zeros({M, Kp}, at::kChar);
+  xp.narrow(1, 0, K).copy_(x_q);
+  auto xsum = x_q.to(at::kInt).sum(1, false, at::kInt).contiguous();
+  auto out = at::empty({M, N}, at::kInt);
+  const bool simd = active_isa() == kAvx2;
+  const A8Kernel kern = variant == 1 ? a8_avx2_dot : a8_avx2_add;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const int8_t* q = xp.data_ptr<int8_t>();
+  int32_t* op = out.data_ptr<int32_t>();
+  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+    if (simd) kern(wp + r0 * w.size(1), w.size(1), nr, q, Kp, xsum.data_ptr<int32_t>(), 1, M, nblk, op + r0, N);
+    else a8_scalar_range(wp + r0 * w.size(1), w.size(1), nr, q, Kp, M, 0, K, op + r0, N);
+  });
+  return out;
+}
+
+// Dense heads: y [..., N] = (x @ W^T) * w_scale + bias, W int8 [N, Kpad] (per-row fp32 scale,
+// multiplies) or float16 [N, Kpad] (w_scale None), Kpad = K rounded up to 32, zero padded.
+at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& w_scale,
+                            const c10::optional<at::Tensor>& bias, int64_t K) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == (K + 31) / 32 * 32,
+              "dense weight must be contiguous [N, ceil(K/32)*32], got ", w.sizes(), " for K=", K);
+  const bool is_int8 = w.dtype() == at::kChar;
+  TORCH_CHECK(is_int8 || w.dtype() == at::kHalf, "dense weight must be int8 or float16");
+  const int64_t N = w.size(0), kpad = w.size(1);
+  const at::Tensor x2 = as_float_rows(x, K);
+  const int64_t M = x2.size(0);
+  auto xp = kpad == K ? x2 : at::constant_pad_nd(x2, {0, kpad - K});
+  auto y = at::empty({M, N}, at::kFloat);
+  const float* xpp = xp.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const bool simd = active_isa() == kAvx2;
+  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+    if (is_int8) {
+      const int8_t* wp = w.data_ptr<int8_t>() + r0 * kpad;
+      (simd ? int8_rows_avx2 : int8_rows_scalar)(wp, kpad, nr, xpp, kpad, M, kpad, yp + r0, N);
+    } else {
+      const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::Half>()) + r0 * kpad;
+      (simd ? half_rows_avx2 : half_rows_scalar)(wp, kpad, nr, xpp, kpad, M, kpad, yp + r0, N);
+    }
+  });
+  if (w_scale.has_value() && w_scale->defined()) y.mul_(w_scale->to(at::kFloat));
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  return finish(y, x, N);
+}
+
+}  // namespace bitengine_cpu
+
+TORCH_LIBRARY_FRAGMENT(bitengine, m) {
+  m.def("ternary_repack_cpu(Tensor packed, int in_features) -> Tensor");
+  m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int act_bits, int variant) -> Tensor");
+  m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int variant) -> Tensor");
+  m.def("dense_linear_cpu(Tensor x, Tensor w, Tensor? w_scale, Tensor? bias, int in_features) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(bitengine, CPU, m) {
+  m.impl("ternary_repack_cpu", &bitengine_cpu::ternary_repack_cpu);
+  m.impl("ternary_linear_cpu", &bitengine_cpu::ternary_linear_cpu);
+  m.impl("ternary_accumulate_cpu", &bitengine_cpu::ternary_accumulate_cpu);
+  m.impl("dense_linear_cpu", &bitengine_cpu::dense_linear_cpu);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  using namespace bitengine_cpu;
+  m.doc() = "bitengine CPU kernels; the ops live in torch.ops.bitengine.*_cpu";
+  m.def("set_isa", &set_isa, "force an ISA: auto | scalar | avx2");
+  m.def("isa", [] { return std::string(kIsaNames[active_isa()]); });
+  m.def("available_isas", &available_isas);
+  m.def("set_num_threads", [](int n) { g_threads = std::max(0, n); }, "0: torch.get_num_threads()");
+  m.def("num_threads", &num_threads);
+  if (const char* env = std::getenv("BITENGINE_CPU_ISA")) set_isa(env);
+}

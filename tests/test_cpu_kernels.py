@@ -1,0 +1,214 @@
+"""CPU kernels (csrc/cpu) against bitengine.reference, on every ISA path this machine has.
+
+Integer accumulations must match exactly; float outputs within 1e-5 relative error
+(||y - ref|| / ||ref||, ref in float64) in fp32. Shapes are awkward on purpose: K and N are not
+multiples of the 256-weight block or of the SIMD width, M runs 1, 2, 3, 17, 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitengine.quant import (
+    absmean_quantize,
+    pack_ternary,
+    quantize_activations,
+    unpack_ternary,
+)
+from bitengine.reference import ternary_accumulate_reference, ternary_linear_reference
+
+cpu = pytest.importorskip("bitengine.backends.cpu")
+if cpu._C is None:
+    pytest.skip(f"CPU extension not built: {cpu._IMPORT_ERROR}", allow_module_level=True)
+
+ISAS = cpu.available_isas()
+KERNELS = ["add", "dot"]
+MS = [1, 2, 3, 17, 128]
+SHAPES = [(300, 37), (1000, 70), (2048 + 4, 13)]  # (K, N)
+TOL = 1e-5
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    cpu.set_isa(request.param)
+    yield request.param
+    cpu.set_isa("auto")
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _weights(n, k, seed, granularity="tensor", group=0):
+    g = _gen(seed)
+    w = torch.randn(n, k, generator=g)
+    w_q, scale = absmean_quantize(w, granularity, group)
+    return pack_ternary(w_q), scale
+
+
+def _ref64(x, packed, scale, k, act_bits, bias=None):
+    """float64 twin of reference.ternary_linear_reference (same activation quantization)."""
+    x2 = x.reshape(-1, k)
+    w = unpack_ternary(packed, k, torch.float64)
+    if act_bits == 8:
+        xq, a = quantize_activations(x2)
+        xs, a = xq.double(), a.double()
+    else:
+        xs, a = x2.double(), None
+    n = w.shape[0]
+    s = scale.double()
+    if s.dim() == 2:
+        groups = s.shape[1]
+        part = torch.einsum("mgk,ngk->mng", xs.reshape(-1, groups, k // groups), w.reshape(n, groups, k // groups))
+        y = (part * s[None]).sum(-1)
+    else:
+        y = (xs @ w.t()) * s
+    if a is not None:
+        y = y / a
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+def _rel(y, ref):
+    return ((y.double() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_accumulate_exact(isa, kernel, k, n):
+    packed, _ = _weights(n, k, seed=k + n)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    for m in MS:
+        x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=_gen(m))
+        got = torch.ops.bitengine.ternary_accumulate_cpu(x_q, w, k, cpu.KERNELS[kernel])
+        assert torch.equal(got, ternary_accumulate_reference(x_q, packed, k)), (isa, kernel, m, k, n)
+
+
+def test_repack_padding_is_zero_weight():
+    packed, _ = _weights(5, 300, seed=1)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
+    assert w.shape == (5, 128)  # two 256-weight blocks of 64 bytes
+    block = w[:, 64:]  # weights 256..511; 300.. are padding
+    codes = torch.stack([(block >> (2 * i)) & 3 for i in range(4)], dim=1).reshape(5, 256)  # k = 64 i + b
+    assert (codes[:, 300 - 256:] == 1).all()
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("granularity", ["tensor", "channel"])
+def test_linear_matches_reference(isa, act_bits, kernel, granularity):
+    for k, n in SHAPES:
+        packed, scale = _weights(n, k, seed=3 * k + n, granularity=granularity)
+        w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+        for m in MS:
+            x = torch.randn(m, k, generator=_gen(m + k))
+            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, act_bits, cpu.KERNELS[kernel])
+            assert y.dtype == torch.float32 and y.shape == (m, n)
+            err = _rel(y, _ref64(x, packed, scale, k, act_bits))
+            assert err < TOL, (isa, kernel, act_bits, granularity, m, k, n, err)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+@pytest.mark.parametrize("k,n,group", [(768, 45, 256), (768, 21, 64), (300, 19, 12)])
+def test_group_scales(isa, act_bits, k, n, group):
+    """G % 256 == 0 runs the SIMD kernels per group; other group sizes use the scalar path."""
+    packed, scale = _weights(n, k, seed=k + group, granularity="group", group=group)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    for kernel in KERNELS:
+        for m in (1, 3, 17):
+            x = torch.randn(m, k, generator=_gen(m))
+            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, act_bits, cpu.KERNELS[kernel])
+            err = _rel(y, _ref64(x, packed, scale, k, act_bits))
+            assert err < TOL, (isa, kernel, act_bits, group, m, err)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_bias_and_16bit_inputs(isa, dtype):
+    k, n = 1000, 70
+    packed, scale = _weights(n, k, seed=5, granularity="channel")
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    bias = torch.randn(n, generator=_gen(6)).to(dtype)
+    x = torch.randn(2, 3, k, generator=_gen(7)).to(dtype)  # leading dims are kept
+    for act_bits in (8, 16):
+        y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, bias, k, act_bits, 0)
+        assert y.dtype == dtype and y.shape == (2, 3, n)
+        ref = ternary_linear_reference(x, packed, scale, k, act_bits, bias)  # same rounding to dtype
+        exact = _ref64(x, packed, scale, k, act_bits, bias)
+        assert _rel(y.reshape(-1, n), exact) < 1e-2 and _rel(y, ref.double()) < 1e-2
+        y32 = torch.ops.bitengine.ternary_linear_cpu(x.float(), w, scale, bias.float(), k, act_bits, 0)
+        assert _rel(y32.reshape(-1, n), _ref64(x.float(), packed, scale, k, act_bits, bias.float())) < TOL
+
+
+def test_bad_shapes_raise():
+    packed, scale = _weights(8, 300, seed=2)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
+    with pytest.raises(RuntimeError, match="features"):
+        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 301), w, scale, None, 300, 8, 0)
+    with pytest.raises(RuntimeError, match="bytes per row"):
+        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 600), w, scale, None, 600, 8, 0)
+    with pytest.raises(ValueError):
+        cpu.set_isa("avx9000")
+
+
+@pytest.mark.parametrize("kind", ["int8", "half"])
+def test_dense_heads(isa, kind):
+    from bitengine.int8_head import HalfLinearCpu, Int8Linear, int8_rows
+
+    k, n = 1000, 77
+    w = torch.randn(n, k, generator=_gen(11))
+    bias = torch.randn(n, generator=_gen(12))
+    mod = Int8Linear(w, bias) if kind == "int8" else HalfLinearCpu(w, bias)
+    if kind == "int8":
+        q, s = int8_rows(w)
+        w_eff = q.double() * s.double()[:, None]
+    else:
+        w_eff = w.half().double()
+    for m in (1, 3, 17):
+        x = torch.randn(m, k, generator=_gen(m))
+        err = _rel(mod(x), x.double() @ w_eff.t() + bias.double())
+        assert err < TOL, (isa, kind, m, err)
+
+
+def test_backend_on_bitlinear():
+    from bitengine.backends import get
+    from bitengine.nn import BitLinear
+
+    k, n = 1000, 70
+    packed, scale = _weights(n, k, seed=21, granularity="channel")
+    layer = BitLinear(k, n, act_bits=8, scale_shape=(n,), bias=True, dtype=torch.float32)
+    layer.weight_packed.copy_(packed)
+    layer.weight_scale.copy_(scale)
+    layer.bias.copy_(torch.randn(n, generator=_gen(22)))
+    x = torch.randn(4, k, generator=_gen(23))
+    layer.prepare(get("reference"))
+    ref = layer(x)
+    layer.prepare(get("cpu"))
+    assert get("cpu").unavailable_reason(torch.device("cpu")) is None
+    assert get("cpu").unavailable_reason(torch.device("meta")) is not None
+    assert _rel(layer(x), ref.double()) < TOL
+
+
+def test_fake_impl_for_compile():
+    packed, scale = _weights(9, 300, seed=4)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
+    x = torch.randn(2, 5, 300)
+    torch.library.opcheck(torch.ops.bitengine.ternary_linear_cpu.default, (x, w, scale, None, 300, 8, 0),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_quantize_head_int8_replaces_lm_head():
+    from bitengine.int8_head import Int8Embedding, Int8Linear, quantize_head_int8
+    from bitengine.nn import DenseLinear
+
+    model = torch.nn.Module()
+    model.embed_tokens = torch.nn.Embedding(50, 64)
+    model.lm_head = DenseLinear(64, 50, dtype=torch.float32)
+    torch.nn.init.normal_(model.lm_head.weight)
+    x = torch.randn(3, 64, generator=_gen(31))
+    before = model.lm_head(x)
+    done = quantize_head_int8(model, embeddings=True)
+    assert done == ["lm_head", "embed_tokens"]
+    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.embed_tokens, Int8Embedding)
+    assert _rel(model.lm_head(x), before.double()) < 2e-2  # int8 rounding of the weights
