@@ -82,9 +82,14 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if cache is not None:
-            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]
-            kc.index_copy_(2, input_pos, k.to(kc.dtype))
-            vc.index_copy_(2, input_pos, v.to(vc.dtype))
+            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, n_kv, S, hd)
+            if input_pos.dim() == 1:  # every row writes the same slots
+                kc.index_copy_(2, input_pos, k.to(kc.dtype))
+                vc.index_copy_(2, input_pos, v.to(vc.dtype))
+            else:  # (B, T): each row has its own slots (continuous batching)
+                rows = torch.arange(b, device=x.device)[:, None]
+                kc[rows, :, input_pos] = k.transpose(1, 2).to(kc.dtype)  # indexed view is (B, T, n_kv, hd)
+                vc[rows, :, input_pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
             k, v = k.to(q.dtype), v.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
@@ -140,7 +145,7 @@ class Backbone(nn.Module):
 class CausalLM(nn.Module):
     """forward(input_ids) -> logits (B, T, vocab), like a transformers causal LM.
 
-    With a KVCache: `input_pos` (T,) int64 are the cache slots the tokens go to, `position_ids`
+    With a KVCache: `input_pos` (T,) or (B, T) int64 are the cache slots the tokens go to, `position_ids`
     (B, T) their rotary positions (they differ from the slots under left padding), and `kv_len`
     an optional host-side bound on the slots to attend over (eager decoding; None = all slots,
     for fixed-shape CUDA-graph decoding).
@@ -172,7 +177,7 @@ class CausalLM(nn.Module):
         if input_pos is None:
             input_pos = torch.arange(t, device=dev)
         if position_ids is None:
-            position_ids = input_pos[None].expand(b, t)
+            position_ids = input_pos.expand(b, t)
         cos, sin = self.rope(position_ids)
         mask = self._mask(b, t, input_pos, cache, kv_len, dev)
         x = self.model.embed_tokens(input_ids)
@@ -184,18 +189,21 @@ class CausalLM(nn.Module):
         return self.lm_head(x)
 
     def _mask(self, b, t, input_pos, cache, kv_len, dev):
-        """Boolean attention mask (B, 1, T, S): causal over slots, minus padding, minus outside the window."""
+        """Boolean attention mask (B, 1, T, S): causal over slots, minus padding, minus outside the window.
+
+        input_pos is (T,) shared by all rows, or (B, T) per row."""
         s = t if cache is None else (kv_len or cache.max_seq)
         slots = torch.arange(s, device=dev)
-        mask = slots[None, :] <= input_pos[:, None]  # (T, S)
+        pos = input_pos[..., None]  # (T, 1) or (B, T, 1)
+        mask = slots <= pos
         window = self.config.sliding_window
         if window:
-            mask = mask & (slots[None, :] > input_pos[:, None] - window)
-        mask = mask[None, None].expand(b, 1, t, s)
+            mask = mask & (slots > pos - window)
+        mask = mask.view(-1, 1, t, s).expand(b, 1, t, s)
         if cache is not None:
             mask = mask & cache.valid[:, None, None, :s]
             # a padding token sees no valid slot; let it see itself so its (unused) row is not NaN
-            mask = mask | (slots[None, :] == input_pos[:, None])[None, None]
+            mask = mask | (slots == pos).view(-1, 1, t, s)
         return mask
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype=None) -> KVCache:
