@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bitengine.kernels import ops  # noqa: F401
 from bitengine.kernels.gemm import gemm_config, ternary_gemm
-from bitengine.kernels.gemv import ternary_gemv_a8, ternary_gemv_a16
+from bitengine.kernels.gemv import ternary_gemv_a8
 from bitengine.kernels.layout import k4_to_i2w
 from bitengine.quant import pack_ternary
 from bitengine.reference import ternary_linear_reference
@@ -119,18 +119,22 @@ def rel_err(y, ref):
 
 
 def variants(m, ext):
-    """name -> fn(x, words, scale, k) for this M."""
-    v = {}
-    if m <= 16:
-        v["triton_a8"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
+    """name -> fn(x, words, scale, k) for this M. triton_a8 / triton_a16 are what the "triton" backend
+    dispatches to (ops.py); the others are single kernels, for comparison."""
+    op = torch.ops.bitengine.ternary_linear
+    v = {"triton_a8": lambda x, w, s, k: op(x, w, s, k, 8, None),
+         "triton_a16": lambda x, w, s, k: op(x, w, s, k, 16, None)}
+    if m == 1:
         v["triton_a8_fused"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k, fused=True)
         v["triton_a8_prepass"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k, fused=False)
-        v["triton_a16"] = lambda x, w, s, k: ternary_gemv_a16(x, w, s, k)
-        if m == 1 and ext is not None:
+        if ext is not None:
             v["cuda_a8"] = lambda x, w, s, k: torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
+    elif m <= 16:
+        v["triton_a8_gemv"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
+        v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
     else:
-        v["triton_a8"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
-        v["triton_a16"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 16)
+        v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
+        v["triton_a16_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 16)
     return v
 
 
@@ -168,7 +172,8 @@ def bench_shape(name, n, k, ms, ext, rows):
 
 def summary_line(row):
     parts = [f"{row['shape']:18s} {row['N']:6d}x{row['K']:<6d} M={row['M']:<5d}"]
-    for key in ("cuda_a8", "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a16", "cublas_fp16"):
+    for key in ("cuda_a8", "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
+                "triton_a8_regdecode", "triton_a16", "triton_a16_regdecode", "cublas_fp16"):
         if key in row:
             r = row[key]
             parts.append(f"{key}={r['us']:.2f}us" if "us" in r else f"{key}=ERR")
@@ -256,9 +261,9 @@ def markdown(env, rows, targets):
              (f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`; "
               f"copy bandwidth {env['copy_TBps']:.2f} TB/s (read + write). Times: median us per call, CUDA-graph "
               "replays over rotating weight copies. eff. TB/s = packed weight bytes / time."), "",
-             ("| shape | N x K | M | best ternary | us | eff. TB/s | TFLOP/s | cuBLAS FP16 us | speedup vs FP16 |"
-              " cuda_a8 us | triton_a8 us | triton_a16 us |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             ("| shape | N x K | M | engine A8 kernel | us | eff. TB/s | TFLOP/s | cuBLAS FP16 us | speedup vs FP16 |"
+              " cuda_a8 us | triton_a8 us | triton_a16 us | other variants (us) |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         best = best_a8(r)
         if best is None:
@@ -267,9 +272,15 @@ def markdown(env, rows, targets):
         cub = r["cublas_fp16"]["us"]
         lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['M']} | {name} | {b['us']:.2f} | {b['eff_TBps']:.2f} | "
                      f"{b['TFLOPs']:.1f} | {cub:.2f} | {cub / b['us']:.2f}x | {_us(r, 'cuda_a8')} | {_us(r, 'triton_a8')} | "
-                     f"{_us(r, 'triton_a16')} |")
+                     f"{_us(r, 'triton_a16')} | {_others(r)} |")
     lines += ["", "## Targets", ""] + [f"- {t}" for t in targets]
     return "\n".join(lines) + "\n"
+
+
+def _others(row):
+    skip = {"cuda_a8", "triton_a8", "triton_a16", "cublas_fp16"}
+    return ", ".join(f"{k} {v['us']:.2f}" if "us" in v else f"{k} ERR" for k, v in row.items()
+                     if isinstance(v, dict) and k not in skip)
 
 
 def _us(row, key):
@@ -277,8 +288,11 @@ def _us(row, key):
 
 
 def best_a8(row):
-    cands = [(k, v) for k, v in row.items() if isinstance(v, dict) and "us" in v and "a8" in k]
-    return min(cands, key=lambda kv: kv[1]["us"]) if cands else None
+    """What the "cuda" backend runs (C++ GEMV at M = 1 when built, else the Triton dispatch): (name, result)."""
+    for key in ("cuda_a8", "triton_a8"):
+        if key in row and "us" in row[key]:
+            return key, row[key]
+    return None
 
 
 def targets(env, rows):

@@ -2,7 +2,7 @@
 
 Runs in a child process: the interpreter must be switched on before triton is first imported, and
 other tests may already have imported it. The child checks every kernel (GEMV A8 fused / unfused,
-GEMV A16, GEMM A8 / A16) against a float64 reference for the three scale layouts, with bias,
+GEMV A16, GEMM A8 / A16 with in-register and scratch decode) against a float64 reference for the three scale layouts, with bias,
 padding (K not a multiple of 16) and M across the GEMV/GEMM split; the inline-asm dp4a is replaced
 by its plain-integer twin there (gemv.dp4a), so the GPU tests cover that one instruction.
 """
@@ -65,6 +65,7 @@ def _main() -> int:
     _patch_interpreter_index()
     from bitengine.kernels.act_quant import quantize_activations_int8
     from bitengine.kernels.gemm import ternary_gemm
+    from bitengine.kernels.gemm_decoded import ternary_gemm_decoded
     from bitengine.kernels.gemv import ternary_gemv_a8, ternary_gemv_a16
     from bitengine.kernels.layout import i2w_to_codes, k4_to_i2w
     from bitengine.quant import (
@@ -99,6 +100,10 @@ def _main() -> int:
             runs = [("gemm_a8", 8, ternary_gemm, {"act_bits": 8, "config": gemm_cfg})]
             if dtype != torch.float32:  # IEEE float32 tl.dot is not in the interpreter's numpy path
                 runs.append(("gemm_a16", 16, ternary_gemm, {"act_bits": 16, "config": gemm_cfg}))
+            if gran != "group" and m == 17:
+                runs.append(("gemm_decoded_a8", 8, ternary_gemm_decoded, {"act_bits": 8}))
+                if dtype != torch.float32:
+                    runs.append(("gemm_decoded_a16", 16, ternary_gemm_decoded, {"act_bits": 16}))
             if m <= 16:
                 runs += [("gemv_a8_fused", 8, ternary_gemv_a8, {"fused": True, "config": {**gemv_cfg, "BLOCK_M": bm}}),
                          ("gemv_a8", 8, ternary_gemv_a8, {"fused": False, "config": {**gemv_cfg, "BLOCK_M": bm}}),

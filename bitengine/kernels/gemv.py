@@ -203,13 +203,15 @@ def _cuda_sm_count(index: int) -> int:
 
 
 def gemv_config(m: int, n: int, kw: int, n_sm: int, a16: bool = False) -> dict:
-    """Block sizes: enough programs to keep many loads in flight (>= 4 per SM), a bounded 3-D tile."""
+    """Block sizes from a sweep on an H200 (2026-11-28): at M = 1, 8-16 rows x 256 words per program
+    (all of K in one or two steps, so every load is issued up front); more rows per program as M grows
+    only while there are >= 4 programs per SM; the 3-D (M, N, words) tile stays <= 8192 elements."""
     bm = max(1, triton.next_power_of_2(m))
-    bn = max(min(32, bm), 1)
-    while bn < 32 and triton.cdiv(n, bn * 2) >= 4 * n_sm:
+    bn = 8 if bm == 1 else 4
+    while bn < 16 and bm == 1 and triton.cdiv(n, bn * 2) >= 4 * n_sm:
         bn *= 2
     budget = 8192 if not a16 else 8192 // 16
-    bkw = max(8, min(triton.next_power_of_2(kw), 1024, budget // (bm * bn)))
+    bkw = max(8, min(triton.next_power_of_2(kw), 256, budget // (bm * bn)))
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_KW": bkw, "num_warps": 4}
 
 

@@ -3,7 +3,11 @@
 bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias) -> y
     x: float16/bfloat16/float32 [..., K]; words: int32 [N, KW] (i2w, layout.py); scale: float32
     [1] | [N] | [N, K/G] (multiplies); act_bits 8 or 16; bias: [N] or None. y: [..., N], x's dtype.
-    M = prod(x.shape[:-1]) <= 16 runs the decode GEMV, larger M the prefill GEMM.
+    Dispatch by M = prod(x.shape[:-1]) and layer settings only:
+      M <= GEMV_MAX_M                       decode GEMV (gemv.py)
+      M >= DECODED_MIN_M, tensor/channel scale, A8 or fp16/bf16 A16
+                                            decoded-scratch GEMM (gemm_decoded.py)
+      otherwise                             in-register-decode GEMM (gemm.py)
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import torch
 
 from .gemm import ternary_gemm
+from .gemm_decoded import ternary_gemm_decoded
 from .gemv import ternary_gemv_a8, ternary_gemv_a16
 
-GEMV_MAX_M = 16
+GEMV_MAX_M = 8
+DECODED_MIN_M = 128
 
 
 @torch.library.custom_op("bitengine::ternary_linear", mutates_args=())
@@ -28,6 +34,9 @@ def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in
             y = ternary_gemv_a16(x2, words, scale, in_features, bias)
         else:
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
+    elif x2.shape[0] >= DECODED_MIN_M and scale.dim() <= 1 and (
+            act_bits == 8 or x2.dtype in (torch.float16, torch.bfloat16)):
+        y = ternary_gemm_decoded(x2, words, scale, in_features, act_bits, bias)
     else:
         y = ternary_gemm(x2, words, scale, in_features, act_bits, bias)
     return y.reshape(*lead, words.shape[0])

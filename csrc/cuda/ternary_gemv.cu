@@ -96,7 +96,8 @@ __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4*
   __syncthreads();
 }
 
-// R rows per warp, U 16-byte loads per row in flight per lane.
+// R rows per warp, U 16-byte loads per row in flight per lane. The first row group's loads are issued
+// before the activation quantization, so its latency overlaps the weight stream.
 template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
@@ -104,26 +105,30 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kw4 = KW / 4;  // 16-byte vectors per row
+  const int row_step = gridDim.x * kWarps * R;
+  int row0 = (blockIdx.x * kWarps + warp) * R;
+  uint4 wv[U][R];
+  auto load_rows = [&](int first_row, int v0) {
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(first_row + r, N - 1)) * stride_w);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v0 + 32 * u < kw4) wv[u][r] = load_stream(row + v0 + 32 * u);
+    }
+  };
+  if (row0 < N) load_rows(row0, lane);
   quantize_to_shared(x, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int kw4 = KW / 4;  // 16-byte vectors per row
-  for (int row0 = (blockIdx.x * kWarps + warp) * R; row0 < N; row0 += gridDim.x * kWarps * R) {
+  for (; row0 < N; row0 += row_step) {
     int acc[R];
-    const uint4* rows[R];
 #pragma unroll
-    for (int r = 0; r < R; ++r) {
-      acc[r] = 0;
-      rows[r] = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(row0 + r, N - 1)) * stride_w);
-    }
+    for (int r = 0; r < R; ++r) acc[r] = 0;
     for (int v0 = lane; v0 < kw4; v0 += 32 * U) {
-      uint4 wv[U][R];
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-          if (v0 + 32 * u < kw4) wv[u][r] = load_stream(rows[r] + v0 + 32 * u);
+      if (v0 != lane) load_rows(row0, v0);  // the first step's loads were issued earlier
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int v = v0 + 32 * u;
@@ -152,6 +157,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
         y[n] = from_float<T>(out);
       }
     }
+    if (row0 + row_step < N) load_rows(row0 + row_step, lane);  // next row group's first step
   }
 }
 

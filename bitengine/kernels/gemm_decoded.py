@@ -1,0 +1,128 @@
+"""Long-prompt prefill (large M): decode the ternary weight once per call, then a pipelined tensor-core GEMM.
+
+At large M the in-register decode of gemm.py is paid once per row tile (M / BLOCK_M times per weight)
+and sits on the critical path between loads and MMAs. Here one memory-bound pass expands the
+weight to a dense scratch [N, 16*KW] of exact values w in {-1, 0, 1}:
+  A8:  int8 scratch; the GEMM is int8 x_q x int8 w -> int32 (exact), y = acc * s / a;
+  A16: scratch in x's dtype (fp16/bf16; +-1 and 0 are exact), fp32 accumulation, y = acc * s.
+The scratch costs N * K bytes (A8) or 2 N K bytes (A16) of transient memory (the caching allocator
+reuses it across layers) and one write + read of it; the GEMM streams both operands through the
+software pipeline with no work between loads and MMAs. Per-tensor / per-channel scales only
+(group scales go to gemm.py). Block shapes are autotuned per (N, K, M bucket) on first use.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .act_quant import quantize_activations_int8
+from .gemv import INTERPRET, _scale_epilogue
+
+
+@triton.jit
+def _decode_kernel(w_ptr, stride_wn, out_ptr, stride_on, N, KW, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
+    mask = (offs_n < N)[:, None] & (kw < KW)[None, :]
+    w = tl.load(w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + kw[None, :], mask=mask, other=0)
+    i16 = tl.arange(0, 16)
+    shifts = 8 * (i16 % 4) + 2 * (i16 // 4)
+    v = ((w[:, :, None] >> shifts[None, None, :]) & 3) - 1  # (BN, BKW, 16): weight 16 kw + i
+    ptrs = out_ptr + offs_n.to(tl.int64)[:, None, None] * stride_on + kw[None, :, None] * 16 + i16[None, None, :]
+    tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
+
+
+def decode_weight(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [N, KW] (i2w) -> dense [N, 16 * KW] of w in {-1, 0, 1} (zero past K) in `dtype`."""
+    n, kw = words.shape
+    out = torch.empty(n, kw * 16, dtype=dtype, device=words.device)
+    grid = (triton.cdiv(n, 16), triton.cdiv(kw, 32))
+    _decode_kernel[grid](words, words.stride(0), out, out.stride(0), n, kw, BLOCK_N=16, BLOCK_KW=32, num_warps=4)
+    return out
+
+
+def _configs():
+    if INTERPRET:
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
+    shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
+              (64, 256, 128, 4, 4)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in shapes]
+
+
+@triton.autotune(configs=_configs(), key=["N", "KP", "M_BUCKET", "A8"])
+@triton.jit
+def _gemm_dense_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, stride_ym,
+                       M, N, K, KP, M_BUCKET,
+                       A8: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
+    if A8:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, KP, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & (k < K)[None, :], other=0)
+        w = tl.load(w_cols + k[:, None], mask=(k < KP)[:, None] & n_mask[None, :], other=0)  # (BK, BN), K-major
+        if A8:
+            acc = tl.dot(x, w, acc, out_dtype=tl.int32)
+        else:
+            acc = tl.dot(x, w, acc)
+    if A8:
+        a = tl.load(a_ptr + offs_m, mask=m_mask, other=1.0)
+    else:
+        a = offs_m
+    _scale_epilogue(acc.to(tl.float32), a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE,
+                    HAS_BIAS, A8)
+
+
+def ternary_gemm_decoded(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
+                         act_bits: int = 8, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58 prefill GEMM through a decoded scratch weight.
+
+    x: float16/bfloat16 (A8 also float32) [M, K], row-major. words: int32 [N, KW] (i2w).
+    scale: float32 [1] | [N] (multiplies). act_bits 8 or 16. bias: [N] or None.
+    Returns y [M, N] in x's dtype, equal to reference.ternary_linear_reference.
+    """
+    if x.dim() != 2 or x.stride(-1) != 1 or x.shape[1] != in_features:
+        raise ValueError(f"expected a row-major [M, {in_features}] activation, got {tuple(x.shape)}")
+    if scale.numel() != 1 and scale.dim() != 1:
+        raise ValueError(f"decoded GEMM takes tensor or channel scales, got shape {tuple(scale.shape)}")
+    if act_bits == 16 and x.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"A16 decoded GEMM needs float16/bfloat16 activations, got {x.dtype}")
+    m, n, kw = x.shape[0], words.shape[0], words.shape[1]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return y
+    a8 = act_bits == 8
+    w = decode_weight(words, torch.int8 if a8 else x.dtype)
+    if a8:
+        xin, a = quantize_activations_int8(x, kw)
+        k_eff = xin.shape[1]
+    else:
+        xin, a, k_eff = x, scale, in_features
+    mode = 0 if scale.numel() == 1 else 1
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    _gemm_dense_kernel[grid](xin, xin.stride(0), a, w, w.stride(0), scale, bias if bias is not None else scale,
+                             y, y.stride(0), m, n, k_eff, w.shape[1], min(triton.next_power_of_2(m), 4096),
+                             A8=a8, SCALE_MODE=mode, HAS_BIAS=bias is not None)
+    return y
