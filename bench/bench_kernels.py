@@ -132,9 +132,8 @@ def variants(m, ext):
     elif m <= 16:
         v["triton_a8_gemv"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
-    else:
+    elif m <= 256:
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
-        v["triton_a16_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 16)
     return v
 
 
@@ -252,7 +251,7 @@ def environment():
     return {"card": props.name, "sms": props.multi_processor_count, "memory_GiB": props.total_memory / 2**30,
             "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__,
-            "python": platform.python_version(), "git_commit": commit or os.environ.get("BITENGINE_COMMIT", ""),
+            "python": platform.python_version(), "git_commit": os.environ.get("BITENGINE_COMMIT") or commit,
             "cuda_ext": cuda_ext() is not None, "gemm_config_2048": gemm_config(2048, 4096)}
 
 
@@ -339,17 +338,23 @@ def main():
         if args.quick and name not in ("bitnet2b.qkv_q", "llama3_8b.gate_up"):
             continue
         bench_shape(name, n, k, [1] if name in MS_ONLY else ms, ext, rows)
+        write_results(args.out, env, rows, sweep_rows)
     if args.sweep:
         sweep(ext, sweep_rows)
+    write_results(args.out, env, rows, sweep_rows, final=True)
+
+
+def write_results(out, env, rows, sweep_rows, final=False):
+    """(Re)write the JSON and markdown; called after every shape so a cut-off run keeps what it measured."""
     tg = targets(env, rows)
-    print("\n".join(tg))
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     tag = f"{env['card'].replace(' ', '_')}_{env['date'][:10]}"
-    with open(os.path.join(args.out, f"gpu_kernels_{tag}.json"), "w") as f:
-        json.dump({"env": env, "rows": rows, "sweep": sweep_rows, "targets": tg}, f, indent=1)
-    with open(os.path.join(args.out, f"gpu_kernels_{tag}.md"), "w") as f:
+    with open(os.path.join(out, f"gpu_kernels_{tag}.json"), "w") as f:
+        json.dump({"env": env, "rows": rows, "sweep": sweep_rows, "targets": tg, "complete": final}, f, indent=1)
+    with open(os.path.join(out, f"gpu_kernels_{tag}.md"), "w") as f:
         f.write(markdown(env, rows, tg))
-    print(markdown(env, rows, tg))
+    if final:
+        print(markdown(env, rows, tg))
 
 
 if __name__ == "__main__":

@@ -77,6 +77,13 @@ def _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N
 
 
 @triton.jit
+def _x_word(x_ptr, rows_x, kw, J: tl.constexpr, m_mask, KW):
+    """int32 (BM, BKW): word 4 kw + J of the int8 x_q rows, i.e. inputs 16 kw + 4J .. 16 kw + 4J + 3."""
+    return tl.load(x_ptr + rows_x[:, None] + (kw * 4 + J)[None, :], mask=m_mask[:, None] & (kw < KW)[None, :],
+                   other=0)
+
+
+@triton.jit
 def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr, y_ptr, stride_ym,
                     M, N, K, KW,
                     SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -99,30 +106,31 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
         a = quant_scale(tl.max(amax, axis=1))  # (BM,)
     else:  # x: int8 x_q [M, 16 * KW] viewed as int32 words [M, 4 * KW]
         a = tl.load(a_ptr + offs_m, mask=m_mask, other=1.0)
+    # Accumulate per (row, column, word) and reduce once after the loop: no cross-thread traffic inside it.
     if SCALE_MODE == 2:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KW], dtype=tl.float32)
     else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    xsum = tl.zeros([BLOCK_M], dtype=tl.int32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    xs2 = tl.zeros([BLOCK_M, BLOCK_KW], dtype=tl.int32)
     for kw0 in range(0, KW, BLOCK_KW):
         kw = kw0 + tl.arange(0, BLOCK_KW)
         w = tl.load(w_ptr + rows_w[:, None] + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
-        if FUSED:
-            k3 = kw[None, :, None] * 16 + i16[None, None, :]  # (1, BKW, 16)
+        # x_j: activation word j (inputs 16 kw + 4j .. 16 kw + 4j + 3) of every weight word, (BM, BKW)
+        if FUSED:  # quantize a (BM, BKW, 16) block once, then split it into the four words
+            k3 = kw[None, :, None] * 16 + i16[None, None, :]
             x = tl.load(x_ptr + rows_x[:, None, None] + k3, mask=m_mask[:, None, None] & (k3 < K), other=0.0)
             q = round_half_even(x.to(tl.float32) * a[:, None, None])
             q = tl.minimum(tl.maximum(q, -128.0), 127.0).to(tl.int32)
             q = (q & 0xFF) << (8 * (i16 % 4))[None, None, :]
             xw = tl.sum(tl.reshape(q, [BLOCK_M, BLOCK_KW, 4, 4]), axis=3)  # bytes never overlap: sum == or
-        else:
-            k4 = kw0 * 4 + tl.arange(0, BLOCK_KW * 4)
-            xw = tl.load(x_ptr + rows_x[:, None] + k4[None, :], mask=m_mask[:, None] & (k4 < KW * 4)[None, :],
-                         other=0)
-            xw = tl.reshape(xw, [BLOCK_M, BLOCK_KW, 4])
-        # word j of each 16-weight group: split the trailing 4 as (j // 2, j % 2)
-        even, odd = tl.split(tl.reshape(xw, [BLOCK_M, BLOCK_KW, 2, 2]))
-        x0, x2 = tl.split(even)
-        x1, x3 = tl.split(odd)
+            even, odd = tl.split(tl.reshape(xw, [BLOCK_M, BLOCK_KW, 2, 2]))  # trailing 4 = (j // 2, j % 2)
+            x0, x2 = tl.split(even)
+            x1, x3 = tl.split(odd)
+        else:  # int8 x_q [M, 16 KW] viewed as int32: word 4 kw + j
+            x0 = _x_word(x_ptr, rows_x, kw, 0, m_mask, KW)
+            x1 = _x_word(x_ptr, rows_x, kw, 1, m_mask, KW)
+            x2 = _x_word(x_ptr, rows_x, kw, 2, m_mask, KW)
+            x3 = _x_word(x_ptr, rows_x, kw, 3, m_mask, KW)
         d = _dot_words(w, x0, x1, x2, x3, BLOCK_M, BLOCK_N, BLOCK_KW, USE_ASM)  # (BM, BN, BKW)
         ones = tl.full([BLOCK_M, BLOCK_KW], 0x01010101, tl.int32)
         xs = dp4a(ones, x0, tl.zeros([BLOCK_M, BLOCK_KW], dtype=tl.int32), USE_ASM)
@@ -132,12 +140,14 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
         if SCALE_MODE == 2:
             sc = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + (kw // GROUP_W)[None, :],
                          mask=n_mask[:, None] & (kw < KW)[None, :], other=0.0)
-            acc += tl.sum((d - xs[:, None, :]).to(tl.float32) * sc[None, :, :], axis=2)
+            acc3 += (d - xs[:, None, :]).to(tl.float32) * sc[None, :, :]
         else:
-            acc += tl.sum(d, axis=2)
-            xsum += tl.sum(xs, axis=1)
-    if SCALE_MODE != 2:
-        acc = (acc - xsum[:, None]).to(tl.float32)
+            acc3 += d
+            xs2 += xs
+    if SCALE_MODE == 2:
+        acc = tl.sum(acc3, axis=2)
+    else:
+        acc = (tl.sum(acc3, axis=2) - tl.sum(xs2, axis=1)[:, None]).to(tl.float32)
     _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE, HAS_BIAS, True)
 
 
