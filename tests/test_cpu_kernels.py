@@ -82,17 +82,19 @@ def test_accumulate_exact(isa, kernel, k, n):
     w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
     for m in MS:
         x_q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=_gen(m))
-        got = torch.ops.bitengine.ternary_accumulate_cpu(x_q, w, k, cpu.KERNELS[kernel])
+        got = torch.ops.bitengine.ternary_accumulate_cpu(x_q, w, k, n, cpu.KERNELS[kernel])
         assert torch.equal(got, ternary_accumulate_reference(x_q, packed, k)), (isa, kernel, m, k, n)
 
 
 def test_repack_padding_is_zero_weight():
     packed, _ = _weights(5, 300, seed=1)
     w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
-    assert w.shape == (5, 128)  # two 256-weight blocks of 64 bytes
-    block = w[:, 64:]  # weights 256..511; 300.. are padding
-    codes = torch.stack([(block >> (2 * i)) & 3 for i in range(4)], dim=1).reshape(5, 256)  # k = 64 i + b
+    assert w.shape == (8, 128)  # rows padded to 8; two 256-weight blocks of 64 bytes per row
+    # flat order [row group][block][row in group][64 bytes]: block 1 of group 0 is bytes 256..511
+    block = w.reshape(-1)[256:512].reshape(4, 64)
+    codes = torch.stack([(block >> (2 * i)) & 3 for i in range(4)], dim=1).reshape(4, 256)  # k = 64 i + b
     assert (codes[:, 300 - 256:] == 1).all()
+    assert (w.reshape(-1)[2 * 512:].reshape(-1, 2, 4, 64)[:, :, 1:] == 0x55).all()  # rows 5..7: weight 0
 
 
 @pytest.mark.parametrize("act_bits", [8, 16])
@@ -104,7 +106,7 @@ def test_linear_matches_reference(isa, act_bits, kernel, granularity):
         w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
         for m in MS:
             x = torch.randn(m, k, generator=_gen(m + k))
-            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, act_bits, cpu.KERNELS[kernel])
+            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, n, act_bits, cpu.KERNELS[kernel])
             assert y.dtype == torch.float32 and y.shape == (m, n)
             err = _rel(y, _ref64(x, packed, scale, k, act_bits))
             assert err < TOL, (isa, kernel, act_bits, granularity, m, k, n, err)
@@ -119,7 +121,7 @@ def test_group_scales(isa, act_bits, k, n, group):
     for kernel in KERNELS:
         for m in (1, 3, 17):
             x = torch.randn(m, k, generator=_gen(m))
-            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, act_bits, cpu.KERNELS[kernel])
+            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, n, act_bits, cpu.KERNELS[kernel])
             err = _rel(y, _ref64(x, packed, scale, k, act_bits))
             assert err < TOL, (isa, kernel, act_bits, group, m, err)
 
@@ -132,12 +134,12 @@ def test_bias_and_16bit_inputs(isa, dtype):
     bias = torch.randn(n, generator=_gen(6)).to(dtype)
     x = torch.randn(2, 3, k, generator=_gen(7)).to(dtype)  # leading dims are kept
     for act_bits in (8, 16):
-        y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, bias, k, act_bits, 0)
+        y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, bias, k, n, act_bits, 0)
         assert y.dtype == dtype and y.shape == (2, 3, n)
         ref = ternary_linear_reference(x, packed, scale, k, act_bits, bias)  # same rounding to dtype
         exact = _ref64(x, packed, scale, k, act_bits, bias)
         assert _rel(y.reshape(-1, n), exact) < 1e-2 and _rel(y, ref.double()) < 1e-2
-        y32 = torch.ops.bitengine.ternary_linear_cpu(x.float(), w, scale, bias.float(), k, act_bits, 0)
+        y32 = torch.ops.bitengine.ternary_linear_cpu(x.float(), w, scale, bias.float(), k, n, act_bits, 0)
         assert _rel(y32.reshape(-1, n), _ref64(x.float(), packed, scale, k, act_bits, bias.float())) < TOL
 
 
@@ -145,9 +147,9 @@ def test_bad_shapes_raise():
     packed, scale = _weights(8, 300, seed=2)
     w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
     with pytest.raises(RuntimeError, match="features"):
-        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 301), w, scale, None, 300, 8, 0)
+        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 301), w, scale, None, 300, 8, 8, 0)
     with pytest.raises(RuntimeError, match="bytes per row"):
-        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 600), w, scale, None, 600, 8, 0)
+        torch.ops.bitengine.ternary_linear_cpu(torch.randn(1, 600), w, scale, None, 600, 8, 8, 0)
     with pytest.raises(ValueError):
         cpu.set_isa("avx9000")
 
@@ -194,7 +196,7 @@ def test_fake_impl_for_compile():
     packed, scale = _weights(9, 300, seed=4)
     w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)
     x = torch.randn(2, 5, 300)
-    torch.library.opcheck(torch.ops.bitengine.ternary_linear_cpu.default, (x, w, scale, None, 300, 8, 0),
+    torch.library.opcheck(torch.ops.bitengine.ternary_linear_cpu.default, (x, w, scale, None, 300, 9, 8, 0),
                           test_utils=("test_schema", "test_faketensor"))
 
 

@@ -96,15 +96,15 @@ if _C is not None:
 
     @torch.library.register_fake("bitengine::ternary_repack_cpu")
     def _(packed, in_features):
-        return packed.new_empty(packed.shape[0], (in_features + 255) // 256 * 64)
+        return packed.new_empty((packed.shape[0] + 3) // 4 * 4, (in_features + 255) // 256 * 64)
 
     @torch.library.register_fake("bitengine::ternary_linear_cpu")
-    def _(x, w, scale, bias, in_features, act_bits, variant):
-        return x.new_empty(*x.shape[:-1], w.shape[0])
+    def _(x, w, scale, bias, in_features, out_features, act_bits, variant):
+        return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("bitengine::ternary_accumulate_cpu")
-    def _(x_q, w, in_features, variant):
-        return x_q.new_empty(x_q.shape[0], w.shape[0], dtype=torch.int32)
+    def _(x_q, w, in_features, out_features, variant):
+        return x_q.new_empty(x_q.shape[0], out_features, dtype=torch.int32)
 
     @torch.library.register_fake("bitengine::dense_linear_cpu")
     def _(x, w, w_scale, bias, in_features):
@@ -136,8 +136,8 @@ class CpuBackend:
 
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         return torch.ops.bitengine.ternary_linear_cpu(
-            x, layer.weight_cpu, layer.weight_scale, layer.bias, layer.in_features, layer.act_bits,
-            KERNELS[_state["kernel"]])
+            x, layer.weight_cpu, layer.weight_scale, layer.bias, layer.in_features, layer.out_features,
+            layer.act_bits, KERNELS[_state["kernel"]])
 
 
 register(CpuBackend())

@@ -2,12 +2,15 @@
 // `#pragma GCC target`, and torch's inline code must never be compiled for a wider ISA than the
 // machine running it).
 //
-// Repacked ternary layout "i256" (made at load time by repack_k4_to_i256 from the on-disk "k4"):
-//   per row: ceil(K / 256) blocks of 64 bytes; in block t, bits 2i..2i+1 of byte b hold the code
-//   (w + 1, so 0 -> -1, 1 -> 0, 2 -> +1) of weight k = 256 t + 64 i + b. Padding past K is code 1
-//   (weight 0). 2 bits per weight, same size as k4 up to the 256 padding.
-//   Why: one 64-byte load, a 16-bit shift by 2i and a mask give 64 (AVX2: 2 x 32) codes for 64
-//   consecutive k, so int8 activations are read contiguously.
+// Repacked ternary layout "i256" (made at load time by ternary_repack_cpu from the on-disk "k4"):
+//   rows in groups of 4 (N padded to a multiple of 4 with zero rows); per row ceil(K / 256)
+//   blocks of 64 bytes; in block t, bits 2i..2i+1 of byte b hold the code (w + 1, so 0 -> -1,
+//   1 -> 0, 2 -> +1) of weight k = 256 t + 64 i + b. Padding past K is code 1 (weight 0).
+//   Byte order: [row group][block t][row in group][64 bytes], so one group reads as one
+//   contiguous stream (short rows of 512 bytes would defeat the hardware prefetchers).
+//   2 bits per weight, same size as k4 up to the padding.
+//   Why: one 32/64-byte load, a 16-bit shift by 2i and a mask give the codes for consecutive k,
+//   so int8 activations are read contiguously.
 // A16 kernels read one 32-bit word q of a block and shift lane l by 2l (and 16 + 2l): lane l gets
 // the code of k = 256 t + 64 (l % 4) + 4 q + l / 4. The driver permutes x to that order once per
 // call ("x_perm", see a16_perm_index), so the weights need no second layout.
@@ -17,7 +20,15 @@
 namespace bitengine_cpu {
 
 constexpr int64_t kBlockK = 256;     // weights per i256 block
-constexpr int64_t kBlockBytes = 64;  // bytes per i256 block
+constexpr int64_t kBlockBytes = 64;  // bytes per i256 block of one row
+constexpr int64_t kGroupRows = 4;    // rows interleaved block by block
+constexpr int64_t kBlockStride = kGroupRows * kBlockBytes;  // from block t to t + 1 of a row
+
+// First byte of row r (relative to a 4-aligned base) in a matrix whose row groups are
+// `group_stride` bytes apart (= 4 * 64 * blocks per row).
+inline const uint8_t* tile_rows(const uint8_t* w, int64_t group_stride, int64_t r) {
+  return w + (r / kGroupRows) * group_stride + (r % kGroupRows) * kBlockBytes;
+}
 
 // Position in x_perm of weight offset r (0..255) inside a block, for the A16 kernels.
 inline int64_t a16_perm_index(int64_t r) {
@@ -25,8 +36,8 @@ inline int64_t a16_perm_index(int64_t r) {
   return (b / 4) * 16 + (b % 4) * 4 + i;
 }
 
-// Sum over blocks [0, nblk) of one group for NR rows x M tokens.
-//   w:    first block of row 0; row r starts at w + r * w_stride (bytes)
+// Sum over blocks [0, nblk) of one scale group for nrows (a multiple of 4) rows x M tokens.
+//   w:    block 0 of row 0 (4-aligned); w_stride: bytes between row groups (tile_rows)
 //   xq:   int8 activations of token m at xq + m * x_stride, in natural k order, zero padded
 //   xsum: per token sum of xq over the same range (used by the dot variant's correction)
 //   out:  int32 [M, nrows] at out + m * out_stride + r; exact sum_k xq[m, k] * w[r, k]

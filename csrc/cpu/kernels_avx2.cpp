@@ -41,7 +41,7 @@ inline __m256i codes(__m256i v) {
 // ---- W1.58A8, dot variant: maddubs(u8 code, s8 x) -> int16 pairs (|.| <= 2*2*127), summed over
 // one block (8 steps, |.| <= 4064) before widening; sum x*(c-1) = sum x*c - sum x.
 template <int MT, int NR>
-void a8_dot_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk,
+void a8_dot_tile(const uint8_t* w, const int8_t* x, int64_t xs, int64_t nblk,
                  int32_t* res) {
   const __m256i ones16 = _mm256_set1_epi16(1);
   __m256i acc[MT][NR];
@@ -55,7 +55,7 @@ void a8_dot_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int6
     for (int h = 0; h < 2; ++h) {
       __m256i wv[NR];
       for (int r = 0; r < NR; ++r)
-        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * ws + t * kBlockBytes + 32 * h));
+        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * kBlockBytes + t * kBlockStride + 32 * h));
       auto step = [&](auto ic) {
         constexpr int I = decltype(ic)::value;
         __m256i c[NR];
@@ -82,7 +82,7 @@ void a8_dot_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int6
 // ---- W1.58A8, add-only variant: s = sign(x, c - 1) is +x, 0 or -x (|x| <= 127 after
 // quantization, so negation never overflows); psadbw against 0 adds the bytes of s + 128.
 template <int MT, int NR>
-void a8_add_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int64_t nblk,
+void a8_add_tile(const uint8_t* w, const int8_t* x, int64_t xs, int64_t nblk,
                  int32_t* res) {
   const __m256i one8 = _mm256_set1_epi8(1), bias8 = _mm256_set1_epi8((char)0x80);
   const __m256i zero = _mm256_setzero_si256();
@@ -94,7 +94,7 @@ void a8_add_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int6
     for (int h = 0; h < 2; ++h) {
       __m256i wv[NR];
       for (int r = 0; r < NR; ++r)
-        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * ws + t * kBlockBytes + 32 * h));
+        wv[r] = _mm256_loadu_si256((const __m256i*)(w + r * kBlockBytes + t * kBlockStride + 32 * h));
       auto step = [&](auto ic) {
         constexpr int I = decltype(ic)::value;
         __m256i sgn[NR];
@@ -118,13 +118,11 @@ void a8_add_tile(const uint8_t* w, int64_t ws, const int8_t* x, int64_t xs, int6
     for (int r = 0; r < NR; ++r) res[m * NR + r] = (int32_t)(hsum_epi64(acc[m][r]) - offset);
 }
 
-// Runs NR-row tiles over all rows (tail rows one at a time); the runner loops over tokens inside,
+// Runs NR-row tiles (NR divides 4, so a tile never leaves its 4-row group) over all rows; the runner loops over tokens inside,
 // so a tile's weights stay in L1 while every token passes over them.
 template <int NR, typename F>
 inline void run_rows(F&& f, int64_t nrows, int64_t M) {
-  int64_t r = 0;
-  for (; r + NR <= nrows; r += NR) f.template call<NR>(r, M);
-  for (; r < nrows; ++r) f.template call<1>(r, M);
+  for (int64_t r = 0; r < nrows; r += NR) f.template call<NR>(r, M);  // nrows: a multiple of 4
 }
 
 template <bool ADD>
@@ -140,15 +138,15 @@ struct A8Runner {
         for (int r = 0; r < NR; ++r)
           out[(m + i) * os + r0 + r] = res[i * NR + r] - (ADD ? 0 : xsum[(m + i) * sums]);
     };
-    const uint8_t* wr = w + r0 * ws;
+    const uint8_t* wr = tile_rows(w, ws, r0);
     for (; m + 4 <= M; m += 4) {
-      if (ADD) a8_add_tile<4, NR>(wr, ws, xq + m * xs, xs, nblk, res);
-      else a8_dot_tile<4, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      if (ADD) a8_add_tile<4, NR>(wr, xq + m * xs, xs, nblk, res);
+      else a8_dot_tile<4, NR>(wr, xq + m * xs, xs, nblk, res);
       emit(4);
     }
     for (; m < M; ++m) {
-      if (ADD) a8_add_tile<1, NR>(wr, ws, xq + m * xs, xs, nblk, res);
-      else a8_dot_tile<1, NR>(wr, ws, xq + m * xs, xs, nblk, res);
+      if (ADD) a8_add_tile<1, NR>(wr, xq + m * xs, xs, nblk, res);
+      else a8_dot_tile<1, NR>(wr, xq + m * xs, xs, nblk, res);
       emit(1);
     }
   }
@@ -158,7 +156,7 @@ struct A8Runner {
 // bit 2l (16 + 2l), which x_perm lines up with. "add": shift each code bit to the sign bit and
 // blend x in (no multiplies): sum x*c = sum_bit0 x + 2 sum_bit1 x. "dot": codes to float, FMA.
 template <bool ADD, int NR>
-void a16_tile(const uint8_t* w, int64_t ws, const float* x, int64_t nblk, float* res) {
+void a16_tile(const uint8_t* w, const float* x, int64_t nblk, float* res) {
   const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i sh0lo = _mm256_sub_epi32(_mm256_set1_epi32(31), lane2);  // bit 2l -> 31
   const __m256i sh1lo = _mm256_sub_epi32(_mm256_set1_epi32(30), lane2);  // bit 2l+1 -> 31
@@ -175,7 +173,7 @@ void a16_tile(const uint8_t* w, int64_t ws, const float* x, int64_t nblk, float*
       const __m256 xhi = _mm256_loadu_ps(x + t * kBlockK + 16 * q + 8);
       for (int r = 0; r < NR; ++r) {
         const __m256i word =
-            _mm256_set1_epi32(*(const int32_t*)(w + r * ws + t * kBlockBytes + 4 * q));
+            _mm256_set1_epi32(*(const int32_t*)(w + r * kBlockBytes + t * kBlockStride + 4 * q));
         if (ADD) {
           acc0[r] = _mm256_add_ps(acc0[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0lo))));
           acc1[r] = _mm256_add_ps(acc1[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1lo))));
@@ -202,7 +200,7 @@ struct A16Runner {
   void call(int64_t r0, int64_t M) const {
     float res[NR];
     for (int64_t m = 0; m < M; ++m) {
-      a16_tile<ADD, NR>(w + r0 * ws, ws, xp + m * xs, nblk, res);
+      a16_tile<ADD, NR>(tile_rows(w, ws, r0), xp + m * xs, nblk, res);
       for (int r = 0; r < NR; ++r) out[m * os + r0 + r] = res[r] - xsum[m * sums];
     }
   }

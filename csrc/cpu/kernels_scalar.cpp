@@ -8,9 +8,9 @@
 namespace bitengine_cpu {
 
 namespace {
-inline int code_at(const uint8_t* row, int64_t k) {
+inline int code_at(const uint8_t* row, int64_t k) {  // row: tile_rows(...)
   const int64_t t = k / kBlockK, r = k % kBlockK;
-  return (row[t * kBlockBytes + r % 64] >> (2 * (r / 64))) & 3;
+  return (row[t * kBlockStride + r % 64] >> (2 * (r / 64))) & 3;
 }
 
 inline float half_to_float(uint16_t h) {
@@ -39,7 +39,7 @@ void a8_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const in
                      int64_t x_stride, int64_t M, int64_t k0, int64_t k1, int32_t* out,
                      int64_t out_stride) {
   for (int64_t r = 0; r < nrows; ++r) {
-    const uint8_t* row = w + r * w_stride;
+    const uint8_t* row = tile_rows(w, w_stride, r);
     for (int64_t m = 0; m < M; ++m) {
       const int8_t* x = xq + m * x_stride;
       int32_t acc = 0;
@@ -56,7 +56,7 @@ void a16_scalar_range(const uint8_t* w, int64_t w_stride, int64_t nrows, const f
                       int64_t x_stride, int64_t M, int64_t k0, int64_t k1, float* out,
                       int64_t out_stride) {
   for (int64_t r = 0; r < nrows; ++r) {
-    const uint8_t* row = w + r * w_stride;
+    const uint8_t* row = tile_rows(w, w_stride, r);
     for (int64_t m = 0; m < M; ++m) {
       const float* x = xp + m * x_stride;
       float acc = 0.f;

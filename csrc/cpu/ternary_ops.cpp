@@ -50,11 +50,15 @@ std::vector<std::string> available_isas() {
 
 int64_t nblocks(int64_t K) { return (K + kBlockK - 1) / kBlockK; }
 
-void check_weight(const at::Tensor& w, int64_t K) {
+int64_t padded_rows(int64_t N) { return (N + kGroupRows - 1) / kGroupRows * kGroupRows; }
+
+void check_weight(const at::Tensor& w, int64_t K, int64_t N) {
   TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous(),
-              "repacked weight must be contiguous uint8 [N, ceil(K/256)*64], got ", w.sizes());
+              "repacked weight must be contiguous uint8 [ceil(N/4)*4, ceil(K/256)*64], got ", w.sizes());
   TORCH_CHECK(w.size(1) == nblocks(K) * kBlockBytes, "repacked weight has ", w.size(1),
               " bytes per row; in_features=", K, " needs ", nblocks(K) * kBlockBytes);
+  TORCH_CHECK(w.size(0) == padded_rows(N), "repacked weight has ", w.size(0), " rows; out_features=", N,
+              " needs ", padded_rows(N));
 }
 
 // Scale granularity: groups = 1 for tensor/channel scales, K / group_size for [N, K/G] scales.
@@ -117,19 +121,24 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g
   });
 }
 
-// Runs `body(r0, nr, thread_buffers)` over row chunks on num_threads() threads.
+// Runs `body(r0, nr, nr_padded)` over chunks of kRowChunk rows on num_threads() threads; static
+// scheduling gives each thread one contiguous stretch of the weights. nr: real rows (for the
+// epilogue), nr_padded: rows up to the next multiple of 4 (what the kernels compute).
 template <typename F>
 void for_row_chunks(int64_t N, F&& body) {
   const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
   const int nt = (int)std::min<int64_t>(num_threads(), chunks);
 #pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) body(c * kRowChunk, std::min(kRowChunk, N - c * kRowChunk));
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t r0 = c * kRowChunk, nr = std::min(kRowChunk, N - r0);
+    body(r0, nr, padded_rows(nr));
+  }
 }
 
 at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
                       int64_t N, int64_t variant, const float* bias) {
   const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
-  const int64_t gsize = K / G, ws = w.size(1);
+  const int64_t gsize = K / G, gs = kGroupRows * w.size(1);  // bytes per 4-row group
   const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
   const A8Kernel kern = variant == 1 ? a8_avx2_dot : a8_avx2_add;
   auto xq = at::empty({M, Kp}, at::kChar);
@@ -143,16 +152,17 @@ at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView
   const int32_t* xs = xsum.data_ptr<int32_t>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+  for_row_chunks(N, [&](int64_t r0, int64_t nr, int64_t nrp) {
     std::vector<int32_t> acc(M * kRowChunk);
+    const uint8_t* wc = wp + (r0 / kGroupRows) * gs;
     std::vector<float> part(G > 1 ? M * kRowChunk : 0, 0.f);
     for (int64_t g = 0; g < G; ++g) {
       if (simd) {
         const int64_t b0 = g * gsize / kBlockK, nb = G == 1 ? nblk : gsize / kBlockK;
-        kern(wp + r0 * ws + b0 * kBlockBytes, ws, nr, q + b0 * kBlockK, Kp, xs + g, G, M, nb,
+        kern(wc + b0 * kBlockStride, gs, nrp, q + b0 * kBlockK, Kp, xs + g, G, M, nb,
              acc.data(), kRowChunk);
       } else {
-        a8_scalar_range(wp + r0 * ws, ws, nr, q, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
+        a8_scalar_range(wc, gs, nr, q, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < nr; ++r) {
@@ -172,7 +182,7 @@ at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView
 at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
                        int64_t N, int64_t variant, const float* bias) {
   const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
-  const int64_t gsize = K / G, ws = w.size(1);
+  const int64_t gsize = K / G, gs = kGroupRows * w.size(1);  // bytes per 4-row group
   const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
   const A16Kernel kern = variant == 1 ? a16_avx2_dot : a16_avx2_add;
   // x in the A16 lane order (kernels.h), zero padded; xsum[m, g] accumulated in double because
@@ -196,15 +206,16 @@ at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleVie
   auto y = at::empty({M, N}, at::kFloat);
   const uint8_t* wp = w.data_ptr<uint8_t>();
   float* yp = y.data_ptr<float>();
-  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+  for_row_chunks(N, [&](int64_t r0, int64_t nr, int64_t nrp) {
     std::vector<float> acc(M * kRowChunk), part(M * kRowChunk, 0.f);
+    const uint8_t* wc = wp + (r0 / kGroupRows) * gs;
     for (int64_t g = 0; g < G; ++g) {
       if (simd) {
         const int64_t b0 = g * gsize / kBlockK, nb = G == 1 ? nblk : gsize / kBlockK;
-        kern(wp + r0 * ws + b0 * kBlockBytes, ws, nr, xpp + b0 * kBlockK, Kp, xsp + g, G, M, nb,
+        kern(wc + b0 * kBlockStride, gs, nrp, xpp + b0 * kBlockK, Kp, xsp + g, G, M, nb,
              acc.data(), kRowChunk);
       } else {
-        a16_scalar_range(wp + r0 * ws, ws, nr, xpp, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
+        a16_scalar_range(wc, gs, nr, xpp, Kp, M, g * gsize, (g + 1) * gsize, acc.data(), kRowChunk);
       }
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < nr; ++r) part[m * kRowChunk + r] += acc[m * kRowChunk + r] * sv.at(r0 + r, g);
@@ -221,38 +232,41 @@ at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleVie
 // ---------------------------------------------------------------------------------------------
 // Public ops.
 
-// k4 uint8 [N, ceil(K/4)] -> i256 uint8 [N, ceil(K/256) * 64] (kernels.h), padding code 1.
+// k4 uint8 [N, ceil(K/4)] -> i256 uint8 [ceil(N/4)*4, ceil(K/256)*64] (kernels.h: rows in
+// groups of 4, interleaved per block), padding code 1 (weight 0), padding rows all zero weights.
 at::Tensor ternary_repack_cpu(const at::Tensor& packed, int64_t K) {
   TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2, "packed weight must be uint8 [N, ceil(K/4)]");
   TORCH_CHECK(packed.size(1) == (K + 3) / 4, "packed weight has ", packed.size(1),
               " bytes per row; in_features=", K, " needs ", (K + 3) / 4);
   auto src = packed.contiguous();
   const int64_t N = src.size(0), cols = src.size(1), ws = nblocks(K) * kBlockBytes;
-  auto out = at::full({N, ws}, 0x55, at::kByte);  // 0x55: code 1 (weight 0) in all four slots
+  auto out = at::full({padded_rows(N), ws}, 0x55, at::kByte);  // 0x55: code 1 in all four slots
   const uint8_t* s = src.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
+  const int64_t gs = kGroupRows * ws;
   at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n)
+    for (int64_t n = n0; n < n1; ++n) {
+      uint8_t* row = o + (n / kGroupRows) * gs + (n % kGroupRows) * kBlockBytes;
       for (int64_t k = 0; k < K; ++k) {
         const int code = (s[n * cols + k / 4] >> (2 * (k % 4))) & 3;
         const int64_t t = k / kBlockK, r = k % kBlockK, shift = 2 * (r / 64);
-        uint8_t& byte = o[n * ws + t * kBlockBytes + r % 64];
+        uint8_t& byte = row[t * kBlockStride + r % 64];
         byte = (uint8_t)((byte & ~(3 << shift)) | (code << shift));
       }
+    }
   });
   return out;
 }
 
 // y [..., N] = W1.58 linear of x [..., K] (float32/bfloat16/float16), same numbers as
-// reference.ternary_linear_reference. w: ternary_repack_cpu output; scale float32 [1] | [N] |
+// reference.ternary_linear_reference. w: ternary_repack_cpu output (N = out_features); scale float32 [1] | [N] |
 // [N, K/G] (multiplies); bias [N] or None; act_bits 8 | 16; variant 0 = add-only, 1 = dot.
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                              const c10::optional<at::Tensor>& bias, int64_t K, int64_t act_bits,
-                              int64_t variant) {
-  check_weight(w, K);
+                              const c10::optional<at::Tensor>& bias, int64_t K, int64_t N,
+                              int64_t act_bits, int64_t variant) {
+  check_weight(w, K, N);
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "act_bits must be 8 or 16, got ", act_bits);
   TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (add) or 1 (dot), got ", variant);
-  const int64_t N = w.size(0);
   const ScaleView sv = scale_view(scale, N, K);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -267,24 +281,27 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at
 
 // int32 [M, N] = x_q @ W^T for int8 x_q [M, K] (values in [-127, 127] for the add variant, as
 // quantize_activations produces): the integer core, compared exactly with the reference.
-at::Tensor ternary_accumulate_cpu(const at::Tensor& x_q, const at::Tensor& w, int64_t K, int64_t variant) {
-  check_weight(w, K);
+at::Tensor ternary_accumulate_cpu(const at::Tensor& x_q, const at::Tensor& w, int64_t K, int64_t N,
+                                  int64_t variant) {
+  check_weight(w, K, N);
   TORCH_CHECK(x_q.dtype() == at::kChar && x_q.dim() == 2 && x_q.size(1) == K, "x_q must be int8 [M, K]");
-  const int64_t M = x_q.size(0), N = w.size(0), nblk = nblocks(K), Kp = nblk * kBlockK;
+  const int64_t M = x_q.size(0), Np = w.size(0), nblk = nblocks(K), Kp = nblk * kBlockK;
+  const int64_t gs = kGroupRows * w.size(1);
   auto xp = at::zeros({M, Kp}, at::kChar);
   xp.narrow(1, 0, K).copy_(x_q);
   auto xsum = x_q.to(at::kInt).sum(1, false, at::kInt).contiguous();
-  auto out = at::empty({M, N}, at::kInt);
+  auto out = at::empty({M, Np}, at::kInt);
   const bool simd = active_isa() == kAvx2;
   const A8Kernel kern = variant == 1 ? a8_avx2_dot : a8_avx2_add;
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const int8_t* q = xp.data_ptr<int8_t>();
   int32_t* op = out.data_ptr<int32_t>();
-  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
-    if (simd) kern(wp + r0 * w.size(1), w.size(1), nr, q, Kp, xsum.data_ptr<int32_t>(), 1, M, nblk, op + r0, N);
-    else a8_scalar_range(wp + r0 * w.size(1), w.size(1), nr, q, Kp, M, 0, K, op + r0, N);
+  for_row_chunks(N, [&](int64_t r0, int64_t nr, int64_t nrp) {
+    const uint8_t* wc = wp + (r0 / kGroupRows) * gs;
+    if (simd) kern(wc, gs, nrp, q, Kp, xsum.data_ptr<int32_t>(), 1, M, nblk, op + r0, Np);
+    else a8_scalar_range(wc, gs, nr, q, Kp, M, 0, K, op + r0, Np);
   });
-  return out;
+  return out.narrow(1, 0, N).contiguous();
 }
 
 // Dense heads: y [..., N] = (x @ W^T) * w_scale + bias, W int8 [N, Kpad] (per-row fp32 scale,
@@ -303,7 +320,7 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10:
   const float* xpp = xp.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const bool simd = active_isa() == kAvx2;
-  for_row_chunks(N, [&](int64_t r0, int64_t nr) {
+  for_row_chunks(N, [&](int64_t r0, int64_t nr, int64_t) {
     if (is_int8) {
       const int8_t* wp = w.data_ptr<int8_t>() + r0 * kpad;
       (simd ? int8_rows_avx2 : int8_rows_scalar)(wp, kpad, nr, xpp, kpad, M, kpad, yp + r0, N);
@@ -321,8 +338,8 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10:
 
 TORCH_LIBRARY_FRAGMENT(bitengine, m) {
   m.def("ternary_repack_cpu(Tensor packed, int in_features) -> Tensor");
-  m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int act_bits, int variant) -> Tensor");
-  m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int variant) -> Tensor");
+  m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int out_features, int act_bits, int variant) -> Tensor");
+  m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int out_features, int variant) -> Tensor");
   m.def("dense_linear_cpu(Tensor x, Tensor w, Tensor? w_scale, Tensor? bias, int in_features) -> Tensor");
 }
 
