@@ -39,14 +39,16 @@ def _extensions():
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
-    has_nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
+    cuda_home = os.environ.get("CUDA_HOME", "/usr/local/cuda")
+    has_nvcc = shutil.which("nvcc") or os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if cuda_sources and torch.version.cuda and has_nvcc and os.environ.get("BITENGINE_NO_CUDA") != "1":
         arch = os.environ.get("BITENGINE_CUDA_ARCH", "90")
         exts.append(CUDAExtension(
             "bitengine._C_cuda", cuda_sources,
             extra_compile_args={"cxx": ["-O3", "-std=c++17"],
                                 "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                                         "--use_fast_math", "-Xptxas=-v" if os.environ.get("BITENGINE_PTXAS_V") else "-lineinfo"]},
+                                         "--use_fast_math",
+                                         "-Xptxas=-v" if os.environ.get("BITENGINE_PTXAS_V") else "-lineinfo"]},
         ))
     return exts, {"build_ext": _optional(BuildExtension)}
 

@@ -187,7 +187,8 @@ def _write(source, cfg, tmp, shapes, linear_set, weights, act_bits, granularity,
         bar.close()
     missing = sorted(set(shapes) - seen)
     if missing:
-        raise SourceError(f"{where}: missing tensor {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise SourceError(f"{where}: missing tensor {missing[0]}{more}")
     writer.close()
     rel_err = {k: (err_num[k] / err_den[k]) ** 0.5 for k in err_num if err_den[k] > 0}
     return {"bytes_before": dict(before), "bytes_after": dict(after),

@@ -9,7 +9,7 @@ can replace the eager one without touching the loop.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -131,7 +131,7 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
     if stream:
         return _stream(gen, model, text_mode, stops)
     outs = None
-    for outs in gen:
+    for outs in gen:  # noqa: B007 - run to completion; the last yield holds every row's ids
         pass
     results = [(_text(model, o, stops) if text_mode else o) for o in outs]
     return results if batched else results[0]

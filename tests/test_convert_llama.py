@@ -11,7 +11,7 @@ from tinymodels import make_llama
 
 import bitengine
 from bitengine.formats.checkpoint import CheckpointReader
-from bitengine.quant import absmean_quantize, parse_scale_granularity, quantize_activations
+from bitengine.quant import absmean_quantize, dequantize, parse_scale_granularity, quantize_activations
 
 
 def rel(a, b):
@@ -25,7 +25,7 @@ def ternary_reference(hf_model, act_bits: int, scale: str = "tensor", keep=()):
     for name, mod in ref.named_modules():
         if isinstance(mod, torch.nn.Linear) and name != "lm_head" and not any(name.endswith(k) for k in keep):
             w_q, s = absmean_quantize(mod.weight.float(), kind, gs)
-            w_deq = (w_q.double() * (s[:, None] if s.dim() == 1 else s.repeat_interleave(gs, 1) if s.dim() == 2 else s)).to(mod.weight.dtype)
+            w_deq = dequantize(w_q, s).double().to(mod.weight.dtype)
 
             def fwd(x, w_deq=w_deq):
                 if act_bits == 8:
