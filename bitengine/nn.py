@@ -40,11 +40,16 @@ class _AdapterPath:
     lora_B: torch.Tensor | None
 
     def _init_adapter(self) -> None:
-        self.lora_A = None  # (r_total, K), compute dtype
-        self.lora_B = None  # (N, r_total), scaling folded in
+        self.lora_A = None  # (r_total, K), compute dtype (int8 when lora_A_scale is set)
+        self.lora_B = None  # (N, r_total), scaling folded in (int8 when lora_B_scale is set)
+        self.lora_A_scale = None  # float32 (r_total, 1) and (1, r_total): absmax scales of int8 factors (multiply)
+        self.lora_B_scale = None
 
     def _adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        a, b = self.lora_A, self.lora_B
+        if self.lora_A_scale is not None:  # int8 factors (lora adapter_dtype="int8"): dequantize on the fly
+            a, b = a * self.lora_A_scale, b * self.lora_B_scale
+        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
 
 
 class BitLinear(nn.Module, _AdapterPath):
