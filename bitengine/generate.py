@@ -106,7 +106,7 @@ def eos_ids(model) -> set[int]:
 def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None, max_new_tokens: int = 128,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
              stop: list[str] | str | None = None, seed: int | None = None, stream: bool = False,
-             ignore_eos: bool = False):
+             ignore_eos: bool = False, cuda_graph: bool | None = None):
     """Generate continuations.
 
     Exactly one input: `prompt` (str, or a list of str for a batch), `input_ids` (list of ints,
@@ -116,6 +116,7 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
     token ids (list[int], or list of lists). With stream=True (single sequence only) returns an
     iterator of text pieces (or token ids when given `input_ids`) as they are decoded.
     temperature 0 is greedy; `stop` strings end a sequence (not included in the output).
+    On CUDA the decode step runs as a captured CUDA graph (cuda_graph=False for eager).
     """
     rows, batched = _encode(model, prompt, input_ids, messages, prompts)
     text_mode = input_ids is None
@@ -126,8 +127,9 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
         raise ValueError("empty prompt")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    sync_every = 1 if (stream or stops) else 16
     gen = _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops,
-                         seed, text_mode, ignore_eos)
+                         seed, text_mode, ignore_eos, sync_every, cuda_graph)
     if stream:
         return _stream(gen, model, text_mode, stops)
     outs = None
@@ -172,8 +174,8 @@ def _stream(gen, model, text_mode: bool, stops: list[str]) -> Iterator:
 
 @torch.no_grad()
 def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed,
-                   text_mode, ignore_eos):
-    """Yields after each step the generated ids so far for every row (list of lists)."""
+                   text_mode, ignore_eos, sync_every=16, cuda_graph=None):
+    """Yields, every `sync_every` steps, the generated ids so far for every row (list of lists)."""
     device = model.model.embed_tokens.weight.device
     b = len(rows)
     t = max(len(r) for r in rows)
@@ -202,27 +204,51 @@ def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repet
     input_pos = slots[:t]
     positions = (input_pos[None] - offset[:, None]).clamp(min=0)
     logits = model(ids, cache=cache, input_pos=input_pos, position_ids=positions, kv_len=t, last_only=True)[:, -1].float()
-    step = Decoder(model, cache, offset)
+    step = make_decoder(model, cache, offset, cuda_graph)
+    tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+    alive = torch.ones(b, dtype=torch.bool, device=device)  # not yet past EOS
     out = [[] for _ in range(b)]
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    stopped = [False] * b  # by a stop string (host side)
+    synced = 0
     for i in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-        is_eos = torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
-        newly = ~done & ~is_eos
-        host_next, host_new = nxt.tolist(), newly.tolist()  # one sync per step: stopping and streaming need it
-        for r in range(b):
-            if host_new[r]:
-                out[r].append(host_next[r])
-        done = done | is_eos
-        if stops and text_mode:
+        tokens[:, i] = nxt
+        if eos.numel():
+            alive = alive & ~torch.isin(nxt, eos)
+        last = i == max_new_tokens - 1
+        # Host syncs only every `sync_every` steps (every step when streaming or matching stop strings):
+        # the decode loop itself never waits for the device.
+        if last or (i + 1) % sync_every == 0:
+            host_tokens = tokens[:, synced:i + 1].tolist()
+            host_alive = (tokens[:, synced:i + 1, None] == eos).any(-1).tolist() if eos.numel() else None
             for r in range(b):
-                if not done[r] and _cut(model.tokenizer.decode(out[r][-16 - max(map(len, stops)):],
-                                                               skip_special_tokens=True), stops)[1]:
-                    done[r] = True
-        yield out
-        if bool(done.all()) or i == max_new_tokens - 1:
+                for j, tok in enumerate(host_tokens[r]):
+                    if stopped[r] or (host_alive is not None and host_alive[r][j]):
+                        stopped[r] = True  # EOS: this row is finished
+                        break
+                    out[r].append(tok)
+                if stops and text_mode and not stopped[r]:
+                    tail = model.tokenizer.decode(out[r][-16 - max(map(len, stops)):], skip_special_tokens=True)
+                    stopped[r] = _cut(tail, stops)[1]
+            synced = i + 1
+            yield out
+            if all(stopped):
+                return
+        if last:
             return
         if repetition_penalty != 1.0:
             seen[torch.arange(b, device=device), nxt] = True
         logits = step(nxt[:, None], t + i)
+
+
+def make_decoder(model, cache, offset, cuda_graph):
+    """The eager decode step, or its CUDA-graph twin on CUDA devices (cuda_graph None = auto)."""
+    on_cuda = cache.k.device.type == "cuda"
+    if cuda_graph is None:
+        cuda_graph = on_cuda
+    if cuda_graph and on_cuda:
+        from .cuda_graph import GraphDecoder
+
+        return GraphDecoder(model, cache, offset)
+    return Decoder(model, cache, offset)
