@@ -9,8 +9,12 @@ Tolerances on ||y - ref|| / ||ref||: float32 1e-5, float16 1e-3, bfloat16 1e-2 (
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+os.environ.setdefault("BITENGINE_TUNE", "0")  # one GEMM config, no autotuning runs (see gemm_decoded.py)
 
 from bitengine.quant import (
     absmean_quantize,

@@ -1,4 +1,6 @@
-"""Ternary GEMM with in-register weight decode (short prompts, group scales): y[M, N] = W1.58 linear of x[M, K] on the tensor cores.
+"""Ternary GEMM with in-register weight decode (short prompts, group scales) on the tensor cores.
+
+y[M, N] = W1.58 linear of x[M, K].
 
 Each program computes a BLOCK_M x BLOCK_N tile. Per K step it loads BLOCK_KW i2w words per
 output column, decodes them in registers to signed codes w = c - 1 in {-1, 0, 1} (one shift and

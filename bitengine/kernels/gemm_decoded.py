@@ -13,6 +13,8 @@ software pipeline with no work between loads and MMAs. Per-tensor / per-channel 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -44,10 +46,13 @@ def decode_weight(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _configs():
+    """Autotune candidates; BITENGINE_TUNE=0 keeps only the first (tests, where tuning costs more than it saves)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
     shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
-              (64, 256, 128, 4, 4)]
+              (64, 256, 128, 4, 4), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
+    if os.environ.get("BITENGINE_TUNE") == "0":
+        shapes = shapes[:1]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 

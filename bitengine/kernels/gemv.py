@@ -97,6 +97,10 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
     rows_x = offs_m.to(tl.int64) * stride_xm
     rows_w = offs_n.to(tl.int64) * stride_wn
     i16 = tl.arange(0, 16)
+    # The first weight tile is requested before the absmax pass, and each step requests the next tile
+    # before computing, so the weight stream never waits on the activation work.
+    kw = tl.arange(0, BLOCK_KW)
+    w_next = tl.load(w_ptr + rows_w[:, None] + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
     if FUSED:  # x: float [M, K]; first pass: per-row absmax
         amax = tl.zeros([BLOCK_M, BLOCK_KW * 16], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_KW * 16):
@@ -106,16 +110,18 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
         a = quant_scale(tl.max(amax, axis=1))  # (BM,)
     else:  # x: int8 x_q [M, 16 * KW] viewed as int32 words [M, 4 * KW]
         a = tl.load(a_ptr + offs_m, mask=m_mask, other=1.0)
-    # Accumulate per (row, column, word) and reduce once after the loop: no cross-thread traffic inside it.
-    if SCALE_MODE == 2:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KW], dtype=tl.float32)
-    else:
-        acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KW], dtype=tl.int32)
+    # M = 1: accumulate per (column, word) and reduce once after the loop (no cross-thread traffic
+    # inside it); larger M reduces every step to bound registers.
+    acc_dtype = tl.float32 if SCALE_MODE == 2 else tl.int32
+    acc3 = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_KW], dtype=acc_dtype)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_dtype)
     xs2 = tl.zeros([BLOCK_M, BLOCK_KW], dtype=tl.int32)
     for kw0 in range(0, KW, BLOCK_KW):
         kw = kw0 + tl.arange(0, BLOCK_KW)
-        w = tl.load(w_ptr + rows_w[:, None] + kw[None, :], mask=n_mask[:, None] & (kw < KW)[None, :], other=0)
-        # x_j: activation word j (inputs 16 kw + 4j .. 16 kw + 4j + 3) of every weight word, (BM, BKW)
+        w = w_next
+        kw_next = kw + BLOCK_KW
+        w_next = tl.load(w_ptr + rows_w[:, None] + kw_next[None, :], mask=n_mask[:, None] & (kw_next < KW)[None, :],
+                         other=0)
         if FUSED:  # quantize a (BM, BKW, 16) block once, then split it into the four words
             k3 = kw[None, :, None] * 16 + i16[None, None, :]
             x = tl.load(x_ptr + rows_x[:, None, None] + k3, mask=m_mask[:, None, None] & (k3 < K), other=0.0)
@@ -140,14 +146,20 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
         if SCALE_MODE == 2:
             sc = tl.load(s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + (kw // GROUP_W)[None, :],
                          mask=n_mask[:, None] & (kw < KW)[None, :], other=0.0)
-            acc3 += (d - xs[:, None, :]).to(tl.float32) * sc[None, :, :]
+            part = (d - xs[:, None, :]).to(tl.float32) * sc[None, :, :]
         else:
-            acc3 += d
+            part = d
             xs2 += xs
+        if BLOCK_M == 1:
+            acc3 += part
+        else:
+            acc += tl.sum(part, axis=2)
+    if BLOCK_M == 1:
+        acc += tl.sum(acc3, axis=2)
     if SCALE_MODE == 2:
-        acc = tl.sum(acc3, axis=2)
+        acc = acc.to(tl.float32)
     else:
-        acc = (tl.sum(acc3, axis=2) - tl.sum(xs2, axis=1)[:, None]).to(tl.float32)
+        acc = (acc - tl.sum(xs2, axis=1)[:, None]).to(tl.float32)
     _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE, HAS_BIAS, True)
 
 

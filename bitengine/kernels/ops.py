@@ -4,7 +4,8 @@ bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias) -> y
     x: float16/bfloat16/float32 [..., K]; words: int32 [N, KW] (i2w, layout.py); scale: float32
     [1] | [N] | [N, K/G] (multiplies); act_bits 8 or 16; bias: [N] or None. y: [..., N], x's dtype.
     Dispatch by M = prod(x.shape[:-1]) and layer settings only:
-      M <= GEMV_MAX_M                       decode GEMV (gemv.py)
+      M <= 4, or M <= 16 with N * K < GEMV_MAX_NK
+                                            decode GEMV (gemv.py; dp4a-bound beyond that)
       M >= DECODED_MIN_M, tensor/channel scale, A8 or fp16/bf16 A16
                                             decoded-scratch GEMM (gemm_decoded.py)
       otherwise                             in-register-decode GEMM (gemm.py)
@@ -18,8 +19,14 @@ from .gemm import ternary_gemm
 from .gemm_decoded import ternary_gemm_decoded
 from .gemv import ternary_gemv_a8, ternary_gemv_a16
 
-GEMV_MAX_M = 8
+GEMV_MAX_NK = 12_000_000
 DECODED_MIN_M = 128
+
+
+def use_gemv(m: int, n: int, k: int) -> bool:
+    """Measured on an H200 (bench/results): the dp4a GEMV wins at M <= 4 everywhere and at M <= 16 on
+    small layers; beyond that the tensor-core GEMM (gemm.py) is faster."""
+    return m <= 4 or (m <= 16 and n * k < GEMV_MAX_NK)
 
 
 @torch.library.custom_op("bitengine::ternary_linear", mutates_args=())
@@ -27,7 +34,7 @@ def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    if x2.shape[0] <= GEMV_MAX_M:
+    if use_gemv(x2.shape[0], words.shape[0], in_features):
         if act_bits == 8:
             y = ternary_gemv_a8(x2, words, scale, in_features, bias)
         elif act_bits == 16:

@@ -6,8 +6,10 @@
 // The code offset is removed once: sum x_q (c - 1) = sum x_q c - sum x_q.
 //
 // One persistent launch does everything (no separate quantization kernel):
+//   0. each warp issues the loads of its first weight rows;
 //   1. every block quantizes x (per-token absmax, exactly quant.quantize_activations: IEEE reciprocal,
-//      rint half-to-even, clamp) into shared memory, with sum(x_q);
+//      rint half-to-even, clamp) into shared memory, with sum(x_q); x is read once, with 16-byte
+//      loads all in flight together, and kept in registers between the two passes;
 //   2. each warp streams R weight rows with 16-byte non-caching loads, U of them in flight per row,
 //      and reduces with shuffles; blocks stride over row groups.
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
@@ -15,6 +17,7 @@
 
 #include <ATen/cuda/CUDAContext.h>
 #include <algorithm>
+#include <cstdint>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -53,44 +56,100 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 x, int acc) {
   return acc;
 }
 
+// The 16 activations of word wi as floats (zeros past K): 16-byte vector loads for whole words
+// (a row starts 16-byte aligned and a word is 32 or 64 bytes), bounds-checked scalars for the tail.
+template <typename T>
+__device__ __forceinline__ void load_word(const T* __restrict__ x, int wi, int K, float (&v)[16]) {
+  const int k0 = wi * 16;
+  if (k0 + 16 <= K) {
+    constexpr int kPerVec = 16 / sizeof(T);
+    const uint4* p = reinterpret_cast<const uint4*>(x + k0);
+#pragma unroll
+    for (int i = 0; i < 16 / kPerVec; ++i) {
+      const uint4 raw = __ldg(p + i);
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = to_float(e[j]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v[j] = k0 + j < K ? to_float(x[k0 + j]) : 0.f;
+  }
+}
+
+__device__ __forceinline__ int4 pack_word(const float (&v)[16], float a, int& sum) {
+  int packed[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    unsigned word = 0;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const int q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[j * 4 + b], a)), -128.f), 127.f));
+      sum += q;
+      word |= (static_cast<unsigned>(q) & 0xffu) << (8 * b);
+    }
+    packed[j] = static_cast<int>(word);
+  }
+  return make_int4(packed[0], packed[1], packed[2], packed[3]);
+}
+
+// Words of x each thread keeps in registers between the absmax and the quantization (K <= 16384);
+// words beyond that are loaded twice.
+constexpr int kRegWords = 4;
+
 template <typename T>
 __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4* xq, float* a_out, int* xsum_out) {
   __shared__ float red_f[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  float v[kRegWords][16];
   float amax = 0.f;
-  for (int k = tid; k < K; k += kThreads) amax = fmaxf(amax, fabsf(to_float(x[k])));
+#pragma unroll
+  for (int i = 0; i < kRegWords; ++i) {  // all loads issued before any use
+    const int wi = tid + i * kThreads;
+    if (wi < KW) {
+      load_word(x, wi, K, v[i]);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) v[i][j] = 0.f;
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kRegWords; ++i)
+#pragma unroll
+    for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[i][j]));
+  for (int wi = tid + kRegWords * kThreads; wi < KW; wi += kThreads) {
+    float t[16];
+    load_word(x, wi, K, t);
+#pragma unroll
+    for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(t[j]));
+  }
   for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if (lane == 0) red_f[warp] = amax;
   __syncthreads();
   amax = red_f[0];
+#pragma unroll
   for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red_f[i]);
   const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
   int sum = 0;
-  for (int wi = tid; wi < KW; wi += kThreads) {
-    int packed[4];
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      unsigned word = 0;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const int k = wi * 16 + j * 4 + b;
-        int q = 0;
-        if (k < K) q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(to_float(x[k]), a)), -128.f), 127.f));
-        sum += q;
-        word |= (static_cast<unsigned>(q) & 0xffu) << (8 * b);
-      }
-      packed[j] = static_cast<int>(word);
-    }
-    xq[xq_slot(wi)] = make_int4(packed[0], packed[1], packed[2], packed[3]);
+  for (int i = 0; i < kRegWords; ++i) {
+    const int wi = tid + i * kThreads;
+    if (wi < KW) xq[xq_slot(wi)] = pack_word(v[i], a, sum);
+  }
+  for (int wi = tid + kRegWords * kThreads; wi < KW; wi += kThreads) {
+    float t[16];
+    load_word(x, wi, K, t);
+    xq[xq_slot(wi)] = pack_word(t, a, sum);
   }
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) red_i[warp] = sum;
   __syncthreads();
   if (tid == 0) {
-    int s = 0;
-    for (int i = 0; i < kWarps; ++i) s += red_i[i];
-    *xsum_out = s;
+    int total = 0;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) total += red_i[i];
+    *xsum_out = total;
     *a_out = a;
   }
   __syncthreads();
@@ -209,6 +268,7 @@ torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tens
   const int64_t smem = (w.size(1) + 127) / 128 * 128 * 16;
   TORCH_CHECK(smem <= 200 * 1024, "in_features ", in_features, " too large for the CUDA GEMV");
   c10::cuda::CUDAGuard guard(x.device());
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();  // the kernel reads x with 16-byte loads
   auto y = torch::empty({1, w.size(0)}, x.options());
   if (bias) TORCH_CHECK(bias->numel() == w.size(0) && bias->scalar_type() == x.scalar_type(), "bias must be [N] in x's dtype");
   const int K = static_cast<int>(in_features);

@@ -1,0 +1,272 @@
+"""End-to-end decode and prefill on one GPU: random-weight models at real shapes, bitengine ternary vs FP16.
+
+Models (random weights, built on the meta device and filled on the GPU): BitNet-2B-4T, Llama-2-7B,
+Llama-3-8B shapes through bitengine.model.CausalLM. Variants: ternary W1.58A8 (backend "cuda" when
+its extension is built, else "triton"), ternary W1.58A16 ("triton"), and FP16 dense weights through
+the same model code. Decode: one step (embedding -> logits -> greedy argmax -> next token and
+position, all on the GPU) captured in a CUDA graph over a static KV cache of prompt + new tokens,
+replayed once per token; the first tokens are checked against eager decoding. Prefill: one eager
+forward of T tokens into the cache. Reports ms/token, tokens/s, time to first token (prefill of the
+64-token prompt + one step), peak GPU memory and weight bytes.
+
+    python bench/bench_e2e.py --out bench/results [--models bitnet-2b-4t,llama-2-7b] [--batches 1,8,32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bitengine import backends  # noqa: E402
+from bitengine.config import ModelConfig  # noqa: E402
+from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
+from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
+from bitengine.quant import pack_ternary  # noqa: E402
+
+MODELS = {
+    "bitnet-2b-4t": ModelConfig(arch="bitnet", vocab_size=128256, hidden_size=2560, intermediate_size=6912, num_layers=30,
+                                num_heads=20, num_kv_heads=5, head_dim=128, rope_theta=500000.0,
+                                tie_word_embeddings=True, hidden_act="relu2"),
+    "llama-2-7b": ModelConfig(arch="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32,
+                              num_heads=32, num_kv_heads=32, head_dim=128),
+    "llama-3-8b": ModelConfig(arch="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_layers=32,
+                              num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0),
+}
+PROMPT, NEW = 64, 128
+DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
+
+
+def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> CausalLM:
+    """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense)."""
+    def make_linear(i, o, bias):
+        if variant == "fp16":
+            return DenseLinear(i, o, bias=bias)
+        return BitLinear(i, o, act_bits=8 if variant == "a8" else 16, scale_shape=(1,), bias=bias)
+
+    with torch.device("meta"):
+        model = CausalLM(cfg, make_linear, max_seq=max_seq)
+    model.to_empty(device=DEVICE)
+    model.model.embed_tokens.to(torch.float16)  # nn.Embedding is made in float32; activations run in fp16
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if name.endswith("weight_packed"):
+                n, cols = t.shape
+                codes = torch.randint(0, 3, (n, cols * 4), device=DEVICE, dtype=torch.int8, generator=g) - 1
+                t.copy_(pack_ternary(codes))
+            elif name.endswith("weight_scale"):
+                t.fill_(model.get_submodule(name.rsplit(".", 1)[0]).in_features ** -0.5)
+            elif name.endswith("norm.weight"):
+                t.fill_(1.0)
+            elif t.is_floating_point() and t.dim() == 2:
+                t.copy_(torch.randn(t.shape, device=DEVICE, generator=g) / t.shape[1] ** 0.5)
+    model.tie_weights()
+    model.inv_freq = rope_inv_freq(cfg).to(DEVICE)
+    model.eval()
+    if variant != "fp16":
+        name = "reference" if DEVICE == "cpu" else ("cuda" if variant == "a8" and _cuda_built() else "triton")
+        backend = backends.select(DEVICE, name)
+        for m in model.modules():
+            if isinstance(m, BitLinear):
+                m.prepare(backend)
+        model.backend_name = backend.name
+    else:
+        model.backend_name = "dense"
+    return model
+
+
+def _cuda_built() -> bool:
+    return backends.availability("cuda").get("cuda") is None
+
+
+def resident_bytes(model) -> int:
+    """Every parameter and buffer held on the GPU (k4 and i2w copies of ternary weights both count)."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.nbytes
+    return total
+
+
+def weight_bytes(model) -> int:
+    """Bytes of what the forward reads as weights (i2w replaces k4 on the GPU paths; both are counted
+    as held in memory in peak_GiB)."""
+    total = 0
+    for m in model.modules():
+        if isinstance(m, BitLinear):
+            total += (m.weight_i2w if hasattr(m, "weight_i2w") else m.weight_packed).nbytes + m.weight_scale.nbytes
+        elif isinstance(m, DenseLinear):
+            total += m.weight.nbytes
+    emb = model.model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total += emb.nbytes
+    return total
+
+
+class GraphDecoder:
+    """Greedy decode step over a static cache, captured in a CUDA graph (no host sync inside)."""
+
+    def __init__(self, model, batch: int, max_seq: int):
+        self.model, self.batch = model, batch
+        self.cache = model.new_cache(batch=batch, max_seq=max_seq)
+        self.tok = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
+        self.pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
+        self.graph = None
+
+    def prefill(self, prompt):  # (B, T) -> first new token in self.tok, position after the prompt
+        t = prompt.shape[1]
+        logits = self.model(prompt, cache=self.cache, input_pos=torch.arange(t, device=DEVICE), last_only=True)
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.fill_(t)
+
+    def step(self):
+        logits = self.model(self.tok, cache=self.cache, input_pos=self.pos, position_ids=self.pos.expand(self.batch, 1))
+        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.add_(1)
+
+    def capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step()  # compile / warm every kernel outside the capture
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+
+
+@torch.no_grad()
+def bench_model(name, variant, batches, prefills, rows, budget_end):
+    cfg = MODELS[name]
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model = build(cfg, variant, max_seq=PROMPT + NEW)
+    wbytes = weight_bytes(model)
+    base = {"model": name, "variant": variant, "backend": model.backend_name, "weight_GiB": wbytes / 2**30,
+            "resident_GiB": resident_bytes(model) / 2**30}
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    for b in batches:
+        if time.time() > budget_end:
+            break
+        prompt = torch.randint(0, cfg.vocab_size, (b, PROMPT), device=DEVICE, generator=g)
+        dec = GraphDecoder(model, b, PROMPT + NEW)
+        # eager reference tokens for the first steps
+        dec.prefill(prompt)
+        eager = []
+        for _ in range(8):
+            dec.step()
+            eager.append(dec.tok.clone())
+        dec.capture()  # advances one step; reset state below
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        ttft0 = torch.cuda.Event(enable_timing=True)
+        ttft0.record()
+        dec.prefill(prompt)
+        dec.graph.replay()
+        start.record()
+        graph_tokens = [dec.tok.clone()]
+        for i in range(NEW - 2):
+            dec.graph.replay()
+            if i < 7:
+                graph_tokens.append(dec.tok.clone())
+        end.record()
+        end.synchronize()
+        same = all(torch.equal(a, c) for a, c in zip(eager[:8], graph_tokens[:8]))
+        ms = start.elapsed_time(end) / (NEW - 2)
+        rows.append({**base, "batch": b, "decode_ms_per_step": ms, "decode_tokens_per_s": 1000 * b / ms,
+                     "ttft_ms": ttft0.elapsed_time(start), "graph_matches_eager": same,
+                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+        print(json.dumps(rows[-1]), flush=True)
+        del dec
+    for t in prefills:
+        if time.time() > budget_end:
+            break
+        cache = model.new_cache(batch=1, max_seq=t)
+        prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
+        pos = torch.arange(t, device=DEVICE)
+        model(prompt, cache=cache, input_pos=pos, last_only=True)  # warm-up (and autotuning)
+        times = []
+        for _ in range(3):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            model(prompt, cache=cache, input_pos=pos, last_only=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        ms = statistics.median(times)
+        rows.append({**base, "prefill_tokens": t, "prefill_ms": ms, "prefill_tokens_per_s": 1000 * t / ms,
+                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+        print(json.dumps(rows[-1]), flush=True)
+        del cache
+    del model
+    torch.cuda.empty_cache()
+
+
+def markdown(env, rows):
+    lines = [f"# End-to-end decode / prefill on {env['card']} ({env['date']})", "",
+             (f"torch {env['torch']}, CUDA {env['cuda']}, commit `{env['git_commit'][:12]}`. Random weights; decode = "
+              f"{PROMPT}-token prompt then CUDA-graph greedy steps over a static cache; prefill = one eager forward."),
+             "", ("| model | weights | backend | weight GiB (read / held) | batch | ms/step | tokens/s | TTFT ms | "
+                  "graph == eager | peak GiB |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "batch" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['weight_GiB']:.2f} / "
+                         f"{r['resident_GiB']:.2f} | {r['batch']} | "
+                         f"{r['decode_ms_per_step']:.3f} | {r['decode_tokens_per_s']:.0f} | {r['ttft_ms']:.1f} | "
+                         f"{r['graph_matches_eager']} | {r['peak_GiB']:.2f} |")
+    lines += ["", "| model | weights | backend | prompt tokens | prefill ms | tokens/s |",
+              "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "prefill_tokens" in r:
+            lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['prefill_tokens']} | {r['prefill_ms']:.1f} | "
+                         f"{r['prefill_tokens_per_s']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    ap.add_argument("--models", default="bitnet-2b-4t,llama-2-7b,llama-3-8b")
+    ap.add_argument("--variants", default="a8,fp16,a16")
+    ap.add_argument("--batches", default="1,8,32")
+    ap.add_argument("--prefills", default="512,2048")
+    ap.add_argument("--budget-s", type=float, default=240, help="stop starting new measurements after this long")
+    args = ap.parse_args()
+    props = torch.cuda.get_device_properties(0)
+    env = {"card": props.name, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+           "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": os.environ.get("BITENGINE_COMMIT", "")}
+    rows = []
+    end = time.time() + args.budget_s
+    tag = f"{env['card'].replace(' ', '_')}_{env['date'][:10]}"
+    for name in args.models.split(","):
+        for variant in args.variants.split(","):
+            if time.time() > end:
+                break
+            try:
+                bench_model(name, variant, [int(b) for b in args.batches.split(",")],
+                            [int(t) for t in args.prefills.split(",") if t], rows, end)
+            except Exception as e:  # noqa: BLE001 - record and continue with the next model
+                rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]})
+                print(rows[-1], flush=True)
+                torch.cuda.empty_cache()
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, f"gpu_e2e_{tag}.json"), "w") as f:
+                json.dump({"env": env, "rows": rows}, f, indent=1)
+            with open(os.path.join(args.out, f"gpu_e2e_{tag}.md"), "w") as f:
+                f.write(markdown(env, rows))
+    print(markdown(env, rows))
+
+
+if __name__ == "__main__":
+    main()
