@@ -29,14 +29,19 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
 
 
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
-         max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", verify_codes: bool = True):
+         max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", head: str | None = None,
+         verify_codes: bool = True):
     """Load the checkpoint folder `path` onto `device` and return a CausalLM (with `.tokenizer`).
 
     backend: "auto" (default, or $BITENGINE_BACKEND), "reference", "cpu", "triton", "cuda".
     dtype: compute dtype for activations and 16-bit weights (default fp32 on CPU, the checkpoint's
     16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
     adapters / adapter_mode: LoRA adapters applied at load time (see bitengine.lora).
+    head: None keeps the 16-bit head; "int8" stores it as per-row int8 (and "int8+embeddings" the
+    embeddings too), a large share of decode bytes on small models (see bitengine.int8_head).
     """
+    if head not in (None, "fp16", "int8", "int8+embeddings"):
+        raise ValueError(f"head must be fp16, int8 or int8+embeddings, got {head!r}")
     device = torch.device(device)
     reader = CheckpointReader(path)
     cfg = ModelConfig.from_hf(reader.config, str(reader.path / "config.json"))
@@ -89,6 +94,10 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     model.bitengine_config = block
     model.compute_dtype = dtype
     model.tokenizer = _tokenizer(reader.path)
+    if head in ("int8", "int8+embeddings"):
+        from .int8_head import quantize_head_int8
+
+        quantize_head_int8(model, embeddings=head == "int8+embeddings")
     if adapters:
         from .lora import apply_adapters
 

@@ -113,3 +113,17 @@ def test_llama_family_variants(tmp_path, variant):
     ids = torch.randint(0, 256, (1, 40))  # longer than the sliding window / original context
     with torch.no_grad():
         assert rel(model(ids), hf(ids).logits) < 1e-3
+
+
+def test_1bitllm_latent_llama(tmp_path):
+    """1bitLLM-style checkpoints: Llama modules with latent weights, architectures ["BitnetForCausalLM"]."""
+    hf = make_llama(tmp_path / "src", tokenizer=False)
+    cfg = json.loads((tmp_path / "src" / "config.json").read_text())
+    cfg.update(architectures=["BitnetForCausalLM"], weight_bits=1, input_bits=8)
+    (tmp_path / "src" / "config.json").write_text(json.dumps(cfg))
+    bitengine.convert(tmp_path / "src", tmp_path / "dst", progress=False)
+    model = bitengine.load(tmp_path / "dst", dtype=torch.float64, backend="reference")
+    ref = ternary_reference(hf.double(), 8)
+    ids = torch.randint(0, 256, (1, 16))
+    with torch.no_grad():
+        assert rel(model(ids), ref(ids).logits) < 1e-3
