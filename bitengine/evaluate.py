@@ -30,22 +30,6 @@ def zen_of_python() -> str:
     return codecs.decode(this.s, "rot13")
 
 
-@dataclasses.dataclass
-class PerplexityResult:
-    perplexity: float
-    mean_nll: float  # nats per predicted token
-    tokens: int  # predicted tokens (the text's length minus the first)
-    seconds: float  # wall time of the forward passes
-
-    def __float__(self) -> float:
-        return self.perplexity
-
-    @property
-    def tokens_per_s(self) -> float:
-        """Prefill throughput while scoring (tokens through the model per second)."""
-        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
-
-
 def _logits(model, ids: torch.Tensor) -> torch.Tensor:
     out = model(ids)
     out = getattr(out, "logits", out)
@@ -70,42 +54,45 @@ def encode(tokenizer, text) -> list[int]:
 
 @torch.inference_mode()
 def perplexity(model, tokenizer, text, max_len: int = 1024, stride: int | None = None,
-               device: str | torch.device | None = None) -> PerplexityResult:
-    """Perplexity exp(mean NLL) of `text` (str, or token ids) under `model`.
+               max_tokens: int | None = None, device: str | torch.device | None = None) -> dict:
+    """Perplexity exp(mean NLL) of `text` (str, or token ids) under `model`, as a JSON-ready dict.
 
+    Returns {"perplexity", "mean_nll" (nats per predicted token), "tokens" (predicted tokens: the
+    text's length minus the first), "seconds" (forward passes), "tokens_per_s" (their throughput)}.
     Texts longer than `max_len` are scored in windows of `max_len` tokens moved by `stride`
-    (default max_len // 2): each token is predicted once, with up to max_len - stride tokens of
-    context from the previous window (transformers' "perplexity of fixed-length models" recipe).
-    Logits are taken in float32; the NLL is summed in float64.
+    (default max_len // 2; stride < max_len): every token but the first is predicted exactly once,
+    the later windows' targets with at least max_len - stride tokens of context (transformers'
+    "perplexity of fixed-length models" recipe).
+    `max_tokens` keeps only the text's first tokens. Logits are taken in float32; the NLL is summed
+    in float64. str text is encoded with the tokenizer's default special tokens.
     """
     ids = encode(tokenizer, text)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
     if len(ids) < 2:
         raise ValueError(f"perplexity needs at least 2 tokens, got {len(ids)}")
     stride = stride or max(1, max_len // 2)
-    if not 0 < stride <= max_len:
-        raise ValueError(f"stride must be in 1..max_len ({max_len}), got {stride}")
+    if max_len < 2 or not 0 < stride < max_len:
+        raise ValueError(f"need max_len >= 2 and 0 < stride < max_len; got max_len {max_len}, stride {stride}")
     if device is None:
         p = next(iter(model.parameters()), None) if hasattr(model, "parameters") else None
         device = p.device if p is not None else "cpu"
     all_ids = torch.tensor(ids, dtype=torch.long, device=device)
-    nll, count, seconds = 0.0, 0, 0.0
-    scored_to = 1  # tokens [0, scored_to) are done; token 0 is never predicted
-    for begin in range(0, len(ids), stride):
-        end = min(begin + max_len, len(ids))
-        window = all_ids[begin:end][None]  # (1, T)
+    n = len(ids)
+    nll, seconds = 0.0, 0.0
+    scored_to, end = 1, min(max_len, n)  # targets [scored_to, end) in this window; token 0 is never a target
+    while scored_to < n:
+        begin = max(0, end - max_len)  # < scored_to because stride < max_len: every target has context
         t0 = time.perf_counter()
-        logits = _logits(model, window)[0].float()  # (T, V)
+        logits = _logits(model, all_ids[begin:end][None])[0].float()  # (T, V)
         seconds += time.perf_counter() - t0
-        first = max(scored_to, begin + 1)  # first target position (absolute) not yet scored
-        targets = all_ids[first:end]
-        preds = logits[first - 1 - begin:end - 1 - begin]
-        nll += float(F.cross_entropy(preds, targets, reduction="sum").double())
-        count += end - first
-        scored_to = end
-        if end == len(ids):
-            break
+        preds = logits[scored_to - 1 - begin:end - 1 - begin]  # position j-1 predicts token j
+        nll += float(F.cross_entropy(preds, all_ids[scored_to:end], reduction="sum").double())
+        scored_to, end = end, min(end + stride, n)
+    count = n - 1
     mean = nll / count
-    return PerplexityResult(perplexity=math.exp(mean), mean_nll=mean, tokens=count, seconds=seconds)
+    return {"perplexity": math.exp(mean), "mean_nll": mean, "tokens": count, "seconds": seconds,
+            "tokens_per_s": count / seconds if seconds > 0 else None}
 
 
 @dataclasses.dataclass

@@ -9,13 +9,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from bitengine.config import ModelConfig
 from bitengine.formats import SourceError, open_source
 from bitengine.formats.gguf import GGUFSource
+
+gguf = pytest.importorskip("gguf")
 
 Q = gguf.GGMLQuantizationType
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

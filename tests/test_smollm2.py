@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("gguf")
+import transformers
 
 import bitengine
 from bitengine.demo import GGUF_NAME, DownloadError, fetch_smollm2
 from bitengine.evaluate import perplexity, zen_of_python
+
+pytest.importorskip("gguf")
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +52,8 @@ def test_fp16_perplexity_matches_transformers(smollm2_gguf, fp16_model, text, re
                                                            dtype=torch.float32).eval()
     ids = fp16_model.tokenizer(text)["input_ids"]
     assert len(ids) == 203  # the same ids go to both models
-    ours = perplexity(fp16_model, None, ids).perplexity
-    theirs = perplexity(hf, None, ids).perplexity
+    ours = perplexity(fp16_model, None, ids)["perplexity"]
+    theirs = perplexity(hf, None, ids)["perplexity"]
     record_property("fp16_perplexity", ours)
     record_property("transformers_perplexity", theirs)
     print(f"\nSmolLM2-135M on the Zen of Python: bitengine fp16 {ours:.3f}, transformers fp32 {theirs:.3f}")
@@ -73,8 +73,8 @@ def test_ternary_perplexity_reported(smollm2_gguf, fp16_model, text, tmp_path, r
     bitengine.convert(smollm2_gguf, dst, weights="ternary", progress=False, log=lambda *a: None)
     model = bitengine.load(dst)
     ids = model.tokenizer(text)["input_ids"]
-    ternary = perplexity(model, None, ids).perplexity
-    fp16 = perplexity(fp16_model, None, ids).perplexity
+    ternary = perplexity(model, None, ids)["perplexity"]
+    fp16 = perplexity(fp16_model, None, ids)["perplexity"]
     record_property("ternary_perplexity", ternary)
     print(f"\nSmolLM2-135M post-training ternary (W1.58A8, per-tensor absmean): perplexity {ternary:,.0f} "
           f"vs fp16 {fp16:.2f} (not trained ternary: expected to be far worse)")

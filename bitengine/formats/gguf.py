@@ -102,6 +102,10 @@ class GGUFSource:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such file")
         try:
+            import gguf  # noqa: F401 -- an optional dependency: say so before anything else
+        except ImportError:
+            raise SourceError(f"{self.path}: reading GGUF needs the gguf package (pip install gguf)") from None
+        try:
             self._reader = _fast_reader_class()(self.path)
         except _READ_ERRORS as e:
             raise SourceError(f"{self.path}: not a readable GGUF file ({_one_line(e)})") from None
