@@ -97,6 +97,10 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
             state.originals[n] = _swap(layers[n], tensors)
     model.lora_state = state
     state.report = _summary(loaded, factors, mode, adapter_dtype, new)
+    if adapter_dtype == "int8":
+        errs = [_int8_factor_error(factors[n], new[n]) for n in sorted(new)]
+        state.report["int8_factor_error_mean"] = sum(errs) / len(errs)
+        state.report["int8_factor_error_max"] = max(errs)
     if want_report:
         got = _logits(model, probe)
         if mode == "merge" or adapter_dtype:
@@ -156,6 +160,16 @@ def int8_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row absmax int8: (q int8 [R, C], scale float32 [R, 1]) with t ~= q * scale."""
     scale = (t.abs().amax(dim=1, keepdim=True) / 127.0).clamp(min=1e-12)
     return (t / scale).round().clamp(-127, 127).to(torch.int8), scale.float()
+
+
+def _int8_factor_error(fs: list[ModuleFactors], q: dict) -> float:
+    """|x A_q^T B_q^T - x A^T B^T| / |x A^T B^T| for Gaussian x (16 rows): the error int8 storage adds to one side path."""
+    exact = _stack(fs, torch.float32, "cpu", None)
+    x = torch.randn(16, exact["lora_A"].shape[1], generator=torch.Generator().manual_seed(0))
+    ref = (x @ exact["lora_A"].T) @ exact["lora_B"].T
+    a = q["lora_A"].cpu().float() * q["lora_A_scale"].cpu()
+    b = q["lora_B"].cpu().float() * q["lora_B_scale"].cpu()
+    return float(((x @ a.T) @ b.T - ref).norm() / ref.norm().clamp(min=1e-30))
 
 
 def _set_fused(layers: dict, new: dict) -> None:
@@ -256,6 +270,8 @@ def _one_line(rep: dict) -> str:
     s = f"{rep['mode']} {len(rep['adapters'])} adapter(s) on {rep['modules']} modules, rank <= {rep['max_rank_total']}"
     if "adapter_bytes" in rep:
         s += f", {rep['adapter_bytes'] / 2**20:.1f} MiB ({rep['adapter_dtype']})"
+    if "int8_factor_error_mean" in rep:
+        s += f", int8 factor error {rep['int8_factor_error_mean']:.2%} (max {rep['int8_factor_error_max']:.2%})"
     if "weight_survival_mean" in rep:
         s += f", weight-level survival {rep['weight_survival_mean']:.1%}"
     lg = rep.get("logits")
