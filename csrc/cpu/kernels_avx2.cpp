@@ -155,8 +155,9 @@ struct A8Runner {
 // ---- W1.58A16. Word q of a block holds 16 codes; lane l of the low (high) half gets the code at
 // bit 2l (16 + 2l), which x_perm lines up with. "add": shift each code bit to the sign bit and
 // blend x in (no multiplies): sum x*c = sum_bit0 x + 2 sum_bit1 x. "dot": codes to float, FMA.
-template <bool ADD, int NR>
-void a16_tile(const uint8_t* w, const float* x, int64_t nblk, float* res) {
+// MT tokens x NR rows per tile: the unpacked codes / masks of a word serve all MT tokens.
+template <bool ADD, int MT, int NR>
+void a16_tile(const uint8_t* w, const float* x, int64_t xs, int64_t nblk, float* res) {
   const __m256i lane2 = _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
   const __m256i sh0lo = _mm256_sub_epi32(_mm256_set1_epi32(31), lane2);  // bit 2l -> 31
   const __m256i sh1lo = _mm256_sub_epi32(_mm256_set1_epi32(30), lane2);  // bit 2l+1 -> 31
@@ -165,31 +166,42 @@ void a16_tile(const uint8_t* w, const float* x, int64_t nblk, float* res) {
   const __m256i shrlo = lane2, shrhi = _mm256_add_epi32(lane2, _mm256_set1_epi32(16));
   const __m256i mask3 = _mm256_set1_epi32(3);
   const __m256 zero = _mm256_setzero_ps();
-  __m256 acc0[NR], acc1[NR];
-  for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = zero;
+  __m256 acc0[MT][NR], acc1[MT][NR];  // dot: acc1 unused (both halves go to acc0)
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r) acc0[m][r] = acc1[m][r] = zero;
   for (int64_t t = 0; t < nblk; ++t) {
     for (int q = 0; q < 16; ++q) {
-      const __m256 xlo = _mm256_loadu_ps(x + t * kBlockK + 16 * q);
-      const __m256 xhi = _mm256_loadu_ps(x + t * kBlockK + 16 * q + 8);
       for (int r = 0; r < NR; ++r) {
         const __m256i word =
             _mm256_set1_epi32(*(const int32_t*)(w + r * kBlockBytes + t * kBlockStride + 4 * q));
         if (ADD) {
-          acc0[r] = _mm256_add_ps(acc0[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0lo))));
-          acc1[r] = _mm256_add_ps(acc1[r], _mm256_blendv_ps(zero, xlo, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1lo))));
-          acc0[r] = _mm256_add_ps(acc0[r], _mm256_blendv_ps(zero, xhi, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0hi))));
-          acc1[r] = _mm256_add_ps(acc1[r], _mm256_blendv_ps(zero, xhi, _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1hi))));
+          const __m256 b0lo = _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0lo));
+          const __m256 b1lo = _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1lo));
+          const __m256 b0hi = _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh0hi));
+          const __m256 b1hi = _mm256_castsi256_ps(_mm256_sllv_epi32(word, sh1hi));
+          for (int m = 0; m < MT; ++m) {
+            const __m256 xlo = _mm256_loadu_ps(x + m * xs + t * kBlockK + 16 * q);
+            const __m256 xhi = _mm256_loadu_ps(x + m * xs + t * kBlockK + 16 * q + 8);
+            acc0[m][r] = _mm256_add_ps(acc0[m][r], _mm256_blendv_ps(zero, xlo, b0lo));
+            acc1[m][r] = _mm256_add_ps(acc1[m][r], _mm256_blendv_ps(zero, xlo, b1lo));
+            acc0[m][r] = _mm256_add_ps(acc0[m][r], _mm256_blendv_ps(zero, xhi, b0hi));
+            acc1[m][r] = _mm256_add_ps(acc1[m][r], _mm256_blendv_ps(zero, xhi, b1hi));
+          }
         } else {
           const __m256 clo = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shrlo), mask3));
           const __m256 chi = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shrhi), mask3));
-          acc0[r] = _mm256_fmadd_ps(xlo, clo, acc0[r]);
-          acc1[r] = _mm256_fmadd_ps(xhi, chi, acc1[r]);
+          for (int m = 0; m < MT; ++m) {
+            const __m256 xlo = _mm256_loadu_ps(x + m * xs + t * kBlockK + 16 * q);
+            const __m256 xhi = _mm256_loadu_ps(x + m * xs + t * kBlockK + 16 * q + 8);
+            acc0[m][r] = _mm256_fmadd_ps(xhi, chi, _mm256_fmadd_ps(xlo, clo, acc0[m][r]));
+          }
         }
       }
     }
   }
-  for (int r = 0; r < NR; ++r)
-    res[r] = ADD ? hsum_ps(acc0[r]) + 2.f * hsum_ps(acc1[r]) : hsum_ps(_mm256_add_ps(acc0[r], acc1[r]));
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < NR; ++r)
+      res[m * NR + r] = ADD ? hsum_ps(acc0[m][r]) + 2.f * hsum_ps(acc1[m][r]) : hsum_ps(acc0[m][r]);
 }
 
 template <bool ADD>
@@ -198,10 +210,21 @@ struct A16Runner {
   int64_t nblk; float* out; int64_t os;
   template <int NR>
   void call(int64_t r0, int64_t M) const {
-    float res[NR];
-    for (int64_t m = 0; m < M; ++m) {
-      a16_tile<ADD, NR>(tile_rows(w, ws, r0), xp + m * xs, nblk, res);
-      for (int r = 0; r < NR; ++r) out[m * os + r0 + r] = res[r] - xsum[m * sums];
+    constexpr int MT = 4;
+    float res[MT * NR];
+    const uint8_t* wr = tile_rows(w, ws, r0);
+    auto emit = [&](int64_t m0, int mt) {
+      for (int i = 0; i < mt; ++i)
+        for (int r = 0; r < NR; ++r) out[(m0 + i) * os + r0 + r] = res[i * NR + r] - xsum[(m0 + i) * sums];
+    };
+    int64_t m = 0;
+    for (; m + MT <= M; m += MT) {
+      a16_tile<ADD, MT, NR>(wr, xp + m * xs, xs, nblk, res);
+      emit(m, MT);
+    }
+    for (; m < M; ++m) {
+      a16_tile<ADD, 1, NR>(wr, xp + m * xs, xs, nblk, res);
+      emit(m, 1);
     }
   }
 };
@@ -263,12 +286,16 @@ void a8_avx2_add(const uint8_t* w, int64_t ws, int64_t nrows, const int8_t* xq, 
 
 void a16_avx2_add(const uint8_t* w, int64_t ws, int64_t nrows, const float* xp, int64_t xs,
                   const float* xsum, int64_t sums, int64_t M, int64_t nblk, float* out, int64_t os) {
-  run_rows<2>(A16Runner<true>{w, ws, xp, xs, xsum, sums, nblk, out, os}, nrows, M);
+  A16Runner<true> f{w, ws, xp, xs, xsum, sums, nblk, out, os};
+  if (M >= 4) run_rows<1>(f, nrows, M);  // 4 tokens x 1 row: 8 accumulators + 4 masks
+  else run_rows<2>(f, nrows, M);
 }
 
 void a16_avx2_dot(const uint8_t* w, int64_t ws, int64_t nrows, const float* xp, int64_t xs,
                   const float* xsum, int64_t sums, int64_t M, int64_t nblk, float* out, int64_t os) {
-  run_rows<4>(A16Runner<false>{w, ws, xp, xs, xsum, sums, nblk, out, os}, nrows, M);
+  A16Runner<false> f{w, ws, xp, xs, xsum, sums, nblk, out, os};
+  if (M >= 4) run_rows<2>(f, nrows, M);  // 4 tokens x 2 rows: 8 accumulators + 4 codes
+  else run_rows<4>(f, nrows, M);
 }
 
 void int8_rows_avx2(const int8_t* w, int64_t ws, int64_t nrows, const float* x, int64_t xs,
