@@ -105,15 +105,16 @@ def _peft_merged(pm):
     {"r": 4, "rank_pattern": {"q_proj": 2, "mlp.down_proj": 6}, "alpha_pattern": {"v_proj": 32}},
     {"target_modules": r".*\.layers\.1\.(self_attn|mlp)\.(q|up)_proj"},
     {"target_modules": ["k_proj", "gate_proj"], "layers_to_transform": [1], "layers_pattern": "layers"},
-    {"fan_in_fan_out": True},
+    {"fan_in_fan_out": True, "in_file": {"fan_in_fan_out": True}},  # PEFT resets it for nn.Linear targets
+    {"target_modules": "all-linear", "exclude_modules": ["o_proj"], "in_file": {"target_modules": "all-linear"}},
     {"target_modules": ["o_proj", "lm_head"], "bin_file": True},
-], ids=["plain", "rslora", "rank_alpha_pattern", "regex", "layers_to_transform", "fan_in_fan_out", "head_bin"])
+], ids=["plain", "rslora", "rank_alpha_pattern", "regex", "layers_to_transform", "fan_in_fan_out", "all_linear_exclude",
+     "head_bin"])
 def test_fused_fp16_matches_peft(world, tmp_path, kw):
+    kw = dict(kw)
+    in_file = kw.pop("in_file", {})
     pm = _peft_adapter(world["base"], tmp_path / "ad", seed=3, **kw)
-    if kw.get("fan_in_fan_out"):  # PEFT resets it for nn.Linear targets; keep True in the file as a user's config would
-        cfg = json.loads((tmp_path / "ad/adapter_config.json").read_text())
-        cfg["fan_in_fan_out"] = True
-        (tmp_path / "ad/adapter_config.json").write_text(json.dumps(cfg))
+    _edit_config(tmp_path / "ad", **in_file)  # what PEFT normalizes away on save, as a hand-written config has it
     model = bitengine.load(world["root"] / "fp16", dtype=torch.float32, adapters=[tmp_path / "ad"])
     ref = _logits(_peft_merged(pm), world["ids"])
     got = _logits(model, world["ids"])

@@ -85,6 +85,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
     want_report = report if report is not None else (mode == "merge" or adapter_dtype is not None)
     probe = _probe_ids(model) if want_report else None
     base_logits = _logits(model, probe) if want_report else None
+    exact_logits = None
     if want_report and (mode == "merge" or adapter_dtype):
         _set_fused(layers, {n: _stack(fs, dtype, _device(layers[n]), None) for n, fs in factors.items()})
         exact_logits = _logits(model, probe)
@@ -103,8 +104,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
         state.report["int8_factor_error_max"] = max(errs)
     if want_report:
         got = _logits(model, probe)
-        if mode == "merge" or adapter_dtype:
-            state.report["logits"] = _compare(base_logits, exact_logits, got)
+        state.report["logits"] = _compare(base_logits, got if exact_logits is None else exact_logits, got)
     log.info("bitengine adapters: %s", _one_line(state.report))
     return state.report
 
