@@ -171,22 +171,23 @@ def test_cuda_gemv(n, k, dtype):
 
 
 def test_backends_on_bitlinear_and_cuda_graph():
-    """BitLinear through the triton / cuda backends equals the reference backend, also replayed in a CUDA graph."""
+    """BitLinear through the triton / cuda backends equals the reference, also replayed in a CUDA graph
+    (4096 x 2560 is large enough for the cuda backend to take its C++ GEMV at M = 1)."""
     from bitengine import backends
     from bitengine.nn import BitLinear
 
-    packed, scale, _ = make_weight(1000, 2560, "channel", seed=6)
+    packed, scale, _ = make_weight(4096, 2560, "channel", seed=6)
     names = ["triton"] + (["cuda"] if _cuda_ext() is not None else [])
     for name in names:
-        layer = BitLinear(2560, 1000, scale_shape=(1000,), bias=True, device="cuda")
+        layer = BitLinear(2560, 4096, scale_shape=(4096,), bias=True, device="cuda")
         layer.weight_packed.copy_(packed)
         layer.weight_scale.copy_(scale)
-        layer.bias.copy_(torch.randn(1000))
+        layer.bias.copy_(torch.randn(4096))
         layer.prepare(backends.get(name))
         for m in (1, 5, 100):
             x = torch.randn(2, m, 2560, device="cuda", dtype=torch.float16)[:, : (m + 1) // 2]
             check(layer(x), reference64(x.reshape(-1, 2560), packed, scale, 2560, 8, layer.bias).reshape(
-                *x.shape[:-1], 1000), torch.float16, f"{name} m={m}")
+                *x.shape[:-1], 4096), torch.float16, f"{name} m={m}")
         static_x = torch.randn(1, 2560, device="cuda", dtype=torch.float16)
         layer(static_x)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()

@@ -2,8 +2,9 @@
 the Triton kernels everywhere else.
 
 The C++ kernel covers W1.58A8 at M = 1 with per-tensor or per-channel scales (one fused launch:
-activation quantization + GEMV). Other calls (M > 1, A16, group scales) go to the Triton op; the
-split is by shape, dtype and layer settings only. Both read the same i2w weight buffer.
+activation quantization + GEMV) and is used where it measured faster than Triton (N * K >= 8M).
+Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the split is by shape,
+dtype and layer settings only. Both read the same i2w weight buffer.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ except ImportError as e:  # the package works without the extension
     _IMPORT_ERROR = e
 
 MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 16 inputs
+# bench/results/gpu_kernels_NVIDIA_H200_2026-11-28: the C++ GEMV beats the Triton one from 3200 x 3200
+# (5.32 vs 5.40 us) upward and loses below (2560 x 2560: 4.88 vs 4.54 us; 640 x 2560: 3.65 vs 3.37 us).
+CUDA_MIN_NK = 8_000_000
 
 
 def rows_per_warp(n: int) -> int:
@@ -44,6 +48,7 @@ def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
     """Shape/settings rule for the C++ kernel (never looks at tensor values)."""
     m = x.numel() // x.shape[-1]
     return (m == 1 and layer.act_bits == 8 and layer.weight_scale.dim() <= 1
+            and layer.in_features * layer.out_features >= CUDA_MIN_NK
             and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and (layer.bias is None or layer.bias.dtype == x.dtype)
             and layer.in_features <= MAX_CUDA_K)

@@ -4,7 +4,7 @@ bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias) -> y
     x: float16/bfloat16/float32 [..., K]; words: int32 [N, KW] (i2w, layout.py); scale: float32
     [1] | [N] | [N, K/G] (multiplies); act_bits 8 or 16; bias: [N] or None. y: [..., N], x's dtype.
     Dispatch by M = prod(x.shape[:-1]) and layer settings only:
-      M <= 4, or M <= 16 with N * K < GEMV_MAX_NK
+      A8: M <= 4, or M <= 16 with N * K < GEMV_MAX_NK; A16: M == 1
                                             decode GEMV (gemv.py; dp4a-bound beyond that)
       M >= DECODED_MIN_M, tensor/channel scale, A8 or fp16/bf16 A16
                                             decoded-scratch GEMM (gemm_decoded.py)
@@ -19,13 +19,16 @@ from .gemm import ternary_gemm
 from .gemm_decoded import ternary_gemm_decoded
 from .gemv import ternary_gemv_a8, ternary_gemv_a16
 
-GEMV_MAX_NK = 12_000_000
+GEMV_MAX_NK = 4_000_000
 DECODED_MIN_M = 128
 
 
-def use_gemv(m: int, n: int, k: int) -> bool:
-    """Measured on an H200 (bench/results): the dp4a GEMV wins at M <= 4 everywhere and at M <= 16 on
-    small layers; beyond that the tensor-core GEMM (gemm.py) is faster."""
+def use_gemv(m: int, n: int, k: int, act_bits: int = 8) -> bool:
+    """From bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (M = 16): the A8 GEMV beats the tensor-core
+    GEMM only on small layers (640 x 2560: 14.6 vs 21.9 us; 2560 x 2560: 29.7 vs 22.4 us); M <= 4 stays
+    on the GEMV (not measured). The A16 GEMV is for M = 1 only (M = 16: 4-7x slower than the GEMM)."""
+    if act_bits == 16:
+        return m == 1
     return m <= 4 or (m <= 16 and n * k < GEMV_MAX_NK)
 
 
@@ -34,7 +37,7 @@ def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in
                    bias: torch.Tensor | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    if use_gemv(x2.shape[0], words.shape[0], in_features):
+    if use_gemv(x2.shape[0], words.shape[0], in_features, act_bits):
         if act_bits == 8:
             y = ternary_gemv_a8(x2, words, scale, in_features, bias)
         elif act_bits == 16:
