@@ -14,16 +14,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-openai = pytest.importorskip("openai")
-uvicorn = pytest.importorskip("uvicorn")
-httpx = pytest.importorskip("httpx")
-
 from serving_fixtures import bitengine_checkpoint
 
 import bitengine
 from bitengine.server import build, make_server
 from bitengine.server.engine import Engine, QueueFull, Request, SamplingParams
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
 
 NAME = "tiny"
 PROMPTS = ["the cat", "hello world", "on it is", "we be up", "x", "an apple of the tree", "to be or", "in at by",

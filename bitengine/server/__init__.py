@@ -52,4 +52,7 @@ def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", 
     print(f"bitengine serve: {app.state.model_name} on {device} ({engine.model.backend_name} backend), "
           f"max_batch {max_batch}, max_queue {max_queue}, context {engine.max_seq}: http://{host}:{port}/v1",
           flush=True)
-    make_server(app, engine, host, port, drain_timeout, log_level).run()
+    try:
+        make_server(app, engine, host, port, drain_timeout, log_level).run()
+    except KeyboardInterrupt:  # uvicorn re-raises SIGINT after its graceful shutdown; that is a clean exit
+        pass

@@ -144,7 +144,10 @@ def create_app(engine: Engine, model_name: str, drain_timeout: float = 30.0) -> 
             raise APIError(503, f"server unavailable: {e}", type_="server_error") from None
         meta = {"id": f"{'chatcmpl' if kind == 'chat.completion' else 'cmpl'}-{uuid.uuid4().hex[:24]}",
                 "created": int(time.time()), "model": model_name}
-        usage = lambda n: {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
+        def usage(n: int) -> dict:
+            return {"prompt_tokens": len(ids), "completion_tokens": n, "total_tokens": len(ids) + n}
+
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(req, queue, kind, meta, choice, usage, include_usage),
