@@ -42,14 +42,16 @@ class _AdapterPath:
     def _init_adapter(self) -> None:
         self.lora_A = None  # (r_total, K), compute dtype (int8 when lora_A_scale is set)
         self.lora_B = None  # (N, r_total), scaling folded in (int8 when lora_B_scale is set)
-        self.lora_A_scale = None  # float32 (r_total, 1) and (1, r_total): absmax scales of int8 factors (multiply)
-        self.lora_B_scale = None
+        self.lora_A_scale = None  # float32 (r_total,) each: absmax scales of int8 factors per rank component
+        self.lora_B_scale = None  # (rows of A, columns of B; multiply)
 
     def _adapter_delta(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_A, self.lora_B
-        if self.lora_A_scale is not None:  # int8 factors (lora adapter_dtype="int8"): dequantize on the fly
-            a, b = a * self.lora_A_scale, b * self.lora_B_scale
-        return F.linear(F.linear(x, a.to(x.dtype)), b.to(x.dtype))
+        if self.lora_A_scale is None:
+            return F.linear(F.linear(x, self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+        # int8 factors: both scales act on the rank-r intermediate, so the factors are only cast, never
+        # rescaled; float32 because x @ A_q^T (|A_q| <= 127) can leave the fp16 range
+        h = F.linear(x.float(), self.lora_A.float()) * (self.lora_A_scale * self.lora_B_scale)
+        return F.linear(h, self.lora_B.float()).to(x.dtype)
 
 
 class BitLinear(nn.Module, _AdapterPath):

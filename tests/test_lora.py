@@ -265,7 +265,7 @@ def test_int8_factors(world):
     assert rep["int8_factor_error_max"] < 0.03  # per side path, on Gaussian inputs
     assert rep["logits"]["error_vs_effect"] < 0.02  # int8 rounding costs < 2% of what the adapter does
     q = model.get_submodule("model.layers.0.self_attn.q_proj")
-    assert q.lora_A.dtype == torch.int8 and q.lora_B_scale.shape == (1, 6)
+    assert q.lora_A.dtype == torch.int8 and q.lora_B_scale.shape == (6,)
 
 
 # ---- bad adapters: one-line errors, base untouched -------------------------------------------

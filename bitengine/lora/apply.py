@@ -148,9 +148,9 @@ def _stack(fs: list[ModuleFactors], dtype, device, adapter_dtype) -> dict:
     a = torch.cat([f.A for f in fs], 0)
     b = torch.cat([f.B * f.coef for f in fs], 1)
     if adapter_dtype == "int8":
-        qa, sa = int8_rows(a)  # scales (r_total, 1)
-        qb, sb = int8_rows(b.t())  # per rank column of B: scales (r_total, 1) -> (1, r_total)
-        qb, sb = qb.t().contiguous(), sb.t().contiguous()
+        qa, sa = int8_rows(a)  # per rank component: rows of A
+        qb, sb = int8_rows(b.t())  # and columns of B
+        qb, sa, sb = qb.t().contiguous(), sa.reshape(-1), sb.reshape(-1)  # scales (r_total,)
         return {"lora_A": qa.to(device), "lora_B": qb.to(device), "lora_A_scale": sa.to(device),
                 "lora_B_scale": sb.to(device)}
     return {"lora_A": a.to(device, dtype), "lora_B": b.to(device, dtype), "lora_A_scale": None, "lora_B_scale": None}
@@ -167,7 +167,7 @@ def _int8_factor_error(fs: list[ModuleFactors], q: dict) -> float:
     exact = _stack(fs, torch.float32, "cpu", None)
     x = torch.randn(16, exact["lora_A"].shape[1], generator=torch.Generator().manual_seed(0))
     ref = (x @ exact["lora_A"].T) @ exact["lora_B"].T
-    a = q["lora_A"].cpu().float() * q["lora_A_scale"].cpu()
+    a = q["lora_A"].cpu().float() * q["lora_A_scale"].cpu()[:, None]
     b = q["lora_B"].cpu().float() * q["lora_B_scale"].cpu()
     return float(((x @ a.T) @ b.T - ref).norm() / ref.norm().clamp(min=1e-30))
 
