@@ -46,13 +46,15 @@ def decode_weight(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _configs():
-    """Autotune candidates; BITENGINE_TUNE=0 keeps only the first (tests, where tuning costs more than it saves)."""
+    """Autotune candidates; BITENGINE_TUNE=0 uses one fixed tile (tests, where tuning costs more than it saves)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
     shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
               (64, 256, 128, 4, 4), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
     if os.environ.get("BITENGINE_TUNE") == "0":
-        shapes = shapes[:1]
+        # one tile that fits both operand widths: 4 stages x (128x64 + 64x128) x 2 bytes = 128 KB of shared
+        # memory for fp16 (the first candidate above needs 288 KB in fp16; the autotuner prunes it there)
+        shapes = [(128, 128, 64, 4, 4)]
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
             for bm, bn, bk, w, s in shapes]
 
