@@ -183,6 +183,9 @@ def test_tokenizer_roundtrip(tmp_path):
     assert tok.convert_tokens_to_ids("Ġthe") in ids and tok.decode(ids) == "the theis x"
     text = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
     assert text == "<|im_start|>user\nhi<|im_end|>\n"
+    GGUFSource(src.path).save_tokenizer(tmp_path / "again")  # served from the per-process cache
+    for f in (tmp_path / "tok").iterdir():
+        assert (tmp_path / "again" / f.name).read_bytes() == f.read_bytes()
 
 
 def test_open_source_picks_gguf(tmp_path):

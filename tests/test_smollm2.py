@@ -47,12 +47,17 @@ def fp16_model(smollm2_gguf, tmp_path_factory):
     return bitengine.load(dst)
 
 
-def test_fp16_perplexity_matches_transformers(smollm2_gguf, fp16_model, text, record_property):
+@pytest.fixture(scope="module")
+def fp16_perplexity(fp16_model, text) -> float:
+    return perplexity(fp16_model, fp16_model.tokenizer, text)["perplexity"]
+
+
+def test_fp16_perplexity_matches_transformers(smollm2_gguf, fp16_model, fp16_perplexity, text, record_property):
     hf = transformers.AutoModelForCausalLM.from_pretrained(smollm2_gguf.parent, gguf_file=GGUF_NAME,
                                                            dtype=torch.float32).eval()
     ids = fp16_model.tokenizer(text)["input_ids"]
     assert len(ids) == 203  # the same ids go to both models
-    ours = perplexity(fp16_model, None, ids)["perplexity"]
+    ours = fp16_perplexity
     theirs = perplexity(hf, None, ids)["perplexity"]
     record_property("fp16_perplexity", ours)
     record_property("transformers_perplexity", theirs)
@@ -68,13 +73,13 @@ def test_fp16_chat_generation(fp16_model):
     assert "Paris" in out, out
 
 
-def test_ternary_perplexity_reported(smollm2_gguf, fp16_model, text, tmp_path, record_property):
+def test_ternary_perplexity_reported(smollm2_gguf, fp16_perplexity, text, tmp_path, record_property):
     dst = tmp_path / "ternary"
     bitengine.convert(smollm2_gguf, dst, weights="ternary", progress=False, log=lambda *a: None)
     model = bitengine.load(dst)
     ids = model.tokenizer(text)["input_ids"]
     ternary = perplexity(model, None, ids)["perplexity"]
-    fp16 = perplexity(fp16_model, None, ids)["perplexity"]
+    fp16 = fp16_perplexity
     record_property("ternary_perplexity", ternary)
     print(f"\nSmolLM2-135M post-training ternary (W1.58A8, per-tensor absmean): perplexity {ternary:,.0f} "
           f"vs fp16 {fp16:.2f} (not trained ternary: expected to be far worse)")

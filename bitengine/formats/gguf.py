@@ -302,8 +302,23 @@ class GGUFSource:
         """Write HF tokenizer files (tokenizer.json, tokenizer_config.json, chat template) from the GGUF metadata.
 
         transformers builds the tokenizer; its special tokens are then reset from the GGUF ids,
-        because transformers 5.x maps eos to the bos token for SmolLM2-style files.
+        because transformers 5.x maps eos to the bos token for SmolLM2-style files. The files are
+        kept in memory per (file, size, mtime), so converting one GGUF twice in a process (fp16 and
+        ternary) builds the tokenizer once.
         """
+        st = self.path.stat()
+        key = (str(self.path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _TOKENIZER_FILES:
+            _TOKENIZER_FILES.clear()  # one entry is enough for the fp16 + ternary pattern
+            _TOKENIZER_FILES[key] = self._build_tokenizer_files()
+        dst_dir = Path(dst_dir)
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        for name, data in _TOKENIZER_FILES[key].items():
+            (dst_dir / name).write_bytes(data)
+
+    def _build_tokenizer_files(self) -> dict[str, bytes]:
+        import tempfile
+
         if self._field("tokenizer.ggml.model") is None:
             raise SourceError(f"{self.path}: no tokenizer in the GGUF metadata (tokenizer.ggml.model missing)")
         try:
@@ -321,7 +336,12 @@ class GGUFSource:
         template = self._field("tokenizer.chat_template")
         if template and not getattr(tok, "chat_template", None):
             tok.chat_template = template
-        tok.save_pretrained(str(dst_dir))
+        with tempfile.TemporaryDirectory() as tmp:
+            tok.save_pretrained(tmp)
+            return {p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()}
+
+
+_TOKENIZER_FILES: dict[tuple, dict[str, bytes]] = {}
 
 
 def _llama3_factors(inv_freq: np.ndarray, factor: float, low: float, high: float, old_ctx: int) -> np.ndarray:
