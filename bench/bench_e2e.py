@@ -150,7 +150,10 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     cfg = MODELS[name]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model = build(cfg, variant, max_seq=PROMPT + NEW)
+    compiled = variant.endswith("+compile")
+    model = build(cfg, variant.removesuffix("+compile"), max_seq=PROMPT + NEW)
+    if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
+        model.compile_layers()
     wbytes = weight_bytes(model)
     base = {"model": name, "variant": variant, "backend": model.backend_name, "weight_GiB": wbytes / 2**30,
             "resident_GiB": resident_bytes(model) / 2**30}

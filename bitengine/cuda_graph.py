@@ -12,8 +12,10 @@ import torch
 class GraphDecoder:
     """(tokens (B, 1), slot int) -> logits (B, V) float32, replaying one captured forward."""
 
-    def __init__(self, model, cache, position_offset: torch.Tensor, warmup: int = 2):
+    def __init__(self, model, cache, position_offset: torch.Tensor, warmup: int = 2, compile: bool = False):
         b, dev = cache.batch, cache.k.device
+        if compile:
+            model.compile_layers()  # fused norms/RoPE/attention glue inside the captured step
         self.offset = position_offset
         self.tokens = torch.zeros(b, 1, dtype=torch.long, device=dev)
         self.pos = torch.full((1,), cache.max_seq - 1, dtype=torch.long, device=dev)  # warm up on the last slot

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .nn import BitLinear, DenseLinear, RMSNorm
+from .nn import DenseLinear, RMSNorm
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -72,7 +72,11 @@ class Attention(nn.Module):
         self.o_proj = make_linear(h * hd, cfg.hidden_size, False)
         self.attn_sub_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, input_pos, kv_len: int | None):
+    def forward(self, x, cos, sin, mask, kv: tuple | None, input_pos, kv_len: int | None):
+        """kv: this layer's (k, v) cache buffers (B, n_kv, S, hd), or None without a cache.
+
+        The layer gets its buffers rather than an index into the cache, so every layer runs the
+        same code on the same shapes and torch.compile makes one graph for all of them."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
@@ -81,8 +85,8 @@ class Attention(nn.Module):
         cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        if cache is not None:
-            kc, vc = cache.k[self.layer_idx], cache.v[self.layer_idx]  # (B, n_kv, S, hd)
+        if kv is not None:
+            kc, vc = kv  # (B, n_kv, S, hd)
             if input_pos.dim() == 1:  # every row writes the same slots
                 kc.index_copy_(2, input_pos, k.to(kc.dtype))
                 vc.index_copy_(2, input_pos, v.to(vc.dtype))
@@ -126,8 +130,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, make_linear)
 
-    def forward(self, x, cos, sin, mask, cache, input_pos, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, input_pos, kv_len)
+    def forward(self, x, cos, sin, mask, kv, input_pos, kv_len):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos, kv_len)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -181,8 +185,9 @@ class CausalLM(nn.Module):
         cos, sin = self.rope(position_ids)
         mask = self._mask(b, t, input_pos, cache, kv_len, dev)
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, mask, cache, input_pos, kv_len)
+        for i, layer in enumerate(self.model.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1:]
@@ -205,6 +210,19 @@ class CausalLM(nn.Module):
             # a padding token sees no valid slot; let it see itself so its (unused) row is not NaN
             mask = mask | (slots == pos).view(-1, 1, t, s)
         return mask
+
+    def compile_layers(self, **kwargs) -> None:
+        """torch.compile every decoder layer in place (norms, RoPE, cache writes, attention and the
+        elementwise glue fuse; the ternary kernels are custom ops that compile sees through).
+
+        All layers share one compiled graph (their parameters are graph inputs), so compiling costs
+        about one layer's worth. Used for the CUDA-graph decode step; shapes are static there."""
+        if getattr(self, "layers_compiled", False):
+            return
+        dynamic = kwargs.pop("dynamic", False)
+        for layer in self.model.layers:
+            layer.compile(dynamic=dynamic, **kwargs)
+        self.layers_compiled = True
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype=None) -> KVCache:
         dtype = dtype or self.model.embed_tokens.weight.dtype
