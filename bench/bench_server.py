@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 PRESETS = {  # random Llama shapes (the tests' 301-token tokenizer)
     "tiny": {"hidden": 256, "intermediate": 512, "layers": 2, "heads": 4, "kv_heads": 2},
     "small": {"hidden": 512, "intermediate": 1536, "layers": 8, "heads": 8, "kv_heads": 4},
@@ -162,6 +163,7 @@ async def run(args) -> dict:
         "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
         "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
         "max_active_rows": after.get("max_active"), "server_exit_code": rc,
+        "engine_stats": {k: after.get(k) for k in ("steps", "slowest_prefill_s", "slowest_step_s", "steps_over_1s")},
         "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -175,6 +177,12 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
+def _engine_line(e: dict) -> str:
+    if not e.get("steps"):
+        return "n/a"
+    return f"{e['slowest_prefill_s']} s / {e['slowest_step_s']} s, {e['steps_over_1s']}"
+
+
 def markdown(r: dict) -> str:
     rows = [("device", f"{r['device']} ({r['device_name']}), backend {r['backend']}"), ("model", r["model"]),
             ("clients / max_batch / max_tokens", f"{r['clients']} / {r['max_batch']} / {r['max_tokens']}"),
@@ -182,7 +190,9 @@ def markdown(r: dict) -> str:
             ("requests/s", r["requests_per_s"]), ("generated tokens/s", r["tokens_per_s"]),
             ("latency p50 / p99", f"{r['latency_p50_s']} s / {r['latency_p99_s']} s"),
             ("time to first token p50 / p99", f"{r['ttft_p50_s']} s / {r['ttft_p99_s']} s"),
-            ("most rows decoded together", r["max_active_rows"]), ("server exit code (SIGINT)", r["server_exit_code"]),
+            ("most rows decoded together", r["max_active_rows"]),
+            ("engine: slowest prefill / decode step, steps > 1 s", _engine_line(r.get("engine_stats") or {})),
+            ("server exit code (SIGINT)", r["server_exit_code"]),
             ("load average (1 min) / cores", f"{r['load_average_1m']} / {r['cpu_count']}"), ("date", r["date"])]
     return "| metric | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
 

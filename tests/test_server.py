@@ -192,7 +192,7 @@ def test_client_disconnect_frees_row(live):
 
 
 def test_queue_limit_429(ckpt):
-    app, _engine = build(ckpt, max_batch=1, max_queue=1, model_name=NAME)
+    app, _engine = build(ckpt, max_batch=1, max_queue=1, model_name=NAME, warmup=True)
     srv = LiveServer(app)
     try:
         client = srv.client()

@@ -11,14 +11,17 @@ from pathlib import Path
 
 def build(path, *, device: str = "cpu", backend: str | None = None, adapters=None, max_batch: int = 8,
           max_queue: int = 64, max_seq: int | None = None, model_name: str | None = None,
-          drain_timeout: float = 30.0, dtype=None):
-    """Load the checkpoint at `path` and return (FastAPI app, Engine); the engine starts with the app."""
+          drain_timeout: float = 30.0, dtype=None, warmup: bool = False):
+    """Load the checkpoint at `path` and return (FastAPI app, Engine); the engine starts with the app.
+
+    warmup: run each decode batch size and a range of prefill lengths once before serving (/health says
+    "starting" meanwhile), so kernel compilation and autotuning do not land on the first requests."""
     from ..loader import load
     from .app import create_app
     from .engine import Engine
 
     model = load(path, device=device, backend=backend, max_seq=max_seq, adapters=adapters, dtype=dtype)
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, warmup=warmup)
     return create_app(engine, model_name or Path(path).resolve().name, drain_timeout), engine
 
 
@@ -40,7 +43,8 @@ def make_server(app, engine, host: str = "127.0.0.1", port: int = 8000, drain_ti
 
 def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", backend: str | None = None,
           adapters=None, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
-          model_name: str | None = None, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+          model_name: str | None = None, drain_timeout: float = 30.0, log_level: str = "info",
+          warmup: bool = True) -> None:
     """Serve the checkpoint at `path` until interrupted (Ctrl-C / SIGTERM drain in-flight requests
     for up to `drain_timeout` seconds, then cancel what is left)."""
     try:
@@ -48,7 +52,8 @@ def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", 
     except ImportError:
         raise SystemExit("bitengine serve needs fastapi and uvicorn: pip install 'bitengine[serve]'") from None
     app, engine = build(path, device=device, backend=backend, adapters=adapters, max_batch=max_batch,
-                        max_queue=max_queue, max_seq=max_seq, model_name=model_name, drain_timeout=drain_timeout)
+                        max_queue=max_queue, max_seq=max_seq, model_name=model_name, drain_timeout=drain_timeout,
+                        warmup=warmup)
     print(f"bitengine serve: {app.state.model_name} on {device} ({engine.model.backend_name} backend), "
           f"max_batch {max_batch}, max_queue {max_queue}, context {engine.max_seq}: http://{host}:{port}/v1",
           flush=True)

@@ -67,7 +67,8 @@ def create_app(engine: Engine, model_name: str, drain_timeout: float = 30.0) -> 
 
     @app.get("/health")
     async def health():
-        status = "failed" if engine.failed else ("ok" if engine.accepting else "draining")
+        status = ("failed" if engine.failed else "draining" if not engine.accepting else
+                  "starting" if engine.warmup_pending else "ok")
         body = {"status": status, "model": model_name, "active": engine.active(), "queued": len(engine.waiting),
                 "max_batch": engine.max_batch, "max_queue": engine.max_queue, "context": engine.max_seq,
                 "backend": getattr(engine.model, "backend_name", None), **engine.stats}
@@ -84,8 +85,10 @@ def create_app(engine: Engine, model_name: str, drain_timeout: float = 30.0) -> 
         p = body.prompt
         if isinstance(p, list) and p and isinstance(p[0], (str, list)):
             p = p[0]
+        if engine.tokenizer is None:
+            _no_tokenizer()
         if isinstance(p, str):
-            ids = engine.tokenizer(p)["input_ids"] if engine.tokenizer else _no_tokenizer()
+            ids = engine.tokenizer(p)["input_ids"]
         else:
             ids = list(p)
             bad = [i for i in ids if not 0 <= i < engine.model.config.vocab_size]
@@ -213,4 +216,4 @@ def _chat_choice(text: str, finish: str | None, stream: bool) -> dict:
 
 
 def _no_tokenizer():
-    raise APIError(400, "this checkpoint has no tokenizer; send token ids as the prompt of /v1/completions", "prompt")
+    raise APIError(400, "this checkpoint has no tokenizer files, so the server cannot return text", "prompt")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import dataclasses
 import logging
 import threading
@@ -95,10 +96,13 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
 class Engine:
     """Owns the model and its KV cache; `submit()` from any thread, `run()` on the engine thread."""
 
-    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None):
+    def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
+                 warmup: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model, self.tokenizer = model, getattr(model, "tokenizer", None)
+        # the engine thread decodes with its own copy: a Rust tokenizer borrowed by two threads can raise
+        self._detok = copy.deepcopy(self.tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq = min(max_seq or model.max_seq, model.max_seq)
         self.device = model.model.embed_tokens.weight.device
@@ -110,7 +114,9 @@ class Engine:
         self.accepting, self.running, self.failed = True, False, None
         self.deadline: float | None = None  # drain deadline (monotonic), set by begin_drain
         self.thread: threading.Thread | None = None
-        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "max_active": 0}
+        self.stats = {"requests": 0, "tokens": 0, "steps": 0, "max_active": 0, "slowest_prefill_s": 0.0,
+                      "slowest_step_s": 0.0, "steps_over_1s": 0}  # the timings find stalls (e.g. a kernel compiling)
+        self.warmup_pending = warmup  # /health answers 503 "starting" until the warm-up is done
 
     # ---- control (any thread) -------------------------------------------------------------------
     def start(self) -> None:
@@ -159,8 +165,28 @@ class Engine:
             self._finish(req, reason, error)
 
     # ---- engine thread --------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """Run every decode batch size 1..max_batch and prefill lengths 1..32, 64..1024 once, so the kernels'
+        compilation and autotuning (Triton: per M, or M bucket) happen before the first request, not during it."""
+        t0 = time.monotonic()
+        limit = min(self.max_seq, 1025)  # small M: kernels specialize per M; larger: per power-of-two bucket
+        dev, lens = self.device, sorted((set(range(1, 33)) | {1 << i for i in range(6, 11)}) & set(range(1, limit)))
+        with torch.inference_mode():
+            for t in lens:
+                pos = torch.arange(t, device=dev)
+                self.model(torch.zeros(1, t, dtype=torch.long, device=dev), cache=_CacheView(self.cache, 0, 1),
+                           input_pos=pos, position_ids=pos[None], kv_len=t, last_only=True)
+            for hi in range(1, self.max_batch + 1):
+                zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
+                self.model(zeros, cache=_CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
+        log.info("warm-up: %d prefill lengths and decode batches 1..%d in %.1f s", len(lens), self.max_batch,
+                 time.monotonic() - t0)
+
     def run(self) -> None:
         try:
+            if self.warmup_pending:
+                self.warmup()
+                self.warmup_pending = False
             while True:
                 with self.lock:
                     while self.running and not self.waiting and not self.active():
@@ -200,6 +226,7 @@ class Engine:
         if req.params.seed is not None or req.params.temperature > 0:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed) if req.params.seed is not None else req.generator.seed()
+        t0 = time.perf_counter()
         ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
         pos = torch.arange(t, device=self.device)
         with torch.inference_mode():
@@ -207,12 +234,15 @@ class Engine:
                                 position_ids=pos[None], kv_len=t, last_only=True)[:, -1].float()  # (1, V)
         req.length = t
         self.stats["requests"] += 1
-        self._accept_tokens([req], self._sample([req], logits))
+        first = self._sample([req], logits)
+        self.stats["slowest_prefill_s"] = max(self.stats["slowest_prefill_s"], round(time.perf_counter() - t0, 4))
+        self._accept_tokens([req], first)
 
     def _decode_step(self) -> None:
         busy = [r for r in self.rows if r is not None]
         hi = max(r.row for r in busy) + 1
         self.stats["max_active"] = max(self.stats["max_active"], len(busy))
+        t0 = time.perf_counter()
         tokens, slots = [0] * hi, [0] * hi  # free rows: token 0 at slot 0 (overwritten by their next prefill)
         for r in busy:
             tokens[r.row], slots[r.row] = r.out_ids[-1], r.length
@@ -224,7 +254,11 @@ class Engine:
         for r in busy:
             r.length += 1
         self.stats["steps"] += 1
-        self._accept_tokens(busy, self._sample(busy, logits[[r.row for r in busy]]))
+        nxt = self._sample(busy, logits[[r.row for r in busy]])
+        took = time.perf_counter() - t0
+        self.stats["slowest_step_s"] = max(self.stats["slowest_step_s"], round(took, 4))
+        self.stats["steps_over_1s"] += took > 1.0
+        self._accept_tokens(busy, nxt)
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """One token per request from logits (len(reqs), V): argmax for greedy rows, else its own generator."""
@@ -252,7 +286,7 @@ class Engine:
 
     def _emit_text(self, req: Request, final: bool = False) -> bool:
         """Send the new text of req (holding back an incomplete character or a possible stop prefix); True on a stop."""
-        text, hit = _cut(self.tokenizer.decode(req.out_ids, skip_special_tokens=True), req.params.stop)
+        text, hit = _cut(self._detok.decode(req.out_ids, skip_special_tokens=True), req.params.stop)
         if not (hit or final):
             if text.endswith("\ufffd"):
                 return False
