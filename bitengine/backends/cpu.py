@@ -7,9 +7,9 @@ into the kernels' i256 layout (csrc/cpu/kernels.h) as a non-persistent buffer `w
 
 Settings (read at import; the functions below change them at run time):
   BITENGINE_CPU_ISA      auto | scalar | avx2   which SIMD path (auto: the best this CPU has)
-  BITENGINE_CPU_KERNEL   add | dot   "add": multiplication-free (sign/select + byte sums, the
-                         default); "dot": integer dot products on the codes (maddubs) with a
-                         sum(x) correction
+  BITENGINE_CPU_KERNEL   dot | add   "dot" (default, fewer instructions per weight): integer dot
+                         products on the codes (maddubs / FMA) with a sum(x) correction;
+                         "add": multiplication-free (sign/select + byte sums; blends for A16)
   BITENGINE_NUM_THREADS  threads for the kernels (default: torch.get_num_threads())
 
 The ops are torch.library ops (`torch.ops.bitengine.*_cpu`, schemas in csrc/cpu/ternary_ops.cpp)
@@ -35,7 +35,7 @@ except ImportError as e:  # not built (no compiler) or built for another torch
     _IMPORT_ERROR = f"bitengine._C_cpu is not built ({e}); run `pip install --no-build-isolation -e .`"
 
 KERNELS = {"add": 0, "dot": 1}
-_state = {"kernel": os.environ.get("BITENGINE_CPU_KERNEL", "add"), "logged": False}
+_state = {"kernel": os.environ.get("BITENGINE_CPU_KERNEL", "dot"), "logged": False}
 if _state["kernel"] not in KERNELS:
     raise ValueError(f"BITENGINE_CPU_KERNEL={_state['kernel']!r}: expected one of {sorted(KERNELS)}")
 
