@@ -108,7 +108,7 @@ class GGUFSource:
         try:
             self._reader = _fast_reader_class()(self.path)
         except _READ_ERRORS as e:
-            raise SourceError(f"{self.path}: not a readable GGUF file ({_one_line(e)})") from None
+            raise SourceError(f"{self.path}: not a readable GGUF file, truncated or corrupt ({_one_line(e)})") from None
         arch = self._field("general.architecture")
         if arch != "llama":
             raise SourceError(f"{self.path}: unsupported GGUF architecture {arch!r} (supported: llama)")
