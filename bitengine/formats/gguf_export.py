@@ -89,11 +89,12 @@ def _gguf_name(hf: str) -> str:
     return f"blk.{i}.{_HF_LAYER_TO_GGUF[rest]}.{kind}"
 
 
-def export_gguf(checkpoint_dir, out_path, type: str = "tq2_0", log=print) -> dict:  # noqa: A002 - the CLI's name
-    """Write the bitengine checkpoint at `checkpoint_dir` to `out_path` as a llama GGUF.
+def export_gguf(checkpoint_dir, out_path, type: str = "tq2_0", force: bool = False, log=print) -> dict:  # noqa: A002
+    """Write the bitengine checkpoint at `checkpoint_dir` to `out_path` as a llama GGUF (atomically).
 
-    type: "tq2_0" or "tq1_0" for the ternary weights. Returns {gguf tensor name: type name}.
-    Raises ValueError (one line) before writing anything for what llama.cpp could not run.
+    type: "tq2_0" or "tq1_0" for the ternary weights; force: overwrite an existing file.
+    Returns {gguf tensor name: type name}. Raises ValueError / FileExistsError (one line) before
+    writing anything for what llama.cpp could not run.
     """
     import gguf
 
@@ -106,6 +107,8 @@ def export_gguf(checkpoint_dir, out_path, type: str = "tq2_0", log=print) -> dic
         raise ValueError(f"{reader.path}: GGUF export supports the Llama architecture only "
                          f"(arch {cfg.arch}, act {cfg.hidden_act}, sliding_window {cfg.sliding_window})")
     out_path = Path(out_path)
+    if out_path.exists() and not force:
+        raise FileExistsError(f"{out_path}: already exists (use --force to overwrite)")
     tmp = out_path.with_name(f".{out_path.name}.partial-{os.getpid()}")
     w = gguf.GGUFWriter(str(tmp), "llama")
     try:

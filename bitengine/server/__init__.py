@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def build(path, *, device: str = "cpu", backend: str | None = None, adapters=None, max_batch: int = 8,
-          max_queue: int = 64, max_seq: int | None = None, model_name: str | None = None,
-          drain_timeout: float = 30.0, dtype=None, warmup: bool = False):
+def build(path, *, device: str = "cpu", backend: str | None = None, adapters=None, adapter_mode: str = "fused",
+          dtype=None, head: str | None = None, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
+          model_name: str | None = None, drain_timeout: float = 30.0, warmup: bool = False):
     """Load the checkpoint at `path` and return (FastAPI app, Engine); the engine starts with the app.
 
     warmup: run each decode batch size and a range of prefill lengths once before serving (/health says
@@ -20,7 +20,9 @@ def build(path, *, device: str = "cpu", backend: str | None = None, adapters=Non
     from .app import create_app
     from .engine import Engine
 
-    model = load(path, device=device, backend=backend, max_seq=max_seq, adapters=adapters, dtype=dtype)
+    extra = {"head": head} if head else {}
+    model = load(path, device=device, backend=backend, max_seq=max_seq, adapters=adapters, adapter_mode=adapter_mode,
+                 dtype=dtype, **extra)
     engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, warmup=warmup)
     return create_app(engine, model_name or Path(path).resolve().name, drain_timeout), engine
 
@@ -42,7 +44,8 @@ def make_server(app, engine, host: str = "127.0.0.1", port: int = 8000, drain_ti
 
 
 def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", backend: str | None = None,
-          adapters=None, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
+          adapters=None, adapter_mode: str = "fused", dtype=None, head: str | None = None, max_batch: int = 8,
+          max_queue: int = 64, max_seq: int | None = None,
           model_name: str | None = None, drain_timeout: float = 30.0, log_level: str = "info",
           warmup: bool = True) -> None:
     """Serve the checkpoint at `path` until interrupted (Ctrl-C / SIGTERM drain in-flight requests
@@ -51,9 +54,9 @@ def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", 
         import uvicorn  # noqa: F401
     except ImportError:
         raise SystemExit("bitengine serve needs fastapi and uvicorn: pip install 'bitengine[serve]'") from None
-    app, engine = build(path, device=device, backend=backend, adapters=adapters, max_batch=max_batch,
-                        max_queue=max_queue, max_seq=max_seq, model_name=model_name, drain_timeout=drain_timeout,
-                        warmup=warmup)
+    app, engine = build(path, device=device, backend=backend, adapters=adapters, adapter_mode=adapter_mode, dtype=dtype,
+                        head=head, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, model_name=model_name,
+                        drain_timeout=drain_timeout, warmup=warmup)
     print(f"bitengine serve: {app.state.model_name} on {device} ({engine.model.backend_name} backend), "
           f"max_batch {max_batch}, max_queue {max_queue}, context {engine.max_seq}: http://{host}:{port}/v1",
           flush=True)
