@@ -152,6 +152,10 @@ def test_sampling_seed_and_stop(live, ref):
     stop = full[len(full) // 2: len(full) // 2 + 2]
     r = client.completions.create(model=NAME, prompt="hello world", max_tokens=20, temperature=0, stop=[stop])
     assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=NAME, prompt="hello world", max_tokens=20, temperature=0,
+                                            stop=[stop], stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text  # no stop-string prefix leaked
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 @pytest.mark.parametrize("kw,param", [
