@@ -146,8 +146,16 @@ def cmd_eval(args) -> int:
     model = _load(args)
     if model.tokenizer is None:
         raise ValueError(f"{args.path}: checkpoint has no tokenizer; eval needs one")
-    result = perplexity(model, model.tokenizer, text_path.read_text(encoding="utf-8"), max_len=args.max_len,
-                        max_tokens=args.max_tokens)
+    text = text_path.read_text(encoding="utf-8")
+    result = perplexity(model, model.tokenizer, text, max_len=args.max_len, max_tokens=args.max_tokens)
+    ids = model.tokenizer(text)["input_ids"][:64]
+    if len(ids) >= 2:  # generation speed on the text's first tokens as the prompt
+        import dataclasses
+
+        from .evaluate import generation_speed
+
+        result["generation"] = dataclasses.asdict(generation_speed(model, ids, new_tokens=32))
+    result["backend"] = model.backend_name
     print(json.dumps(result, indent=2))
     return 0
 
