@@ -102,3 +102,23 @@ def test_llama_cpp_agrees_with_bitengine(ckpt, tmp_path, qtype):
         assert pred[0] == ref[0], prompt  # the first token (no history of rounding yet) agrees
     print(f"{qtype}: llama.cpp agrees with bitengine on {agree} of 32 teacher-forced steps")
     assert np.mean(agree) >= 0.9 and min(agree) >= 0.8, agree
+
+
+def test_llama3_pretokenizer_detected(ckpt, tmp_path):
+    """A Llama-3 style split regex in tokenizer.json becomes tokenizer.ggml.pre = llama-bpe (else 'default')."""
+    import json
+    import shutil
+
+    from bitengine.formats.gguf_export import _LLAMA3_PRE
+
+    copy = tmp_path / "ck"
+    shutil.copytree(ckpt, copy)
+    spec = json.loads((copy / "tokenizer.json").read_text())
+    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": _LLAMA3_PRE + r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s+"}, "behavior": "Isolated",
+         "invert": False}, {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]}
+    (copy / "tokenizer.json").write_text(json.dumps(spec))
+    for folder, want in ((ckpt, "default"), (copy, "llama-bpe")):
+        out = tmp_path / f"{want}.gguf"
+        export_gguf(folder, out, log=lambda *a: None)
+        assert gguf.GGUFReader(out).fields["tokenizer.ggml.pre"].contents() == want

@@ -173,10 +173,19 @@ def _write_tokenizer(w, gguf, cfg: ModelConfig, path: Path) -> None:
                      gguf.TokenType.USER_DEFINED if i not in by_id or by_id[i] not in spec["model"]["vocab"] else
                      gguf.TokenType.NORMAL)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("llama-bpe" if _LLAMA3_PRE in tj.read_text() else "default")
+    w.add_tokenizer_pre("llama-bpe" if any(_LLAMA3_PRE in r for r in _strings(spec.get("pre_tokenizer"))) else "default")
     w.add_token_list(tokens)
     w.add_token_types(types)
     gguf.SpecialVocab(path, load_merges=True, n_vocab=cfg.vocab_size).add_to_gguf(w)
+
+
+def _strings(node) -> list[str]:
+    """Every string inside a parsed JSON value (the pre-tokenizer's split regexes, among others)."""
+    if isinstance(node, str):
+        return [node]
+    if isinstance(node, dict):
+        node = list(node.values())
+    return [s for v in node for s in _strings(v)] if isinstance(node, list) else []
 
 
 def _write_tensors(w, gguf, cfg: ModelConfig, reader: CheckpointReader, qtype, log) -> dict[str, str]:
