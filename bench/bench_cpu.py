@@ -245,16 +245,26 @@ def run_llamacpp(work, stem, threads, n_prompt, n_gen, reps):
 
 
 def engines():
-    """name -> (kind, options). bitengine heads: fp16 (F16C kernel), int8 (Int8Linear)."""
-    e = {}
-    for act_bits, kernel in ((8, "dot"), (8, "add"), (16, "dot")):
-        for head in ("fp16", "int8"):
-            e[f"bitengine A{act_bits} {kernel}, {head} head"] = ("bitengine", dict(act_bits=act_bits, kernel=kernel, head=head))
-    e["bitengine reference backend A8, fp16 head"] = ("reference", dict(act_bits=8, head="fp16"))
-    e["transformers fp32"] = ("transformers", {})
-    for stem in GGUF_VARIANTS:
-        e[f"llama.cpp {stem}"] = ("llamacpp", dict(stem=stem))
-    return e
+    """name -> (kind, options), ordered so each llama.cpp format runs next to its bitengine peer.
+
+    bitengine heads: fp16 (F16C kernel, use_cpu_half_head), int8 (Int8Linear, quantize_head_int8)."""
+    be = lambda a, k, h: ("bitengine", dict(act_bits=a, kernel=k, head=h))  # noqa: E731
+    return {
+        "llama.cpp tq2_0_f16head": ("llamacpp", dict(stem="tq2_0_f16head")),
+        "bitengine A8 dot, fp16 head": be(8, "dot", "fp16"),
+        "llama.cpp tq2_0": ("llamacpp", dict(stem="tq2_0")),
+        "bitengine A8 dot, int8 head": be(8, "dot", "int8"),
+        "bitengine A8 add, fp16 head": be(8, "add", "fp16"),
+        "bitengine A8 add, int8 head": be(8, "add", "int8"),
+        "llama.cpp tq1_0_f16head": ("llamacpp", dict(stem="tq1_0_f16head")),
+        "llama.cpp tq1_0": ("llamacpp", dict(stem="tq1_0")),
+        "bitengine A16 dot, fp16 head": be(16, "dot", "fp16"),
+        "bitengine A16 dot, int8 head": be(16, "dot", "int8"),
+        "llama.cpp q4_0": ("llamacpp", dict(stem="q4_0")),
+        "llama.cpp f16": ("llamacpp", dict(stem="f16")),
+        "transformers fp32": ("transformers", {}),
+        "bitengine reference backend A8, fp16 head": ("reference", dict(act_bits=8, head="fp16")),
+    }
 
 
 def run_one(name, args):
@@ -306,7 +316,9 @@ def main():
     raw = {n: [] for n in names}
     for _ in range(args.rounds):
         for name in names:
-            cmd = [sys.executable, __file__, "--run", name] + [a for a in sys.argv[1:] if not a.startswith("--out")]
+            cmd = [sys.executable, __file__, "--run", name, "--work", args.work, "--threads", str(args.threads),
+                   "--reps", str(args.reps), "--prompt", str(args.prompt), "--gen", str(args.gen),
+                   "--ref-gen", str(args.ref_gen)]
             p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
@@ -314,6 +326,10 @@ def main():
                 continue
             raw[name] += json.loads(line[0][7:])
             print(name, raw[name], flush=True)
+            _report(raw, work, args)  # after every engine, so a cut-short run keeps what it measured
+
+
+def _report(raw, work, args):
     rows = []
     for name, runs in raw.items():
         if runs:
@@ -321,7 +337,6 @@ def main():
                          "decode_tps": statistics.median(r[1] for r in runs), "runs": runs,
                          "file_MB": _size_mb(work, name)})
     result = {"meta": _meta(args), "rows": rows}
-    print(json.dumps(result["rows"], indent=1))
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=1))
         Path(args.out + ".md").write_text(markdown(result))

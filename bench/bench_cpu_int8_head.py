@@ -1,0 +1,57 @@
+"""Perplexity cost of the int8 head (and int8 embeddings) on a real model, on CPU.
+
+Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures
+perplexity with the loader's head, then after quantize_head_int8 (head only, then head +
+embeddings). Texts: the Zen of Python and the start of CPython's LICENSE.txt (both ship with
+every Python install).
+
+    python bench/bench_cpu_int8_head.py /tmp/smol_fp16 --out bench/results/cpu_int8_head_ppl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+
+import bitengine
+from bitengine.evaluate import perplexity, zen_of_python
+from bitengine.int8_head import quantize_head_int8
+
+
+def texts() -> dict[str, str]:
+    out = {"zen_of_python": zen_of_python()}
+    lic = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if lic.exists():
+        out["cpython_license"] = lic.read_text()[:6000]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    rows = []
+    for variant in ("loader head", "int8 head", "int8 head + int8 embeddings"):
+        model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend)
+        if variant != "loader head":
+            quantize_head_int8(model, embeddings="embeddings" in variant)
+        for name, text in texts().items():
+            with torch.no_grad():
+                r = perplexity(model, model.tokenizer, text, max_len=1024)
+            rows.append({"variant": variant, "text": name, "perplexity": r["perplexity"], "tokens": r["tokens"]})
+            print(rows[-1], flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "date": time.strftime(
+            "%Y-%m-%d %H:%M UTC", time.gmtime()), "python": sys.version.split()[0], "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
