@@ -81,7 +81,8 @@ setup(
     # torch is deliberately not pinned loosely here: install it first (see README / .ci/run) so pip
     # never resolves a multi-GB CUDA build on a CPU machine.
     install_requires=["numpy", "safetensors", "transformers>=4.56", "tqdm"],
-    extras_require={"gguf": ["gguf"], "serve": ["fastapi", "uvicorn"], "test": ["pytest", "peft", "gguf"]},
+    extras_require={"gguf": ["gguf"], "serve": ["fastapi", "uvicorn"],
+                    "test": ["pytest", "peft", "gguf", "accelerate", "openai", "httpx", "fastapi", "uvicorn"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     entry_points={"console_scripts": ["bitengine=bitengine.cli:main"]},

@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-queue", type=int, default=64)
+    s.add_argument("--max-seq", type=int, default=None, help="context per request row (default: the model's)")
     _add_runtime_args(s)
 
     x = sub.add_parser("export", help="export a bitengine checkpoint to GGUF (llama.cpp)")
@@ -205,7 +206,7 @@ def cmd_serve(args) -> int:
 
     serve(args.path, host=args.host, port=args.port, device=_device(args.device), backend=args.backend,
           dtype=args.dtype, adapters=_adapters(args), adapter_mode=args.adapter_mode, max_batch=args.max_batch,
-          max_queue=args.max_queue)
+          max_queue=args.max_queue, head=args.head, max_seq=args.max_seq)
     return 0
 
 
