@@ -46,7 +46,7 @@ class ModelConfig:
         return self.arch == "bitnet"
 
     @classmethod
-    def from_hf(cls, cfg: dict, where: str = "config.json") -> "ModelConfig":
+    def from_hf(cls, cfg: dict, where: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
         model_type = cfg.get("model_type")
         if model_type == "bitnet" or any(a in BITNET_ARCHS for a in archs):

@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from bitengine.quant import (absmean_quantize, check_packed_codes, dequantize, pack_ternary, parse_scale_granularity,
-                             quantize_activations, unpack_ternary)
+from bitengine.quant import (
+    absmean_quantize,
+    check_packed_codes,
+    dequantize,
+    pack_ternary,
+    parse_scale_granularity,
+    quantize_activations,
+    unpack_ternary,
+)
 from bitengine.reference import ternary_accumulate_reference, ternary_linear_reference
 
 
