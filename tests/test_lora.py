@@ -206,6 +206,9 @@ def test_convert_with_adapter_is_quantize_of_merge(world, tmp_path):
     hook = merge_hook([r / "b"], a.config)
     w = torch.randn(64, 64)
     assert torch.equal(hook("model.layers.0.mlp.gate_proj", w), w)  # untargeted: unchanged
+    _peft_adapter(world["base"], tmp_path / "head", target_modules=["lm_head"])
+    with pytest.raises(AdapterError, match="lm_head"):  # convert does not route the head through the hook
+        merge_hook([tmp_path / "head"], a.config)
 
 
 def test_merge_mode_reports_survival_and_undoes(world):
