@@ -19,6 +19,7 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="compute dtype: fp32 | fp16 | bf16 (default: fp32 on CPU)")
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]", help="LoRA adapter (repeatable)")
     p.add_argument("--adapter-mode", default="fused", choices=["fused", "merge"])
+    p.add_argument("--adapter-dtype", default=None, choices=["int8"], help="store adapter factors as int8")
     p.add_argument("--head", default=None, choices=["fp16", "int8", "int8+embeddings"],
                    help="store the output head (and embeddings) as int8 at load time")
 
@@ -103,7 +104,7 @@ def _load(args):
     from .loader import load
 
     return load(args.path, device=_device(args.device), backend=args.backend, dtype=args.dtype,
-                adapters=_adapters(args), adapter_mode=args.adapter_mode, head=args.head)
+                adapters=_adapters(args), adapter_mode=args.adapter_mode, adapter_dtype=args.adapter_dtype, head=args.head)
 
 
 def cmd_convert(args) -> int:

@@ -79,7 +79,7 @@ def convert(src, dst, *, weights: str = "ternary", act_bits: int = 8, scale: str
                 raise ValueError(f"{src}: in_features {k} is not a multiple of the scale group size {group_size}")
     hook = None
     if adapters:
-        from .lora import merge_hook
+        from .lora import merge_hook, normalize_adapters
 
         hook = merge_hook(adapters, cfg)
 
@@ -98,7 +98,7 @@ def convert(src, dst, *, weights: str = "ternary", act_bits: int = 8, scale: str
             "dtype": out_cfg["torch_dtype"],
             "kept_modules": sorted(summary.pop("kept")),
             "source": source.description,
-            "adapters_merged": [str(a) for a in adapters] if adapters else [],
+            "adapters_merged": [f"{p}:{w}" for p, w in normalize_adapters(adapters)] if adapters else [],
             "converted_by": f"bitengine {__version__}",
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "conversion": summary,

@@ -29,14 +29,15 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
 
 
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
-         max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", head: str | None = None,
-         verify_codes: bool = True):
+         max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", adapter_dtype: str | None = None,
+         head: str | None = None, verify_codes: bool = True):
     """Load the checkpoint folder `path` onto `device` and return a CausalLM (with `.tokenizer`).
 
     backend: "auto" (default, or $BITENGINE_BACKEND), "reference", "cpu", "triton", "cuda".
     dtype: compute dtype for activations and 16-bit weights (default fp32 on CPU, the checkpoint's
     16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
-    adapters / adapter_mode: LoRA adapters applied at load time (see bitengine.lora).
+    adapters / adapter_mode / adapter_dtype: LoRA adapters applied at load time, [dir or (dir, weight)],
+    "fused" or "merge", factors in 16-bit or "int8" (see bitengine.lora).
     head: None keeps the 16-bit head; "int8" stores it as per-row int8 (and "int8+embeddings" the
     embeddings too), a large share of decode bytes on small models (see bitengine.int8_head).
     """
@@ -101,7 +102,7 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     if adapters:
         from .lora import apply_adapters
 
-        apply_adapters(model, adapters, mode=adapter_mode)
+        apply_adapters(model, adapters, mode=adapter_mode, adapter_dtype=adapter_dtype)
     return model
 
 

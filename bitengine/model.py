@@ -228,6 +228,18 @@ class CausalLM(nn.Module):
         dtype = dtype or self.model.embed_tokens.weight.dtype
         return KVCache(self.config, batch, max_seq or self.max_seq, dtype, self.model.embed_tokens.weight.device)
 
+    def set_adapters(self, adapters, mode: str | None = None, adapter_dtype: str | None = None):
+        """Switch the LoRA adapters without reloading the base model (see bitengine.lora.set_adapters)."""
+        from .lora import set_adapters
+
+        return set_adapters(self, adapters, mode=mode, adapter_dtype=adapter_dtype)
+
+    def remove_adapters(self) -> None:
+        """Back to the base model, bit for bit."""
+        from .lora import remove_adapters
+
+        remove_adapters(self)
+
     @torch.no_grad()
     def generate(self, *args, **kwargs):
         """See bitengine.generate.generate."""
