@@ -82,7 +82,6 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
         k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
-        cos, sin = cos.to(q.dtype), sin.to(q.dtype)  # (B, 1, T, hd)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
@@ -182,9 +181,9 @@ class CausalLM(nn.Module):
             input_pos = torch.arange(t, device=dev)
         if position_ids is None:
             position_ids = input_pos.expand(b, t)
-        cos, sin = self.rope(position_ids)
-        mask = self._mask(b, t, input_pos, cache, kv_len, dev)
         x = self.model.embed_tokens(input_ids)
+        cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))  # (B, 1, T, hd), once for all layers
+        mask = self._mask(b, t, input_pos, cache, kv_len, dev)
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
