@@ -52,7 +52,8 @@ def build_layers(layers):
 def step(layers, xs, act_bits, variant):
     for layer in layers:
         for name, (_, w, s) in layer.items():
-            torch.ops.bitengine.ternary_linear_cpu(xs[SHAPES[name][1]], w, s, None, SHAPES[name][1], SHAPES[name][0], act_bits, variant)
+            n, k = SHAPES[name]
+            torch.ops.bitengine.ternary_linear_cpu(xs[k], w, s, None, k, n, act_bits, variant)
 
 
 def main():
@@ -61,6 +62,7 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--layers", type=int, default=LAYERS)
     ap.add_argument("--ms", default="1,128")
+    ap.add_argument("--isas", default="avx2", help="comma-separated ISAs to time (scalar: ~15 s per step)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -71,7 +73,7 @@ def main():
     rows = []
     for m in [int(v) for v in args.ms.split(",")]:
         xs = {k: torch.randn(m, k) for k in (HIDDEN, INTER)}
-        for isa in cpu.available_isas():
+        for isa in [i for i in cpu.available_isas() if i in args.isas.split(",")]:
             cpu.set_isa(isa)
             for act_bits in (8, 16):
                 for kname, variant in cpu.KERNELS.items():

@@ -32,6 +32,16 @@ inline float hsum_ps(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Decode streams the weights from DRAM once: ask for them kPrefetchBlocks blocks (2 KB of a
+// 4-row group) ahead, so the loads overlap the unpacking instead of alternating with it.
+// (Measured 2026-11-28 on this noisy VM: 8 blocks at best ~10% faster than none, within noise.)
+constexpr int64_t kPrefetchBlocks = 8;
+template <int NR>
+inline void prefetch_ahead(const uint8_t* w, int64_t t) {
+  const char* p = (const char*)(w + (t + kPrefetchBlocks) * kBlockStride);
+  for (int r = 0; r < NR; ++r) _mm_prefetch(p + r * kBlockBytes, _MM_HINT_T0);
+}
+
 // Codes (0..2) of the 32 weights k = 64 i + 32 h + j from the block half loaded in v.
 template <int I>
 inline __m256i codes(__m256i v) {
@@ -52,6 +62,7 @@ void a8_dot_tile(const uint8_t* w, const int8_t* x, int64_t xs, int64_t nblk,
     for (int m = 0; m < MT; ++m)
       for (int r = 0; r < NR; ++r) acc16[m][r] = _mm256_setzero_si256();
     const int8_t* xb = x + t * kBlockK;
+    prefetch_ahead<NR>(w, t);
     for (int h = 0; h < 2; ++h) {
       __m256i wv[NR];
       for (int r = 0; r < NR; ++r)
@@ -91,6 +102,7 @@ void a8_add_tile(const uint8_t* w, const int8_t* x, int64_t xs, int64_t nblk,
     for (int r = 0; r < NR; ++r) acc[m][r] = zero;
   for (int64_t t = 0; t < nblk; ++t) {
     const int8_t* xb = x + t * kBlockK;
+    prefetch_ahead<NR>(w, t);
     for (int h = 0; h < 2; ++h) {
       __m256i wv[NR];
       for (int r = 0; r < NR; ++r)
