@@ -22,7 +22,7 @@ namespace {
 
 enum Isa : int { kScalar = 0, kAvx2 = 1 };
 const char* kIsaNames[] = {"scalar", "avx2"};
-constexpr int64_t kRowChunk = 32;  // output rows per work item (its weights stay in L1/L2)
+constexpr int64_t kRowChunk = 128;  // output rows per work item: long contiguous weight streams (32: 25 ms per decode step, 128: 18, 256: 21)  // output rows per work item (its weights stay in L1/L2)
 
 int g_forced_isa = -1;  // -1: best available
 int g_threads = 0;      // 0: at::get_num_threads()
