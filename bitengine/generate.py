@@ -207,25 +207,22 @@ def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repet
     logits = model(ids, cache=cache, input_pos=input_pos, position_ids=positions, kv_len=t, last_only=True)[:, -1].float()
     step = make_decoder(model, cache, offset, cuda_graph, compile)
     tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-    alive = torch.ones(b, dtype=torch.bool, device=device)  # not yet past EOS
     out = [[] for _ in range(b)]
-    stopped = [False] * b  # by a stop string (host side)
+    stopped = [False] * b  # finished by EOS or a stop string (host side)
     synced = 0
     for i in range(max_new_tokens):
         logits = apply_repetition_penalty(logits, seen, repetition_penalty)
         nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
         tokens[:, i] = nxt
-        if eos.numel():
-            alive = alive & ~torch.isin(nxt, eos)
         last = i == max_new_tokens - 1
         # Host syncs only every `sync_every` steps (every step when streaming or matching stop strings):
         # the decode loop itself never waits for the device.
         if last or (i + 1) % sync_every == 0:
             host_tokens = tokens[:, synced:i + 1].tolist()
-            host_alive = (tokens[:, synced:i + 1, None] == eos).any(-1).tolist() if eos.numel() else None
+            host_is_eos = (tokens[:, synced:i + 1, None] == eos).any(-1).tolist() if eos.numel() else None
             for r in range(b):
                 for j, tok in enumerate(host_tokens[r]):
-                    if stopped[r] or (host_alive is not None and host_alive[r][j]):
+                    if stopped[r] or (host_is_eos is not None and host_is_eos[r][j]):
                         stopped[r] = True  # EOS: this row is finished
                         break
                     out[r].append(tok)
