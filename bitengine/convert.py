@@ -160,8 +160,10 @@ def _write(source, cfg, tmp, shapes, linear_set, weights, act_bits, granularity,
             before[kind] += value.w_q.numel() // 4 + 4  # the source's packed bytes
             if hook is not None:
                 raise SourceError(f"{where}: cannot merge adapters into an already-packed ternary weight {name}")
-            _emit_ternary(writer, module, value.w_q, value.scale.reshape(-1)[:1].float())
-            after[kind] += value.w_q.shape[0] * ((value.w_q.shape[1] + 3) // 4) + 4
+            scale = value.scale.float().reshape(-1)
+            if scale.numel() not in (1, value.w_q.shape[0]):
+                raise SourceError(f"{where}: tensor {name} has {scale.numel()} scales; expected 1 or {value.w_q.shape[0]}")
+            after[kind] += _emit_ternary(writer, module, value.w_q, scale)
             continue
         if not value.is_floating_point():
             raise SourceError(f"{where}: tensor {name} has non-float dtype {value.dtype}")

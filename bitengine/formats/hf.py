@@ -29,12 +29,10 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32"
 
 def unpack_transformers_bitnet(packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """transformers' pack_weights layout (uint8 [N/4, K], packed along rows) -> int8 [N, K] in {-1, 0, 1}."""
-    rows = packed.shape[0]
     parts = [((packed >> (2 * i)) & 3) for i in range(4)]  # part i holds rows i*R .. i*R+R-1
     codes = torch.cat(parts, dim=0)[:out_features]
     if (codes == 3).any():
         raise ValueError("packed BitNet weight holds the invalid code 3")
-    del rows
     return codes.to(torch.int8) - 1
 
 
