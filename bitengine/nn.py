@@ -94,8 +94,8 @@ class BitLinear(nn.Module, _AdapterPath):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.rms_norm is not None:
             x = self.rms_norm(x)
-        y = self.backend.linear(x, self)
-        if self.lora_A is not None:
+        y = self.backend.linear(x, self)  # includes the side path when the backend fuses it
+        if self.lora_A is not None and not self.backend.fuses_adapter(self):
             y = y + self._adapter_delta(x)
         return y
 

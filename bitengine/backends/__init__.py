@@ -13,7 +13,10 @@ Backend protocol (each module in this package registers one instance):
     unavailable_reason(device) -> str | None   None when it can run on that device
     prepare(layer) -> None     repack layer.weight_packed (layout k4) into the kernel's layout, stored on
                                the layer as non-persistent buffers; the on-disk format is untouched
-    linear(x, layer) -> Tensor the W1.58 linear, same numbers as reference.ternary_linear_reference
+    linear(x, layer) -> Tensor the W1.58 linear, same numbers as reference.ternary_linear_reference;
+                               plus the layer's LoRA side path (nn._AdapterPath) when fuses_adapter(layer)
+    fuses_adapter(layer) -> bool  True when linear() computes the side path itself (in the kernel's
+                               epilogue); otherwise BitLinear adds it with two eager matmuls
 """
 
 from __future__ import annotations

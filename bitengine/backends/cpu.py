@@ -134,6 +134,9 @@ class CpuBackend:
             _state["logged"] = True
             log.info("bitengine cpu kernels: %s", describe())
 
+    def fuses_adapter(self, layer) -> bool:
+        return False
+
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         return torch.ops.bitengine.ternary_linear_cpu(
             x, layer.weight_cpu, layer.weight_scale, layer.bias, layer.in_features, layer.out_features,

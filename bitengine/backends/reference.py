@@ -17,6 +17,9 @@ class ReferenceBackend:
     def prepare(self, layer) -> None:
         pass  # works straight from the on-disk layout
 
+    def fuses_adapter(self, layer) -> bool:
+        return False
+
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         return ternary_linear_reference(
             x, layer.weight_packed, layer.weight_scale, layer.in_features, layer.act_bits, layer.bias

@@ -68,6 +68,9 @@ class TritonBackend:
     def prepare(self, layer) -> None:
         prepare_i2w(layer)
 
+    def fuses_adapter(self, layer) -> bool:
+        return False
+
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         if not layer._kernel_ok:
             return reference_linear(x, layer)
