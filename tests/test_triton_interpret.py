@@ -5,6 +5,8 @@ other tests may already have imported it. The child checks every kernel (GEMV A8
 GEMV A16, GEMM A8 / A16 with in-register and scratch decode) against a float64 reference for the three scale layouts, with bias,
 padding (K not a multiple of 16) and M across the GEMV/GEMM split; the inline-asm dp4a is replaced
 by its plain-integer twin there (gemv.dp4a), so the GPU tests cover that one instruction.
+A second child checks the LoRA side path fused into every kernel's epilogue (lora_A / lora_B) against
+a float64 base + exact (x @ A^T) @ B^T, and BitLinear on the triton backend with an adapter.
 """
 
 from __future__ import annotations
@@ -18,14 +20,22 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_triton_kernels_under_interpreter():
+def _run_child(part: str) -> None:
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.path.dirname(HERE) + os.pathsep +
                os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
-                          timeout=300, check=False)
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), part], env=env, capture_output=True,
+                          text=True, timeout=600, check=False)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+
+def test_triton_kernels_under_interpreter():
+    _run_child("base")
+
+
+def test_lora_epilogue_under_interpreter():
+    _run_child("lora")
 
 
 def _patch_interpreter_index():
@@ -120,5 +130,98 @@ def _main() -> int:
     return 1 if failures else 0
 
 
+def _lora_main() -> int:
+    """Every kernel with lora_A [r, K] / lora_B [N, r] against float64 base + (x @ A^T) @ B^T."""
+    import time
+
+    import torch
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _patch_interpreter_index()
+    from bitengine import backends
+    from bitengine.kernels import ops  # noqa: F401  (registers torch.ops.bitengine.ternary_linear)
+    from bitengine.kernels.gemm import ternary_gemm
+    from bitengine.kernels.gemm_decoded import ternary_gemm_decoded
+    from bitengine.kernels.gemv import ternary_gemv_a8, ternary_gemv_a16
+    from bitengine.kernels.layout import k4_to_i2w
+    from bitengine.nn import BitLinear
+    from bitengine.quant import absmean_quantize, pack_ternary
+
+    torch.manual_seed(1)
+    gemv_cfg = {"BLOCK_N": 16, "BLOCK_KW": 16, "num_warps": 4}
+    gemm_cfg = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_KW": 2, "GROUP_M": 2, "num_warps": 4}
+    failures = []
+    start = time.time()
+    cases = [(40, 100, "tensor", 0, torch.float32, False), (33, 200, "channel", 0, torch.float16, True),
+             (17, 256, "group", 64, torch.float32, True)]
+    for n, k, gran, group, dtype, with_bias in cases:
+        w_q, scale = absmean_quantize(torch.randn(n, k), gran, group)
+        packed = pack_ternary(w_q)
+        words = k4_to_i2w(packed, k)
+        bias = torch.randn(n).to(dtype) if with_bias else None
+        tol = 1e-5 if dtype == torch.float32 else 1e-3
+        for r in (1, 16):
+            # factors in the compute dtype; B scaled so the side path is ~ the base output's size
+            lora_a = (torch.randn(r, k) / k**0.5).to(dtype)
+            lora_b = (torch.randn(n, r) * (3.0 / r**0.5)).to(dtype)
+            lora = {"lora_A": lora_a, "lora_B": lora_b}
+            for m in (1, 3, 17):
+                x = torch.randn(m, k).to(dtype)
+                delta = (x.double() @ lora_a.double().t()) @ lora_b.double().t()
+                bm = max(1, 1 << (m - 1).bit_length())
+                runs = [("gemm_a8", 8, ternary_gemm, {"act_bits": 8, "config": gemm_cfg})]
+                if dtype != torch.float32:  # IEEE float32 tl.dot is not in the interpreter's numpy path
+                    runs.append(("gemm_a16", 16, ternary_gemm, {"act_bits": 16, "config": gemm_cfg}))
+                if gran != "group" and m == 17:
+                    runs.append(("gemm_decoded_a8", 8, ternary_gemm_decoded, {"act_bits": 8}))
+                    if dtype != torch.float32:
+                        runs.append(("gemm_decoded_a16", 16, ternary_gemm_decoded, {"act_bits": 16}))
+                if m <= 16:
+                    runs += [("gemv_a8_fused", 8, ternary_gemv_a8,
+                              {"fused": True, "config": {**gemv_cfg, "BLOCK_M": bm}}),
+                             ("gemv_a8", 8, ternary_gemv_a8, {"fused": False, "config": {**gemv_cfg, "BLOCK_M": bm}}),
+                             ("gemv_a16", 16, ternary_gemv_a16,
+                              {"config": {**gemv_cfg, "BLOCK_M": bm, "BLOCK_KW": 8}})]
+                for name, bits, kernel, kwargs in runs:
+                    ref = _reference64(x, packed, scale, k, bits, bias) + delta
+                    y = kernel(x, words, scale, k, bias=bias, **kwargs, **lora)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    # the side path must matter: leaving it out would fail the tolerance 100-fold
+                    weight = (delta.norm() / ref.norm()).item()
+                    ok = y.shape == (m, n) and y.dtype == dtype and err < tol and weight > 100 * tol
+                    print(f"lora {name:16s} {n}x{k} {gran:7s} r={r:2d} m={m:2d} {str(dtype)[6:]:8s} "
+                          f"rel.err {err:.2e} (lora share {weight:.2f}) {'ok' if ok else 'FAIL'}")
+                    if not ok:
+                        failures.append(f"lora {name} {n}x{k} {gran} r={r} m={m}: {err:.2e}")
+    # the op (3-D input, dispatch) and BitLinear on the triton backend: the side path is fused, not added twice
+    n, k, r = 48, 160, 8
+    w_q, scale = absmean_quantize(torch.randn(n, k), "channel", 0)
+    packed = pack_ternary(w_q)
+    for act_bits in (8, 16):
+        layer = BitLinear(k, n, act_bits=act_bits, scale_shape=(n,), bias=True, dtype=torch.float16)
+        layer.weight_packed.copy_(packed)
+        layer.weight_scale.copy_(scale)
+        layer.bias.copy_(torch.randn(n))
+        layer.prepare(backends.get("triton"))  # the kernels run on CPU tensors under the interpreter
+        layer.lora_A = (torch.randn(r, k) / k**0.5).half()
+        layer.lora_B = (torch.randn(n, r) / r**0.5).half()
+        fuses = layer.backend.fuses_adapter(layer)
+        for m in (1, 5):
+            x = torch.randn(1, m, k).half()
+            ref = _reference64(x[0], packed, scale, k, act_bits, layer.bias) + (
+                x[0].double() @ layer.lora_A.double().t()) @ layer.lora_B.double().t()
+            y = layer(x)
+            err = ((y[0].double() - ref).norm() / ref.norm()).item()
+            ok = fuses and y.shape == (1, m, n) and err < 1e-3
+            print(f"lora BitLinear A{act_bits} m={m} fused={fuses} rel.err {err:.2e} {'ok' if ok else 'FAIL'}")
+            if not ok:
+                failures.append(f"lora BitLinear A{act_bits} m={m}: fused={fuses} {err:.2e}")
+        layer.lora_A_scale = torch.ones(r)  # int8-style factors: not fused, BitLinear adds them eagerly
+        if layer.backend.fuses_adapter(layer):
+            failures.append("fuses_adapter True for int8 factors")
+    print(f"{time.time() - start:.1f} s; failures: {failures}")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
-    sys.exit(_main())
+    sys.exit(_lora_main() if sys.argv[1:] == ["lora"] else _main())

@@ -4,7 +4,8 @@ the Triton kernels everywhere else.
 The C++ kernel covers W1.58A8 at M = 1 with per-tensor or per-channel scales (one fused launch:
 activation quantization + GEMV) and is used where it measured faster than Triton (N * K >= 8M).
 Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the split is by shape,
-dtype and layer settings only. Both read the same i2w weight buffer.
+dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
+with float factors always take the Triton op, whose epilogue adds the side path (the C++ GEMV has none).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class CudaBackend(TritonBackend):
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         if not layer._kernel_ok:
             return reference_linear(x, layer)
-        if cuda_gemv_applies(x, layer):
+        # The C++ GEMV has no epilogue for the LoRA side path: a layer whose adapter the Triton op fuses
+        # goes to the Triton op (int8 factors: fuses_adapter is False, BitLinear adds them eagerly).
+        if cuda_gemv_applies(x, layer) and not self.fuses_adapter(layer):
             y = torch.ops.bitengine.ternary_gemv_cuda(x.reshape(1, -1), layer.weight_i2w, layer.weight_scale,
                                                       layer.in_features, layer.bias)
             return y.reshape(*x.shape[:-1], -1)

@@ -4,6 +4,8 @@ prepare() repacks the k4 weight into the i2w layout (kernels/layout.py) as a non
 buffer `weight_i2w`; the checkpoint layout (`weight_packed`) is left untouched, so a prepared
 layer holds both (2 bits per weight each). Layers whose scale groups the kernels cannot take
 (group size not a multiple of 32) keep running on the reference path; prepare() logs which.
+LoRA adapters with float factors are computed by the kernels (the `lora_A` / `lora_B` arguments of
+bitengine::ternary_linear, added in the epilogue); int8 factors stay on BitLinear's eager path.
 """
 
 from __future__ import annotations
@@ -69,15 +71,20 @@ class TritonBackend:
         prepare_i2w(layer)
 
     def fuses_adapter(self, layer) -> bool:
-        return False
+        """16-bit (or float32) LoRA factors run in the kernels' epilogue; int8 factors (lora_A_scale set)
+        and layers on the reference path leave the side path to BitLinear's eager matmuls."""
+        return (getattr(layer, "lora_A", None) is not None and layer.lora_A_scale is None
+                and layer.lora_A.is_floating_point() and getattr(layer, "_kernel_ok", False))
 
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
         if not layer._kernel_ok:
             return reference_linear(x, layer)
         from ..kernels import ops  # noqa: F401  (registers torch.ops.bitengine.ternary_linear)
 
+        fused = self.fuses_adapter(layer)
         return torch.ops.bitengine.ternary_linear(x, layer.weight_i2w, layer.weight_scale, layer.in_features,
-                                                  layer.act_bits, layer.bias)
+                                                  layer.act_bits, layer.bias, layer.lora_A if fused else None,
+                                                  layer.lora_B if fused else None)
 
 
 register(TritonBackend())

@@ -20,13 +20,14 @@ import triton
 import triton.language as tl
 
 from .act_quant import quantize_activations_int8
-from .gemv import INTERPRET, _scale_epilogue, scale_mode
+from .gemv import INTERPRET, _scale_epilogue, lora_operands, scale_mode
 
 
 @triton.jit
 def _gemm_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr, y_ptr, stride_ym,
-                 M, N, K, KW,
+                 h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KW,
                  A8: tl.constexpr, SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 HAS_LORA: tl.constexpr,
                  IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
                  GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
@@ -82,8 +83,8 @@ def _gemm_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn, b_
         a = tl.load(a_ptr + offs_m, mask=m_mask, other=1.0)
     else:
         a = offs_m
-    _scale_epilogue(acc.to(tl.float32), a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE,
-                    HAS_BIAS, A8)
+    _scale_epilogue(acc.to(tl.float32), a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N,
+                    h_ptr, stride_hm, lb_ptr, stride_lbn, R, SCALE_MODE, HAS_BIAS, A8, HAS_LORA)
 
 
 def gemm_config(m: int, n: int, group_w: int = 0, a8: bool = True) -> dict:
@@ -105,12 +106,14 @@ def gemm_config(m: int, n: int, group_w: int = 0, a8: bool = True) -> dict:
 
 
 def ternary_gemm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int = 8,
-                 bias: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
-    """W1.58 prefill GEMM.
+                 bias: torch.Tensor | None = None, config: dict | None = None,
+                 lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58 prefill GEMM (+ LoRA side path).
 
     x: float16/bfloat16/float32 [M, K], row-major. words: int32 [N, KW] (i2w, layout.py).
     scale: float32 [1] | [N] | [N, K/G] (multiplies). act_bits: 8 (per-token int8, exact integer
     accumulation) or 16 (x as given; float32 inputs use IEEE float32 dot products). bias: [N] or None.
+    lora_A [R, K] / lora_B [N, R]: optional float factors; adds (x @ A^T) @ B^T in float32 before the bias.
     Returns y [M, N] in x's dtype, equal to reference.ternary_linear_reference.
     """
     if x.dim() != 2 or x.stride(-1) != 1 or x.shape[1] != in_features:
@@ -132,11 +135,13 @@ def ternary_gemm(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_f
         xin, a = quantize_activations_int8(x, kw)
     else:
         xin, a = x, scale
+    h, stride_hm, lb, stride_lbn, r, has_lora = lora_operands(x, n, lora_A, lora_B, scale)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     if INTERPRET:
         cfg.pop("num_stages", None)
     _gemm_kernel[grid](xin, xin.stride(0), a, words, words.stride(0), scale, stride_sn,
-                       bias if bias is not None else scale, y, y.stride(0), m, n, in_features, kw,
-                       A8=a8, SCALE_MODE=mode, GROUP_W=max(group_w, 1), HAS_BIAS=bias is not None,
+                       bias if bias is not None else scale, y, y.stride(0), h, stride_hm, lb, stride_lbn, r,
+                       m, n, in_features, kw,
+                       A8=a8, SCALE_MODE=mode, GROUP_W=max(group_w, 1), HAS_BIAS=bias is not None, HAS_LORA=has_lora,
                        IEEE=x.dtype == torch.float32, **cfg)
     return y

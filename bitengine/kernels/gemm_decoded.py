@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import quantize_activations_int8
-from .gemv import INTERPRET, _scale_epilogue
+from .gemv import INTERPRET, _scale_epilogue, lora_operands
 
 
 @triton.jit
@@ -62,8 +62,8 @@ def _configs():
 @triton.autotune(configs=_configs(), key=["N", "KP", "M_BUCKET", "A8"])
 @triton.jit
 def _gemm_dense_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, stride_ym,
-                       M, N, K, KP, M_BUCKET,
-                       A8: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KP, M_BUCKET,
+                       A8: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -95,16 +95,18 @@ def _gemm_dense_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, b_ptr, 
         a = tl.load(a_ptr + offs_m, mask=m_mask, other=1.0)
     else:
         a = offs_m
-    _scale_epilogue(acc.to(tl.float32), a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE,
-                    HAS_BIAS, A8)
+    _scale_epilogue(acc.to(tl.float32), a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N,
+                    h_ptr, stride_hm, lb_ptr, stride_lbn, R, SCALE_MODE, HAS_BIAS, A8, HAS_LORA)
 
 
 def ternary_gemm_decoded(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
-                         act_bits: int = 8, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """W1.58 prefill GEMM through a decoded scratch weight.
+                         act_bits: int = 8, bias: torch.Tensor | None = None,
+                         lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None) -> torch.Tensor:
+    """W1.58 prefill GEMM through a decoded scratch weight (+ LoRA side path).
 
     x: float16/bfloat16 (A8 also float32) [M, K], row-major. words: int32 [N, KW] (i2w).
     scale: float32 [1] | [N] (multiplies). act_bits 8 or 16. bias: [N] or None.
+    lora_A [R, K] / lora_B [N, R]: optional float factors; adds (x @ A^T) @ B^T in float32 before the bias.
     Returns y [M, N] in x's dtype, equal to reference.ternary_linear_reference.
     """
     if x.dim() != 2 or x.stride(-1) != 1 or x.shape[1] != in_features:
@@ -125,11 +127,13 @@ def ternary_gemm_decoded(x: torch.Tensor, words: torch.Tensor, scale: torch.Tens
     else:
         xin, a, k_eff = x, scale, in_features
     mode = 0 if scale.numel() == 1 else 1
+    h, stride_hm, lb, stride_lbn, r, has_lora = lora_operands(x, n, lora_A, lora_B, scale)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
 
     _gemm_dense_kernel[grid](xin, xin.stride(0), a, w, w.stride(0), scale, bias if bias is not None else scale,
-                             y, y.stride(0), m, n, k_eff, w.shape[1], min(triton.next_power_of_2(m), 4096),
-                             A8=a8, SCALE_MODE=mode, HAS_BIAS=bias is not None)
+                             y, y.stride(0), h, stride_hm, lb, stride_lbn, r,
+                             m, n, k_eff, w.shape[1], min(triton.next_power_of_2(m), 4096),
+                             A8=a8, SCALE_MODE=mode, HAS_BIAS=bias is not None, HAS_LORA=has_lora)
     return y

@@ -13,7 +13,9 @@ bits(0x4B000000 | c) = 2^23 + c, then one FMA per weight; accumulated in float32
 
 Both: one program per BLOCK_N rows and all M (<= BLOCK_M) activations, looping over K in blocks of
 BLOCK_KW words; scales per tensor [1], per channel [N] (applied once per output) or per group
-[N, K/G] with G % 16 == 0 (applied once per word and output); optional bias; any N, K (masks).
+[N, K/G] with G % 16 == 0 (applied once per word and output); optional bias; any N, K (masks);
+optional LoRA side path in the shared epilogue (`_scale_epilogue`, also used by the GEMMs): float32
+h = x @ A^T computed before the launch, sum_r h[m, r] * B[n, r] added to the accumulator.
 """
 
 from __future__ import annotations
@@ -60,8 +62,12 @@ def _dot_words(w, x0, x1, x2, x3, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, 
 
 @triton.jit
 def _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N,
-                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, A8: tl.constexpr):
-    """y = acc * s (/ a for A8) (+ bias); acc float32 [BM, BN] (group scales already applied)."""
+                    h_ptr, stride_hm, lb_ptr, stride_lbn, R,
+                    SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, A8: tl.constexpr, HAS_LORA: tl.constexpr):
+    """y = acc * s (/ a for A8) (+ h @ B^T) (+ bias); acc float32 [BM, BN] (group scales already applied).
+
+    LoRA side path: h float32 [M, R] (= x @ A^T, computed before the kernel), B [N, R] (16-bit, scaling
+    folded in); R rank-1 updates in float32, negligible next to the K loop (R <= 64 or so)."""
     n_mask = offs_n < N
     if SCALE_MODE == 0:
         acc = acc * tl.load(s_ptr)
@@ -69,6 +75,14 @@ def _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N
         acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0)[None, :]
     if A8:
         acc = acc / a[:, None]
+    if HAS_LORA:
+        h_rows = h_ptr + offs_m.to(tl.int64) * stride_hm
+        b_rows = lb_ptr + offs_n.to(tl.int64) * stride_lbn
+        m_mask = offs_m < M
+        for r in range(R):
+            hr = tl.load(h_rows + r, mask=m_mask, other=0.0)
+            br = tl.load(b_rows + r, mask=n_mask, other=0.0).to(tl.float32)
+            acc += hr[:, None] * br[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     mask = (offs_m < M)[:, None] & n_mask[None, :]
@@ -85,8 +99,8 @@ def _x_word(x_ptr, rows_x, kw, J: tl.constexpr, m_mask, KW):
 
 @triton.jit
 def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr, y_ptr, stride_ym,
-                    M, N, K, KW,
-                    SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KW,
+                    SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                     FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_KW: tl.constexpr, USE_ASM: tl.constexpr):
     pid = tl.program_id(0)
@@ -160,13 +174,14 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
         acc = acc.to(tl.float32)
     else:
         acc = (acc - tl.sum(xs2, axis=1)[:, None]).to(tl.float32)
-    _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE, HAS_BIAS, True)
+    _scale_epilogue(acc, a, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, h_ptr, stride_hm, lb_ptr,
+                    stride_lbn, R, SCALE_MODE, HAS_BIAS, True, HAS_LORA)
 
 
 @triton.jit
 def _gemv_a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr, y_ptr, stride_ym,
-                     M, N, K, KW,
-                     SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KW,
+                     SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     pid = tl.program_id(0)
     offs_m = tl.arange(0, BLOCK_M)
@@ -194,7 +209,8 @@ def _gemv_a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr
             acc += tl.sum(pw * sc[None, :, :], axis=2)
         else:
             acc += tl.sum(p, axis=2)
-    _scale_epilogue(acc, acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, SCALE_MODE, HAS_BIAS, False)
+    _scale_epilogue(acc, acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, h_ptr, stride_hm, lb_ptr,
+                    stride_lbn, R, SCALE_MODE, HAS_BIAS, False, HAS_LORA)
 
 
 def scale_mode(scale: torch.Tensor, n: int, k: int) -> tuple[int, int, int]:
@@ -211,6 +227,29 @@ def scale_mode(scale: torch.Tensor, n: int, k: int) -> tuple[int, int, int]:
             raise ValueError(f"group size {group} is not a multiple of 16: no ternary GPU kernel for it")
         return 2, group // 16, scale.stride(0)
     raise ValueError(f"scale shape {tuple(scale.shape)} does not fit a [{n}, {k}] weight")
+
+
+def lora_operands(x: torch.Tensor, n: int, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None,
+                  dummy: torch.Tensor) -> tuple:
+    """Kernel arguments (h, stride_hm, B, stride_bn, R, HAS_LORA) of the LoRA epilogue.
+
+    lora_A: float [R, K], lora_B: float [N, R] (16-bit or float32, scaling folded into B; int8 factors
+    stay on BitLinear's eager path). h = x @ A^T is one small float32 matmul before the kernel, so the
+    kernel only adds R rank-1 updates to its float32 accumulator."""
+    if lora_A is None and lora_B is None:
+        return dummy, 0, dummy, 0, 0, False
+    if lora_A is None or lora_B is None:
+        raise ValueError("lora_A and lora_B must be given together")
+    r = lora_A.shape[0]
+    if (lora_A.dim() != 2 or lora_A.shape[1] != x.shape[1] or lora_B.dim() != 2
+            or tuple(lora_B.shape) != (n, r)):
+        raise ValueError(f"LoRA factors A {tuple(lora_A.shape)} / B {tuple(lora_B.shape)} do not fit "
+                         f"x {tuple(x.shape)} and {n} outputs (expected A [r, K], B [N, r])")
+    if not (lora_A.is_floating_point() and lora_B.is_floating_point()):
+        raise ValueError(f"fused LoRA takes float factors, got {lora_A.dtype} / {lora_B.dtype}")
+    h = torch.nn.functional.linear(x.float(), lora_A.float())  # (M, R) float32
+    b = lora_B if lora_B.stride(-1) == 1 else lora_B.contiguous()
+    return h, h.stride(0), b, b.stride(0), r, r > 0
 
 
 def _sm_count(device) -> int:
@@ -250,13 +289,15 @@ def _check(x, words, scale, in_features):
 
 
 def ternary_gemv_a8(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
-                    bias: torch.Tensor | None = None, fused: bool | None = None, config: dict | None = None):
-    """W1.58A8 decode GEMV.
+                    bias: torch.Tensor | None = None, fused: bool | None = None, config: dict | None = None,
+                    lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None):
+    """W1.58A8 decode GEMV (+ LoRA side path).
 
     x: float16/bfloat16/float32 [M, K], M <= 16, row-major. words: int32 [N, KW] (i2w, layout.py).
     scale: float32 [1] | [N] | [N, K/G] (multiplies; G % 16 == 0). bias: [N] or None.
     fused: quantize activations inside the GEMV (default: when M * K <= 16384).
-    Returns y [M, N] in x's dtype, equal to reference.ternary_linear_reference(..., act_bits=8).
+    lora_A [R, K], lora_B [N, R]: float factors; adds (x @ A^T) @ B^T (unquantized x, float32) before the bias.
+    Returns y [M, N] in x's dtype, equal to reference.ternary_linear_reference(..., act_bits=8) (+ LoRA).
     """
     mode, group_w, stride_sn = _check(x, words, scale, in_features)
     m, n, kw = x.shape[0], words.shape[0], words.shape[1]
@@ -273,19 +314,24 @@ def ternary_gemv_a8(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, i
         q, a = quantize_activations_int8(x, kw)
         xin, stride_xm = q.view(torch.int32), q.shape[1] // 4
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    h, stride_hm, lb, stride_lbn, r, has_lora = lora_operands(x, n, lora_A, lora_B, scale)
     _gemv_a8_kernel[grid](xin, stride_xm, a, words, words.stride(0), scale, stride_sn,
-                          bias if bias is not None else scale, y, y.stride(0), m, n, in_features, kw,
-                          SCALE_MODE=mode, GROUP_W=group_w, HAS_BIAS=bias is not None, FUSED=fused,
+                          bias if bias is not None else scale, y, y.stride(0), h, stride_hm, lb, stride_lbn, r,
+                          m, n, in_features, kw,
+                          SCALE_MODE=mode, GROUP_W=group_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
+                          FUSED=fused,
                           USE_ASM=not INTERPRET, enable_fp_fusion=False, **cfg)
     return y
 
 
 def ternary_gemv_a16(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
-                     bias: torch.Tensor | None = None, config: dict | None = None):
-    """W1.58A16 decode GEMV: y = scale * (x @ W_q^T) (+ bias), x used as given.
+                     bias: torch.Tensor | None = None, config: dict | None = None,
+                     lora_A: torch.Tensor | None = None, lora_B: torch.Tensor | None = None):
+    """W1.58A16 decode GEMV: y = scale * (x @ W_q^T) (+ (x @ A^T) @ B^T) (+ bias), x used as given.
 
     x: float16/bfloat16/float32 [M, K], M <= 16. words: int32 [N, KW] (i2w). scale: float32
-    [1] | [N] | [N, K/G] (G % 16 == 0). Returns y [M, N] in x's dtype (float32 accumulation).
+    [1] | [N] | [N, K/G] (G % 16 == 0). lora_A [R, K] / lora_B [N, R]: optional float factors.
+    Returns y [M, N] in x's dtype (float32 accumulation).
     """
     mode, group_w, stride_sn = _check(x, words, scale, in_features)
     m, n, kw = x.shape[0], words.shape[0], words.shape[1]
@@ -294,7 +340,9 @@ def ternary_gemv_a16(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, 
         return y
     cfg = dict(config or gemv_config(m, n, kw, _sm_count(x.device), a16=True))
     grid = (triton.cdiv(n, cfg["BLOCK_N"]),)
+    h, stride_hm, lb, stride_lbn, r, has_lora = lora_operands(x, n, lora_A, lora_B, scale)
     _gemv_a16_kernel[grid](x, x.stride(0), words, words.stride(0), scale, stride_sn,
-                           bias if bias is not None else scale, y, y.stride(0), m, n, in_features, kw,
-                           SCALE_MODE=mode, GROUP_W=group_w, HAS_BIAS=bias is not None, **cfg)
+                           bias if bias is not None else scale, y, y.stride(0), h, stride_hm, lb, stride_lbn, r,
+                           m, n, in_features, kw,
+                           SCALE_MODE=mode, GROUP_W=group_w, HAS_BIAS=bias is not None, HAS_LORA=has_lora, **cfg)
     return y

@@ -1,8 +1,11 @@
 """torch.library custom ops over the Triton kernels, so torch.compile and CUDA graphs see through them.
 
-bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias) -> y
+bitengine::ternary_linear(x, words, scale, in_features, act_bits, bias=None, lora_A=None, lora_B=None) -> y
     x: float16/bfloat16/float32 [..., K]; words: int32 [N, KW] (i2w, layout.py); scale: float32
     [1] | [N] | [N, K/G] (multiplies); act_bits 8 or 16; bias: [N] or None. y: [..., N], x's dtype.
+    lora_A [R, K] / lora_B [N, R] (float, scaling folded into B) or None: the LoRA side path
+    y += (x @ A^T) @ B^T, with h = x @ A^T one float32 matmul before the kernel and h @ B^T added to
+    the kernel's float32 accumulator in its epilogue (after the ternary scale, before bias and cast).
     Dispatch by M = prod(x.shape[:-1]) and layer settings only:
       A8: M <= 4, or M <= 16 with N * K < GEMV_MAX_NK; A16: M == 1
                                             decode GEMV (gemv.py; dp4a-bound beyond that)
@@ -34,24 +37,26 @@ def use_gemv(m: int, n: int, k: int, act_bits: int = 8) -> bool:
 
 @torch.library.custom_op("bitengine::ternary_linear", mutates_args=())
 def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int, act_bits: int,
-                   bias: torch.Tensor | None = None) -> torch.Tensor:
+                   bias: torch.Tensor | None = None, lora_A: torch.Tensor | None = None,
+                   lora_B: torch.Tensor | None = None) -> torch.Tensor:
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    lora = {"lora_A": lora_A, "lora_B": lora_B}
     if use_gemv(x2.shape[0], words.shape[0], in_features, act_bits):
         if act_bits == 8:
-            y = ternary_gemv_a8(x2, words, scale, in_features, bias)
+            y = ternary_gemv_a8(x2, words, scale, in_features, bias, **lora)
         elif act_bits == 16:
-            y = ternary_gemv_a16(x2, words, scale, in_features, bias)
+            y = ternary_gemv_a16(x2, words, scale, in_features, bias, **lora)
         else:
             raise ValueError(f"act_bits must be 8 or 16, got {act_bits}")
     elif x2.shape[0] >= DECODED_MIN_M and scale.dim() <= 1 and (
             act_bits == 8 or x2.dtype in (torch.float16, torch.bfloat16)):
-        y = ternary_gemm_decoded(x2, words, scale, in_features, act_bits, bias)
+        y = ternary_gemm_decoded(x2, words, scale, in_features, act_bits, bias, **lora)
     else:
-        y = ternary_gemm(x2, words, scale, in_features, act_bits, bias)
+        y = ternary_gemm(x2, words, scale, in_features, act_bits, bias, **lora)
     return y.reshape(*lead, words.shape[0])
 
 
 @ternary_linear.register_fake
-def _(x, words, scale, in_features, act_bits, bias=None):
+def _(x, words, scale, in_features, act_bits, bias=None, lora_A=None, lora_B=None):
     return x.new_empty(*x.shape[:-1], words.shape[0])
