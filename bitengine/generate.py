@@ -45,15 +45,21 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
 
 
 class Decoder:
-    """Eager one-token decode step: (tokens (B,1), slot int) -> logits (B, V) float32."""
+    """Eager one-token decode step: (tokens (B,1), slot int) -> logits (B, V) float32.
 
-    def __init__(self, model, cache, position_offset: torch.Tensor):
+    full_cache: attend over every cache slot (masked past the position) like the CUDA-graph step
+    does, so eager and graph decoding run the same kernels on the same shapes and give identical
+    tokens; otherwise only over the slots written so far (faster eagerly; the default on CPU)."""
+
+    def __init__(self, model, cache, position_offset: torch.Tensor, full_cache: bool = False):
         self.model, self.cache, self.offset = model, cache, position_offset  # offset (B,): left padding
+        self.full_cache = full_cache
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         pos = torch.tensor([slot], device=tokens.device)
         positions = (pos[None] - self.offset[:, None])  # (B, 1)
-        logits = self.model(tokens, cache=self.cache, input_pos=pos, position_ids=positions, kv_len=slot + 1)
+        logits = self.model(tokens, cache=self.cache, input_pos=pos, position_ids=positions,
+                            kv_len=None if self.full_cache else slot + 1)
         return logits[:, -1].float()
 
 
@@ -249,4 +255,4 @@ def make_decoder(model, cache, offset, cuda_graph, compile=False):
         from .cuda_graph import GraphDecoder
 
         return GraphDecoder(model, cache, offset, compile=compile)
-    return Decoder(model, cache, offset)
+    return Decoder(model, cache, offset, full_cache=on_cuda)

@@ -61,6 +61,8 @@ class KVCache(nn.Module):
 
 
 class Attention(nn.Module):
+    fused = None  # q/k/v as one layer (fuse.py), set after loading; a plain attribute, not a submodule
+
     def __init__(self, cfg: ModelConfig, make_linear, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -69,7 +71,7 @@ class Attention(nn.Module):
         self.q_proj = make_linear(cfg.hidden_size, h * hd, bias)
         self.k_proj = make_linear(cfg.hidden_size, kv * hd, bias)
         self.v_proj = make_linear(cfg.hidden_size, kv * hd, bias)
-        self.o_proj = make_linear(h * hd, cfg.hidden_size, False)
+        self.o_proj = make_linear(h * hd, cfg.hidden_size, bias)  # transformers: o_proj too has attention_bias
         self.attn_sub_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
     def forward(self, x, cos, sin, mask, kv: tuple | None, input_pos, kv_len: int | None):
@@ -79,9 +81,10 @@ class Attention(nn.Module):
         same code on the same shapes and torch.compile makes one graph for all of them."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
-        q = self.q_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(b, t, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+        q, k, v = self.fused(x) if self.fused is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, -1, hd).transpose(1, 2)  # (B, H, T, hd)
+        k = k.view(b, t, -1, hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         if kv is not None:
@@ -103,6 +106,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    fused = None  # gate/up as one layer (fuse.py)
+
     def __init__(self, cfg: ModelConfig, make_linear):
         super().__init__()
         bias = cfg.mlp_bias
@@ -113,9 +118,9 @@ class MLP(nn.Module):
         self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
     def forward(self, x):
-        g = self.gate_proj(x)
+        g, u = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
         g = F.relu(g).square() if self.relu2 else F.silu(g)
-        h = g * self.up_proj(x)
+        h = g * u
         if self.ffn_sub_norm is not None:
             h = self.ffn_sub_norm(h)
         return self.down_proj(h)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..fuse import refresh as refresh_fused
 from ..nn import BitLinear, DenseLinear
 from .merge import delta_weight, merge_ternary
 from .peft_format import ModuleFactors, normalize_adapters, read_adapter, resolve
@@ -88,6 +89,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
     exact_logits = None
     if want_report and (mode == "merge" or adapter_dtype):
         _set_fused(layers, {n: _stack(fs, dtype, _device(layers[n]), None) for n, fs in factors.items()})
+        refresh_fused(model)
         exact_logits = _logits(model, probe)
         _clear_fused(layers)
     state = AdapterState(mode, [(str(p), w) for p, w in specs])
@@ -96,6 +98,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
     else:
         for n, tensors in new.items():
             state.originals[n] = _swap(layers[n], tensors)
+    _after_swaps(model)
     model.lora_state = state
     state.report = _summary(loaded, factors, mode, adapter_dtype, new)
     if adapter_dtype == "int8":
@@ -123,6 +126,7 @@ def remove_adapters(model) -> None:
     if state is not None:
         for n, tensors in state.originals.items():
             _swap(layers[n], tensors)
+    _after_swaps(model)
     model.lora_state = None
 
 
@@ -195,6 +199,7 @@ def _merged_tensors(layer, base: dict, fs: list[ModuleFactors], requant: str) ->
         return {"weight": new_w, "stats": {"survival": float((dw * delta).sum() / delta.pow(2).sum().clamp(min=1e-30)),
                                            "flipped": None}}
     packed, scale = base.get("weight_packed", layer.weight_packed), base.get("weight_scale", layer.weight_scale)
+    packed = packed.to(scale.device)  # k4 may sit on the host (GPU models)
     delta = delta_weight(fs, packed.device)
     packed, scale, stats = merge_ternary(packed, scale, layer.in_features, delta, requant)
     return {"weight_packed": packed, "weight_scale": scale, "stats": stats}
@@ -212,8 +217,19 @@ def _swap(layer, tensors: dict) -> dict:
         else:
             setattr(layer, k, v)  # buffers: assign, never write into (they may be mmap'd from the checkpoint)
     if isinstance(layer, BitLinear) and layer.backend is not None:
+        dev = layer.weight_scale.device
+        if layer.weight_packed.device != dev:  # GPU models keep k4 on the host (loader.checkpoint_layout_to_host)
+            layer.weight_packed = layer.weight_packed.to(dev)
         layer.prepare(layer.backend)
     return old
+
+
+def _after_swaps(model) -> None:
+    """Weights or side paths changed: k4 back to the host where the loader keeps it, fused projections rebuilt."""
+    from ..loader import checkpoint_layout_to_host
+
+    checkpoint_layout_to_host(model)
+    refresh_fused(model)
 
 
 def _probe_ids(model) -> torch.Tensor:
