@@ -28,6 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bitengine import backends  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
+from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
+from bitengine.int8_head import quantize_head_int8  # noqa: E402
+from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
 from bitengine.quant import pack_ternary  # noqa: E402
@@ -46,11 +49,16 @@ DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
 
 
 def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> CausalLM:
-    """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense)."""
+    """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense), with optional '+' modifiers:
+    'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
+    'compile' (handled by bench_model). Ternary models are placed as bitengine.load places them: the
+    kernel layout on the GPU, the checkpoint layout (k4) on the host, projections fused."""
+    base, *mods = variant.split("+")
+
     def make_linear(i, o, bias):
-        if variant == "fp16":
+        if base == "fp16":
             return DenseLinear(i, o, bias=bias)
-        return BitLinear(i, o, act_bits=8 if variant == "a8" else 16, scale_shape=(1,), bias=bias)
+        return BitLinear(i, o, act_bits=8 if base == "a8" else 16, scale_shape=(1,), bias=bias)
 
     with torch.device("meta"):
         model = CausalLM(cfg, make_linear, max_seq=max_seq)
@@ -72,15 +80,21 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     model.tie_weights()
     model.inv_freq = rope_inv_freq(cfg).to(DEVICE)
     model.eval()
-    if variant != "fp16":
-        name = "reference" if DEVICE == "cpu" else ("cuda" if variant == "a8" and _cuda_built() else "triton")
+    if base != "fp16":
+        name = "reference" if DEVICE == "cpu" else ("cuda" if base == "a8" and _cuda_built() else "triton")
         backend = backends.select(DEVICE, name)
         for m in model.modules():
             if isinstance(m, BitLinear):
                 m.prepare(backend)
         model.backend_name = backend.name
+        if DEVICE != "cpu":
+            checkpoint_layout_to_host(model)
+        if "unfused" not in mods:
+            fuse_projections(model)
     else:
         model.backend_name = "dense"
+    if "int8head" in mods:
+        quantize_head_int8(model)
     return model
 
 
@@ -88,10 +102,16 @@ def _cuda_built() -> bool:
     return backends.availability("cuda").get("cuda") is None
 
 
+def _tensors_on_device(model) -> list[torch.Tensor]:
+    mods = list(model.modules()) + fused_layers(model)  # fused layers live outside the module tree
+    ts = [t for m in mods for t in list(m.parameters(recurse=False)) + list(m.buffers(recurse=False))]
+    return [t for t in ts if t is not None and t.device.type == DEVICE]
+
+
 def resident_bytes(model) -> int:
-    """Every parameter and buffer held on the GPU (k4 and i2w copies of ternary weights both count)."""
+    """Every parameter and buffer held on the GPU, each storage once (the host copy of k4 is not counted)."""
     seen, total = set(), 0
-    for t in list(model.parameters()) + list(model.buffers()):
+    for t in _tensors_on_device(model):
         if t.data_ptr() not in seen:
             seen.add(t.data_ptr())
             total += t.nbytes
@@ -99,16 +119,22 @@ def resident_bytes(model) -> int:
 
 
 def weight_bytes(model) -> int:
-    """Bytes of what the forward reads as weights (i2w replaces k4 on the GPU paths; both are counted
-    as held in memory in peak_GiB)."""
+    """Bytes of weights one decode step reads: kernel layouts and scales of the ternary layers, 16-bit or
+    int8 dense layers, the embedding rows (counted whole when not tied to the head, as they are held)."""
     total = 0
-    for m in model.modules():
+    for m in list(model.modules()) + fused_layers(model):
         if isinstance(m, BitLinear):
-            total += (m.weight_i2w if hasattr(m, "weight_i2w") else m.weight_packed).nbytes + m.weight_scale.nbytes
+            w = getattr(m, "weight_i2w", None)
+            if w is None and m.weight_packed is not None and m.weight_packed.device.type == DEVICE:
+                w = m.weight_packed  # reference path
+            if w is not None:  # fused members hold no kernel layout: their fused layer is counted
+                total += w.nbytes + m.weight_scale.nbytes
         elif isinstance(m, DenseLinear):
             total += m.weight.nbytes
+        elif hasattr(m, "weight_int8"):
+            total += m.weight_int8.nbytes + m.weight_scale.nbytes
     emb = model.model.embed_tokens.weight
-    if model.lm_head.weight is not emb:
+    if getattr(model.lm_head, "weight", None) is not emb:
         total += emb.nbytes
     return total
 
@@ -150,8 +176,8 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     cfg = MODELS[name]
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    compiled = variant.endswith("+compile")
-    model = build(cfg, variant.removesuffix("+compile"), max_seq=PROMPT + NEW)
+    compiled = "+compile" in variant
+    model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers()
     wbytes = weight_bytes(model)

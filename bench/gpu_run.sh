@@ -20,13 +20,13 @@ python setup.py build_ext --inplace >> "$OUT/build.log" 2>&1
 grep -iE "error|could not build|nvcc:" "$OUT/build.log" | head -30
 python -c "import bitengine._C_cuda as c; print('cuda extension ok', c.__file__)" 2>&1 | tail -1
 stamp bench_kernels
-timeout "${BENCH_TIMEOUT:-150}" python bench/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -75
+[ "${SKIP_KERNELS:-0}" = 1 ] || timeout "${BENCH_TIMEOUT:-150}" python bench/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -75
 stamp bench_e2e
 timeout "${E2E_TIMEOUT:-170}" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v '^{' | tail -40
 stamp tests
 T=$(left); [ "$T" -gt 170 ] && T=170
 if [ "$T" -gt 20 ]; then
-  timeout "$T" python -m pytest -v -rf -p no:cacheprovider -m gpu tests/test_gpu_kernels.py ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+  timeout "$T" python -m pytest -v -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_kernels.py tests/test_gpu_model.py} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/tests.log" | awk '{print $NF}' | sort | uniq -c
   grep -E "FAILED|^E  " "$OUT/tests.log" | head -30
   tail -3 "$OUT/tests.log"

@@ -165,3 +165,14 @@ def _set_side_path(fused: FusedLinear, members: list) -> None:
         fused.lora_B_scale = torch.cat([m.lora_B_scale for m in with_path])
     else:
         fused.lora_A_scale = fused.lora_B_scale = None
+
+
+def fused_layers(model) -> list[FusedLinear]:
+    """The model's fused layers (they live outside the module tree: count their memory from here)."""
+    out = []
+    for layer in model.model.layers:
+        for pname in GROUPS:
+            fused = getattr(getattr(layer, pname), ATTR, None)
+            if fused is not None:
+                out.append(fused)
+    return out
