@@ -1,4 +1,4 @@
-"""Smaller / faster 16-bit heads for CPU decode: int8 head (and embeddings), fast fp16 head.
+"""Smaller / faster 16-bit heads for decode: int8 head (and embeddings), fast fp16 CPU head.
 
 On small models the 16-bit head is a large share of the bytes read per decoded token (TinyLlama
 shape: 131 MB of fp16 head vs 242 MB of 2-bit linear weights), and decode is memory-bound.
@@ -8,12 +8,17 @@ shape: 131 MB of fp16 head vs 242 MB of 2-bit linear weights), and decode is mem
   - quantize_head_int8(model, embeddings=True) also stores the token embeddings as int8 rows.
   - use_cpu_half_head(model): keeps fp16 weights but runs them through the F16C kernel instead of
     torch's fp16 GEMV, which is ~2x slower on CPU.
-Both kernels are `torch.ops.bitengine.dense_linear_cpu` (csrc/cpu); without the extension (or off
-CPU) the modules fall back to plain PyTorch with the same numbers up to fp32 summation order.
+On CPU both run `torch.ops.bitengine.dense_linear_cpu` (csrc/cpu). On CUDA the int8 head runs
+`torch.ops.bitengine.int8_linear` (kernels/int8_linear.py, Triton: int8 weights read as they are, never
+dequantized to a float copy). Elsewhere, or without the extension / triton, the modules fall back to plain
+PyTorch (which dequantizes the weight every call) with the same numbers up to fp32 summation order.
+Int8Embedding gathers only the looked-up rows on every device.
 This module does not load or convert checkpoints; the loader decides when to call it.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -30,17 +35,39 @@ def _kernel_ready(t: torch.Tensor) -> bool:
     return cpu._C is not None
 
 
+@functools.cache
+def _gpu_kernel_reason(device: torch.device) -> str | None:
+    """None when the Triton int8 kernel runs on this CUDA device (the triton backend's conditions)."""
+    from .backends import triton as triton_backend
+
+    return triton_backend.TritonBackend().unavailable_reason(device)
+
+
+def _gpu_kernel_ready(t: torch.Tensor) -> bool:
+    if t.device.type != "cuda":
+        return False
+    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    return _gpu_kernel_reason(torch.device("cuda", index)) is None
+
+
 def _pad_cols(w: torch.Tensor) -> torch.Tensor:
     pad = (-w.shape[1]) % PAD
     return F.pad(w, (0, pad)).contiguous() if pad else w.contiguous()
 
 
 def int8_rows(w: torch.Tensor):
-    """float [N, K] -> (int8 [N, K] in [-127, 127], float32 scale [N]) with w ~= scale[:, None] * q."""
-    wf = w.float()
-    scale = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-    q = (wf / scale[:, None]).round().clamp(-127, 127).to(torch.int8)
-    return q, scale.contiguous()
+    """float [N, K] -> (int8 [N, K] in [-127, 127], float32 scale [N]) with w ~= scale[:, None] * q.
+
+    Works in row chunks so a large head (128k x 4096 on a GPU) never needs a whole float32 copy."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    rows = max(1, (1 << 26) // max(1, w.shape[1]))  # <= 256 MB of float32 per chunk
+    for r0 in range(0, w.shape[0], rows):
+        wf = w[r0:r0 + rows].float()
+        s = wf.abs().amax(dim=1).clamp(min=1e-8) / 127.0
+        q[r0:r0 + rows] = (wf / s[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scale[r0:r0 + rows] = s
+    return q, scale
 
 
 class Int8Linear(nn.Module):
@@ -58,6 +85,11 @@ class Int8Linear(nn.Module):
         if _kernel_ready(x):
             return torch.ops.bitengine.dense_linear_cpu(x, self.weight_int8, self.weight_scale, self.bias,
                                                         self.in_features)
+        if _gpu_kernel_ready(x) and x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from .kernels import int8_linear  # noqa: F401  (registers torch.ops.bitengine.int8_linear)
+
+            return torch.ops.bitengine.int8_linear(x, self.weight_int8, self.weight_scale, self.bias,
+                                                   self.in_features)
         w = self.weight_int8[:, : self.in_features].float()
         y = F.linear(x.float(), w) * self.weight_scale
         if self.bias is not None:
