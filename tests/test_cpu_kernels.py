@@ -232,3 +232,140 @@ def test_whole_model_logits_match_reference_backend(tmp_path, isa, act_bits):
         with torch.no_grad():
             logits[backend] = model(ids).double()
     assert _rel(logits["cpu"], logits["reference"]) < 1e-4
+
+
+# ---- LoRA side path in the kernel's epilogue ---------------------------------------------------
+
+FACTOR_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8]
+
+
+def _lora_factors(r, k, n, dtype, seed, size=3.0):
+    """(A, B, A_scale, B_scale) in `dtype` and their exact float64 values (int8: absmax per rank component).
+
+    size 3: the side path adds ~15% to a ternary layer's output (clearly visible in every test)."""
+    from bitengine.lora.apply import int8_rows
+
+    g = _gen(seed)
+    a = torch.randn(r, k, generator=g) / k**0.5
+    b = torch.randn(n, r, generator=g) * size / r**0.5
+    if dtype == torch.int8:
+        qa, sa = int8_rows(a)
+        qb, sb = int8_rows(b.t())
+        qb, sa, sb = qb.t().contiguous(), sa.reshape(-1), sb.reshape(-1)
+        return (qa, qb, sa, sb), (qa.double() * sa.double()[:, None], qb.double() * sb.double()[None])
+    a, b = a.to(dtype), b.to(dtype)
+    return (a, b, None, None), (a.double(), b.double())
+
+
+@pytest.mark.parametrize("dtype", FACTOR_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("r", [1, 5, 16, 48])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_lora_epilogue_matches_exact(isa, kernel, r, dtype):
+    """base + (x A^T) B^T fused: within 1e-5 of the float64 base + exact LoRA (fp32 in and out)."""
+    for k, n in SHAPES[:2]:
+        packed, scale = _weights(n, k, seed=7 * k + n, granularity="channel")
+        w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+        factors, (a64, b64) = _lora_factors(r, k, n, dtype, seed=r + k)
+        for act_bits in (8, 16):
+            for m in MS:
+                x = torch.randn(m, k, generator=_gen(m + r))
+                y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, n, act_bits, cpu.KERNELS[kernel],
+                                                           *factors)
+                base = _ref64(x, packed, scale, k, act_bits)
+                ref = base + (x.double() @ a64.t()) @ b64.t()
+                err = _rel(y, ref)
+                assert err < TOL, (isa, kernel, dtype, r, act_bits, m, k, n, err)
+                assert _rel(y, base) > 1e-2  # the side path is really there
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_lora_epilogue_with_group_scale_and_bias(isa, act_bits):
+    k, n, group, r = 768, 45, 256, 16
+    packed, scale = _weights(n, k, seed=9, granularity="group", group=group)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    bias = torch.randn(n, generator=_gen(10))
+    factors, (a64, b64) = _lora_factors(r, k, n, torch.float32, seed=11)
+    for kernel in KERNELS:
+        for m in (1, 3, 17):
+            x = torch.randn(m, k, generator=_gen(m))
+            y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, bias, k, n, act_bits, cpu.KERNELS[kernel], *factors)
+            ref = _ref64(x, packed, scale, k, act_bits, bias) + (x.double() @ a64.t()) @ b64.t()
+            assert _rel(y, ref) < TOL, (isa, kernel, m)
+
+
+def test_lora_bad_factors_raise():
+    k, n, r = 300, 8, 4
+    packed, scale = _weights(n, k, seed=2)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    x = torch.randn(1, k)
+    a, b = torch.randn(r, k), torch.randn(n, r)
+    op = torch.ops.bitengine.ternary_linear_cpu
+    with pytest.raises(RuntimeError, match="lora_A"):
+        op(x, w, scale, None, k, n, 8, 0, torch.randn(r, k + 1), b)
+    with pytest.raises(RuntimeError, match="lora_B"):
+        op(x, w, scale, None, k, n, 8, 0, a, torch.randn(n, r + 1))
+    with pytest.raises(RuntimeError, match="together"):
+        op(x, w, scale, None, k, n, 8, 0, a, None)
+    with pytest.raises(RuntimeError, match="int8"):
+        op(x, w, scale, None, k, n, 8, 0, a.to(torch.int8), b.to(torch.int8))  # scales missing
+
+
+def test_lora_fake_impl_for_compile():
+    k, n, r = 300, 9, 4
+    packed, scale = _weights(n, k, seed=4)
+    w = torch.ops.bitengine.ternary_repack_cpu(packed, k)
+    x = torch.randn(2, 5, k)
+    (a, b, _, _), _ = _lora_factors(r, k, n, torch.float16, seed=1)
+    (qa, qb, sa, sb), _ = _lora_factors(r, k, n, torch.int8, seed=1)
+    for args in ((x, w, scale, None, k, n, 8, 0, a, b), (x, w, scale, None, k, n, 16, 1, qa, qb, sa, sb)):
+        torch.library.opcheck(torch.ops.bitengine.ternary_linear_cpu.default, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    """A converted tiny Llama (K not multiples of 256) in A8 and A16."""
+    from tinymodels import make_llama
+
+    import bitengine
+
+    root = tmp_path_factory.mktemp("tiny")
+    make_llama(root / "hf", tokenizer=False, hidden_size=320, intermediate_size=704)
+    for bits in (8, 16):
+        bitengine.convert(root / "hf", root / f"a{bits}", act_bits=bits, progress=False, log=lambda *a: None)
+    return root
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("adapter_dtype", [None, "int8"])
+def test_whole_model_with_adapters_matches_reference_backend(tiny_llama, isa, act_bits, adapter_dtype):
+    """Adapters on every BitLinear: cpu (side path in the kernel epilogue, q/k/v and gate/up fused)
+    == reference backend (eager side path) within 1e-4 (A16).
+
+    A8: without adapters both backends agree bit for bit (asserted); with them, the fp32 summation
+    order of the side path differs, which flips a few int8 activation roundings in later layers:
+    ~1e-4..1e-3 on the logits, so A8 is held to 2e-3 (the adapters themselves move logits > 1e-2)."""
+    import bitengine
+    from bitengine.fuse import refresh
+    from bitengine.nn import BitLinear
+
+    ids = torch.randint(3, 256, (2, 19), generator=_gen(5))
+    logits, plain = {}, {}
+    for backend in ("reference", "cpu"):
+        model = bitengine.load(tiny_llama / f"a{act_bits}", device="cpu", backend=backend, dtype=torch.float32)
+        with torch.no_grad():
+            plain[backend] = model(ids).double()
+        layers = [mod for mod in model.modules() if isinstance(mod, BitLinear)]
+        assert layers
+        for i, mod in enumerate(layers):
+            dtype = torch.int8 if adapter_dtype == "int8" else torch.float32
+            (mod.lora_A, mod.lora_B, mod.lora_A_scale, mod.lora_B_scale), _ = _lora_factors(
+                (3, 16, 8)[i % 3], mod.in_features, mod.out_features, dtype, seed=i, size=0.5)  # LoRA-sized: a few %
+            assert mod.backend.fuses_adapter(mod) == (backend == "cpu")
+        refresh(model)  # the cpu backend runs q/k/v and gate/up fused: one side path per group
+        with torch.no_grad():
+            logits[backend] = model(ids).double()
+    if act_bits == 8:
+        assert torch.equal(plain["cpu"], plain["reference"])
+    assert _rel(logits["cpu"], logits["reference"]) < (1e-4 if act_bits == 16 else 2e-3)
+    assert _rel(logits["cpu"], plain["cpu"]) > 1e-2  # the adapters change the output

@@ -2,7 +2,9 @@
 
 What it runs: W1.58A8 (per-token int8 activations quantized inside the kernel, integer sums) and
 W1.58A16 (float activations, fp32 sums), scale per tensor / channel / group, optional bias,
-x float32 / bfloat16 / float16 (output in x's dtype). prepare() repacks the on-disk k4 layout
+x float32 / bfloat16 / float16 (output in x's dtype), and the layer's LoRA side path
+y += (x @ A^T) @ B^T fused into the kernel's epilogue in fp32 (factors float32 / float16 /
+bfloat16, or int8 with their scales). prepare() repacks the on-disk k4 layout
 into the kernels' i256 layout (csrc/cpu/kernels.h) as a non-persistent buffer `weight_cpu`.
 
 Settings (read at import; the functions below change them at run time):
@@ -35,6 +37,8 @@ except ImportError as e:  # not built (no compiler) or built for another torch
     _IMPORT_ERROR = f"bitengine._C_cpu is not built ({e}); run `pip install --no-build-isolation -e .`"
 
 KERNELS = {"add": 0, "dot": 1}
+# LoRA factor dtypes the kernel epilogue takes (int8 with lora_A_scale / lora_B_scale)
+_FACTOR_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.int8)
 _state = {"kernel": os.environ.get("BITENGINE_CPU_KERNEL", "dot"), "logged": False}
 if _state["kernel"] not in KERNELS:
     raise ValueError(f"BITENGINE_CPU_KERNEL={_state['kernel']!r}: expected one of {sorted(KERNELS)}")
@@ -99,7 +103,8 @@ if _C is not None:
         return packed.new_empty((packed.shape[0] + 3) // 4 * 4, (in_features + 255) // 256 * 64)
 
     @torch.library.register_fake("bitengine::ternary_linear_cpu")
-    def _(x, w, scale, bias, in_features, out_features, act_bits, variant):
+    def _(x, w, scale, bias, in_features, out_features, act_bits, variant, lora_A=None, lora_B=None,
+          lora_A_scale=None, lora_B_scale=None):
         return x.new_empty(*x.shape[:-1], out_features)
 
     @torch.library.register_fake("bitengine::ternary_accumulate_cpu")
@@ -135,12 +140,20 @@ class CpuBackend:
             log.info("bitengine cpu kernels: %s", describe())
 
     def fuses_adapter(self, layer) -> bool:
-        return False
+        """True when the kernel takes the layer's LoRA factors (float32/16-bit, or int8 with both scales)."""
+        a, b = layer.lora_A, layer.lora_B
+        if a is None or b is None or a.dtype != b.dtype or a.dtype not in _FACTOR_DTYPES:
+            return False
+        if a.device.type != "cpu" or b.device.type != "cpu":
+            return False
+        return (layer.lora_A_scale is not None) == (a.dtype == torch.int8)
 
     def linear(self, x: torch.Tensor, layer) -> torch.Tensor:
+        lora = (layer.lora_A, layer.lora_B, layer.lora_A_scale, layer.lora_B_scale) if self.fuses_adapter(layer) \
+            else (None, None, None, None)
         return torch.ops.bitengine.ternary_linear_cpu(
             x, layer.weight_cpu, layer.weight_scale, layer.bias, layer.in_features, layer.out_features,
-            layer.act_bits, KERNELS[_state["kernel"]])
+            layer.act_bits, KERNELS[_state["kernel"]], *lora)
 
 
 register(CpuBackend())

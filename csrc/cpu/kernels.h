@@ -85,6 +85,25 @@ void int8_rows_avx2(const int8_t*, int64_t, int64_t, const float*, int64_t, int6
 void half_rows_avx2(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                     float*, int64_t);
 
+// LoRA side path (the ternary op's epilogue). Factor element types; fp32 accumulation throughout.
+enum FactorType : int { kFactorF32 = 0, kFactorF16 = 1, kFactorBF16 = 2, kFactorI8 = 3 };
+// Down projection: h[m * hs + j] = hscale[j] * sum_k x[m * xs + k] * A[j * K + k] for j < r
+// (hscale null: 1). A: r x K row-major, elements of type ft.
+using LoraDownKernel = void (*)(const void* A, int ft, int64_t r, int64_t K, const float* x,
+                                int64_t xs, int64_t M, const float* hscale, float* h, int64_t hs);
+// Up projection, accumulated: out[m * os + n] += sum_j h[m * hs + j] * B[n * r + j] for n < nrows
+// (B points at row 0 of the range; B: rows x r row-major, elements of type ft).
+using LoraUpKernel = void (*)(const void* B, int ft, int64_t nrows, int64_t r, const float* h,
+                              int64_t hs, int64_t M, float* out, int64_t os);
+void lora_down_scalar(const void*, int, int64_t, int64_t, const float*, int64_t, int64_t,
+                      const float*, float*, int64_t);
+void lora_up_scalar(const void*, int, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                    int64_t);
+void lora_down_avx2(const void*, int, int64_t, int64_t, const float*, int64_t, int64_t,
+                    const float*, float*, int64_t);
+void lora_up_avx2(const void*, int, int64_t, int64_t, const float*, int64_t, int64_t, float*,
+                  int64_t);
+
 bool cpu_has_avx2();  // AVX2 + FMA + F16C, checked with cpuid (and OS support for ymm state)
 
 }  // namespace bitengine_cpu

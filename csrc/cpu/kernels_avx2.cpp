@@ -278,6 +278,96 @@ void dense_rows(Load make, int64_t ws, int64_t nrows, const float* x, int64_t xs
   }
 }
 
+// ---- LoRA side path: 8 factor elements of type FT as floats, and one for the tails.
+template <int FT>
+inline __m256 load8_factor(const void* p, int64_t i) {
+  if constexpr (FT == kFactorF16) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+  } else if constexpr (FT == kFactorBF16) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)((const uint16_t*)p + i)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+  } else if constexpr (FT == kFactorI8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)((const int8_t*)p + i))));
+  } else {
+    return _mm256_loadu_ps((const float*)p + i);
+  }
+}
+
+template <int FT>
+inline float load1_factor(const void* p, int64_t i) {
+  if constexpr (FT == kFactorF16) {
+    return _cvtsh_ss(((const uint16_t*)p)[i]);
+  } else if constexpr (FT == kFactorBF16) {
+    return _mm_cvtss_f32(_mm_castsi128_ps(_mm_cvtsi32_si128((int)((uint32_t)((const uint16_t*)p)[i] << 16))));
+  } else if constexpr (FT == kFactorI8) {
+    return (float)((const int8_t*)p)[i];
+  } else {
+    return ((const float*)p)[i];
+  }
+}
+
+// Sums of 4 vectors in one: lane i = hsum(v[i]).
+inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
+  const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
+  return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+}
+
+// Dot products of 4 factor rows (R = 4) or one (R = 1), the first at element `base`, `stride`
+// elements apart, with a float vector x of length len. The 4-row form shares each x load.
+template <int FT, int R>
+inline void factor_dots(const void* p, int64_t base, int64_t stride, const float* x, int64_t len,
+                        float* res) {
+  __m256 acc[R];
+  for (int i = 0; i < R; ++i) acc[i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= len; k += 8) {
+    const __m256 xv = _mm256_loadu_ps(x + k);
+    for (int i = 0; i < R; ++i) acc[i] = _mm256_fmadd_ps(xv, load8_factor<FT>(p, base + i * stride + k), acc[i]);
+  }
+  float tail[R] = {};
+  for (; k < len; ++k)
+    for (int i = 0; i < R; ++i) tail[i] += x[k] * load1_factor<FT>(p, base + i * stride + k);
+  if constexpr (R == 4) {
+    _mm_storeu_ps(res, _mm_add_ps(hsum4_ps(acc[0], acc[1], acc[2], acc[3]), _mm_loadu_ps(tail)));
+  } else {
+    res[0] = hsum_ps(acc[0]) + tail[0];
+  }
+}
+
+template <int FT>
+void lora_down_t(const void* A, int64_t r, int64_t K, const float* x, int64_t xs, int64_t M,
+                 const float* hscale, float* h, int64_t hs) {
+  float res[4];
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t j = 0;
+    for (; j + 4 <= r; j += 4) {
+      factor_dots<FT, 4>(A, j * K, K, x + m * xs, K, res);
+      for (int i = 0; i < 4; ++i) h[m * hs + j + i] = hscale ? res[i] * hscale[j + i] : res[i];
+    }
+    for (; j < r; ++j) {
+      factor_dots<FT, 1>(A, j * K, K, x + m * xs, K, res);
+      h[m * hs + j] = hscale ? res[0] * hscale[j] : res[0];
+    }
+  }
+}
+
+template <int FT>
+void lora_up_t(const void* B, int64_t nrows, int64_t r, const float* h, int64_t hs, int64_t M,
+               float* out, int64_t os) {
+  float res[4];
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t n = 0;
+    for (; n + 4 <= nrows; n += 4) {
+      factor_dots<FT, 4>(B, n * r, r, h + m * hs, r, res);
+      for (int i = 0; i < 4; ++i) out[m * os + n + i] += res[i];
+    }
+    for (; n < nrows; ++n) {
+      factor_dots<FT, 1>(B, n * r, r, h + m * hs, r, res);
+      out[m * os + n] += res[0];
+    }
+  }
+}
+
 }  // namespace
 
 void a8_avx2_dot(const uint8_t* w, int64_t ws, int64_t nrows, const int8_t* xq, int64_t xs,
@@ -326,6 +416,30 @@ void half_rows_avx2(const uint16_t* w, int64_t ws, int64_t nrows, const float* x
     const uint16_t* p = w + r0 * ws;
     return [p](int64_t off) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)(p + off))); };
   }, ws, nrows, x, xs, M, kpad, out, os);
+}
+
+}  // namespace bitengine_cpu
+
+namespace bitengine_cpu {
+
+void lora_down_avx2(const void* A, int ft, int64_t r, int64_t K, const float* x, int64_t xs,
+                    int64_t M, const float* hscale, float* h, int64_t hs) {
+  switch (ft) {
+    case kFactorF16: return lora_down_t<kFactorF16>(A, r, K, x, xs, M, hscale, h, hs);
+    case kFactorBF16: return lora_down_t<kFactorBF16>(A, r, K, x, xs, M, hscale, h, hs);
+    case kFactorI8: return lora_down_t<kFactorI8>(A, r, K, x, xs, M, hscale, h, hs);
+    default: return lora_down_t<kFactorF32>(A, r, K, x, xs, M, hscale, h, hs);
+  }
+}
+
+void lora_up_avx2(const void* B, int ft, int64_t nrows, int64_t r, const float* h, int64_t hs,
+                  int64_t M, float* out, int64_t os) {
+  switch (ft) {
+    case kFactorF16: return lora_up_t<kFactorF16>(B, nrows, r, h, hs, M, out, os);
+    case kFactorBF16: return lora_up_t<kFactorBF16>(B, nrows, r, h, hs, M, out, os);
+    case kFactorI8: return lora_up_t<kFactorI8>(B, nrows, r, h, hs, M, out, os);
+    default: return lora_up_t<kFactorF32>(B, nrows, r, h, hs, M, out, os);
+  }
 }
 
 }  // namespace bitengine_cpu

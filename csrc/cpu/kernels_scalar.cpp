@@ -91,6 +91,44 @@ void half_rows_scalar(const uint16_t* w, int64_t w_stride, int64_t nrows, const 
     }
 }
 
+namespace {
+inline float bf16_to_float(uint16_t h) {
+  const uint32_t bits = (uint32_t)h << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float factor_at(const void* p, int ft, int64_t i) {
+  switch (ft) {
+    case kFactorF16: return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case kFactorBF16: return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    case kFactorI8: return (float)static_cast<const int8_t*>(p)[i];
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+}  // namespace
+
+void lora_down_scalar(const void* A, int ft, int64_t r, int64_t K, const float* x, int64_t xs,
+                      int64_t M, const float* hscale, float* h, int64_t hs) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < r; ++j) {
+      float acc = 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += x[m * xs + k] * factor_at(A, ft, j * K + k);
+      h[m * hs + j] = hscale ? acc * hscale[j] : acc;
+    }
+}
+
+void lora_up_scalar(const void* B, int ft, int64_t nrows, int64_t r, const float* h, int64_t hs,
+                    int64_t M, float* out, int64_t os) {
+  for (int64_t n = 0; n < nrows; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < r; ++j) acc += h[m * hs + j] * factor_at(B, ft, n * r + j);
+      out[m * os + n] += acc;
+    }
+}
+
 }  // namespace bitengine_cpu
 
 namespace bitengine_cpu {

@@ -139,8 +139,89 @@ void for_row_chunks(int64_t N, F&& body) {
   }
 }
 
+// The LoRA side path of one call: factors A (r, K) and B (N, r), float32 / float16 / bfloat16, or
+// int8 with per-rank-component scales (A's rows, B's columns; both multiply). h = x @ A^T (fp32,
+// [M, r], int8: times A_scale * B_scale) is computed once per call; each row chunk's epilogue then
+// adds h @ B[rows]^T to its fp32 outputs before the final cast.
+struct LoraPath {
+  at::Tensor a, b, hscale, h;  // contiguous factors, fp32 scale product (int8 only), h [M, r]
+  int ft = kFactorF32;
+  int64_t r = 0;
+  bool active() const { return a.defined(); }
+  const void* b_rows(int64_t r0) const {  // row r0 of B
+    return static_cast<const uint8_t*>(b.data_ptr()) + r0 * r * b.element_size();
+  }
+};
+
+int factor_type(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return kFactorF32;
+    case at::kHalf: return kFactorF16;
+    case at::kBFloat16: return kFactorBF16;
+    case at::kChar: return kFactorI8;
+    default: TORCH_CHECK(false, "LoRA factors must be float32, float16, bfloat16 or int8, got ", t.scalar_type());
+  }
+  return -1;
+}
+
+LoraPath lora_path(const c10::optional<at::Tensor>& A, const c10::optional<at::Tensor>& B,
+                   const c10::optional<at::Tensor>& A_scale, const c10::optional<at::Tensor>& B_scale,
+                   int64_t K, int64_t N) {
+  LoraPath lp;
+  const bool has_a = A.has_value() && A->defined(), has_b = B.has_value() && B->defined();
+  TORCH_CHECK(has_a == has_b, "lora_A and lora_B must be given together");
+  if (!has_a) return lp;
+  TORCH_CHECK(A->dim() == 2 && A->size(1) == K, "lora_A must be [r, in_features=", K, "], got ", A->sizes());
+  lp.r = A->size(0);
+  TORCH_CHECK(B->dim() == 2 && B->size(0) == N && B->size(1) == lp.r, "lora_B must be [out_features=", N,
+              ", r=", lp.r, "], got ", B->sizes());
+  TORCH_CHECK(A->scalar_type() == B->scalar_type(), "lora_A is ", A->scalar_type(), " but lora_B is ",
+              B->scalar_type());
+  lp.ft = factor_type(*A);
+  const bool has_as = A_scale.has_value() && A_scale->defined(), has_bs = B_scale.has_value() && B_scale->defined();
+  if (lp.ft == kFactorI8) {
+    TORCH_CHECK(has_as && has_bs && A_scale->numel() == lp.r && B_scale->numel() == lp.r,
+                "int8 LoRA factors need lora_A_scale and lora_B_scale with r=", lp.r, " entries each");
+    lp.hscale = (A_scale->to(at::kFloat).reshape({-1}) * B_scale->to(at::kFloat).reshape({-1})).contiguous();
+  } else {
+    TORCH_CHECK(!has_as && !has_bs, "lora_A_scale / lora_B_scale only go with int8 factors, got ",
+                A->scalar_type());
+  }
+  lp.a = A->contiguous();
+  lp.b = B->contiguous();
+  return lp;
+}
+
+// h = x @ A^T for x float32 [M, K]: threads over tokens, or over rank components when M is small.
+void lora_down(LoraPath& lp, const float* x, int64_t M, int64_t K) {
+  lp.h = at::empty({M, lp.r}, at::kFloat);
+  const LoraDownKernel down = active_isa() == kAvx2 ? lora_down_avx2 : lora_down_scalar;
+  const char* A = static_cast<const char*>(lp.a.data_ptr());
+  const int64_t esz = lp.a.element_size(), r = lp.r;
+  const float* hs = lp.hscale.defined() ? lp.hscale.data_ptr<float>() : nullptr;
+  float* h = lp.h.data_ptr<float>();
+  const int nt = M * r * K >= (1 << 18) ? num_threads() : 1;  // below: a few microseconds
+  if (M >= nt) {
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t m = 0; m < M; ++m) down(A, lp.ft, r, K, x + m * K, K, 1, hs, h + m * r, r);
+  } else {
+    const int64_t per = (r + nt - 1) / nt;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int t = 0; t < nt; ++t) {
+      const int64_t j0 = t * per, nj = std::min(per, r - j0);
+      if (nj > 0) down(A + j0 * K * esz, lp.ft, nj, K, x, K, M, hs ? hs + j0 : nullptr, h + j0, r);
+    }
+  }
+}
+
+// Epilogue of one row chunk: y[m, r0 + n] += h[m] . B[r0 + n] for n < nr.
+void lora_up(const LoraPath& lp, int64_t r0, int64_t nr, int64_t M, float* y, int64_t N) {
+  const LoraUpKernel up = active_isa() == kAvx2 ? lora_up_avx2 : lora_up_scalar;
+  up(lp.b_rows(r0), lp.ft, nr, lp.r, lp.h.data_ptr<float>(), lp.r, M, y + r0, N);
+}
+
 at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
-                      int64_t N, int64_t variant, const float* bias) {
+                      int64_t N, int64_t variant, const float* bias, const LoraPath& lp) {
   const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
   const int64_t gsize = K / G, gs = kGroupRows * w.size(1);  // bytes per 4-row group
   const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
@@ -179,12 +260,13 @@ at::Tensor ternary_a8(const at::Tensor& x2, const at::Tensor& w, const ScaleView
       for (int64_t m = 0; m < M; ++m)
         for (int64_t r = 0; r < nr; ++r)
           yp[m * N + r0 + r] = part[m * kRowChunk + r] / ap[m] + (bias ? bias[r0 + r] : 0.f);
+     if (lp.active()) lora_up(lp, r0, nr, M, yp, N);
   });
   return y;
 }
 
 at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleView& sv, int64_t K,
-                       int64_t N, int64_t variant, const float* bias) {
+                       int64_t N, int64_t variant, const float* bias, const LoraPath& lp) {
   const int64_t M = x2.size(0), nblk = nblocks(K), Kp = nblk * kBlockK, G = sv.groups;
   const int64_t gsize = K / G, gs = kGroupRows * w.size(1);  // bytes per 4-row group
   const bool simd = active_isa() == kAvx2 && (G == 1 || gsize % kBlockK == 0);
@@ -227,6 +309,7 @@ at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleVie
     for (int64_t m = 0; m < M; ++m)
       for (int64_t r = 0; r < nr; ++r)
         yp[m * N + r0 + r] = part[m * kRowChunk + r] + (bias ? bias[r0 + r] : 0.f);
+     if (lp.active()) lora_up(lp, r0, nr, M, yp, N);
   });
   return y;
 }
@@ -265,9 +348,14 @@ at::Tensor ternary_repack_cpu(const at::Tensor& packed, int64_t K) {
 // y [..., N] = W1.58 linear of x [..., K] (float32/bfloat16/float16), same numbers as
 // reference.ternary_linear_reference. w: ternary_repack_cpu output (N = out_features); scale float32 [1] | [N] |
 // [N, K/G] (multiplies); bias [N] or None; act_bits 8 | 16; variant 0 = add-only, 1 = dot.
+// Optional LoRA side path, y += (x @ A^T) @ B^T in fp32 before the cast (LoraPath): lora_A [r, K],
+// lora_B [N, r] float32/float16/bfloat16, or int8 with lora_A_scale / lora_B_scale float32 [r].
 at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                               const c10::optional<at::Tensor>& bias, int64_t K, int64_t N,
-                              int64_t act_bits, int64_t variant) {
+                              int64_t act_bits, int64_t variant, const c10::optional<at::Tensor>& lora_A,
+                              const c10::optional<at::Tensor>& lora_B,
+                              const c10::optional<at::Tensor>& lora_A_scale,
+                              const c10::optional<at::Tensor>& lora_B_scale) {
   check_weight(w, K, N);
   TORCH_CHECK(act_bits == 8 || act_bits == 16, "act_bits must be 8 or 16, got ", act_bits);
   TORCH_CHECK(variant == 0 || variant == 1, "variant must be 0 (add) or 1 (dot), got ", variant);
@@ -277,9 +365,12 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at
     TORCH_CHECK(bias->numel() == N, "bias has ", bias->numel(), " entries, expected ", N);
     b = bias->to(at::kFloat).contiguous();
   }
+  LoraPath lp = lora_path(lora_A, lora_B, lora_A_scale, lora_B_scale, K, N);
   const at::Tensor x2 = as_float_rows(x, K);
   const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
-  at::Tensor y = act_bits == 8 ? ternary_a8(x2, w, sv, K, N, variant, bp) : ternary_a16(x2, w, sv, K, N, variant, bp);
+  if (lp.active()) lora_down(lp, x2.data_ptr<float>(), x2.size(0), K);
+  at::Tensor y = act_bits == 8 ? ternary_a8(x2, w, sv, K, N, variant, bp, lp)
+                               : ternary_a16(x2, w, sv, K, N, variant, bp, lp);
   return finish(y, x, N);
 }
 
@@ -342,7 +433,7 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10:
 
 TORCH_LIBRARY_FRAGMENT(bitengine, m) {
   m.def("ternary_repack_cpu(Tensor packed, int in_features) -> Tensor");
-  m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int out_features, int act_bits, int variant) -> Tensor");
+  m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int out_features, int act_bits, int variant, Tensor? lora_A=None, Tensor? lora_B=None, Tensor? lora_A_scale=None, Tensor? lora_B_scale=None) -> Tensor");
   m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int out_features, int variant) -> Tensor");
   m.def("dense_linear_cpu(Tensor x, Tensor w, Tensor? w_scale, Tensor? bias, int in_features) -> Tensor");
 }
