@@ -9,6 +9,13 @@ replayed once per token; the first tokens are checked against eager decoding. Pr
 forward of T tokens into the cache. Reports ms/token, tokens/s, time to first token (prefill of the
 64-token prompt + one step), peak GPU memory and weight bytes.
 
+Variant "hf-fp16" is the outside baseline, measured in the same run: a random-weight transformers
+LlamaForCausalLM at the same sizes in fp16 (the BitNet-2B-4T shape as a Llama config: same sizes and
+relu2 MLP, no sub-norms), timed through `model.generate(do_sample=False)` as a user would call it
+(eager, no CUDA graph). Decode ms/step = (time of NEW new tokens - time of 2) / (NEW - 2); TTFT = the
+2-token call, as the bitengine rows (prefill + one step); prefill = one forward of T tokens with a cache.
+Drop it with --variants when the run is short on time. Plot a result with bench/plot_e2e.py.
+
     python bench/bench_e2e.py --out bench/results [--models bitnet-2b-4t,llama-2-7b] [--batches 1,8,32]
 """
 
@@ -16,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
+import gc
 import json
 import os
 import statistics
@@ -241,6 +250,104 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     torch.cuda.empty_cache()
 
 
+def hf_llama_config(cfg: ModelConfig):
+    """A transformers LlamaConfig with cfg's sizes (a BitNet shape loses its sub-norms: say so in the output)."""
+    from transformers import LlamaConfig
+    from transformers.activations import ACT2FN
+
+    return LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+                       max_position_embeddings=8192, tie_word_embeddings=cfg.tie_word_embeddings,
+                       hidden_act=cfg.hidden_act if cfg.hidden_act in ACT2FN else "silu",
+                       bos_token_id=None, eos_token_id=None, pad_token_id=0)
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _peak_gib() -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
+
+
+def _timed(fn) -> float:
+    """Wall-clock ms of fn() (host time: generate() syncs on its own every step)."""
+    _sync()
+    t0 = time.perf_counter()
+    fn()
+    _sync()
+    return 1000 * (time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def bench_hf(name, batches, prefills, rows, budget_end, new_tokens=None):
+    """transformers FP16 LlamaForCausalLM, random weights, `generate` (greedy) and one prefill forward."""
+    import transformers
+
+    cfg = MODELS[name]
+    if DEVICE == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    dtype = torch.float16 if DEVICE == "cuda" else torch.float32  # CPU: smoke tests only
+    torch.manual_seed(0)
+    with torch.device(DEVICE):
+        model = transformers.AutoModelForCausalLM.from_config(hf_llama_config(cfg), dtype=dtype).eval()
+    try:
+        _bench_hf_model(model, name, batches, prefills, rows, budget_end, new_tokens or NEW)
+    finally:  # free the fp16 model before the next row, also after an error
+        del model
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _hf_generate(model, prompt, n):
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                          do_sample=False, pad_token_id=0)
+
+
+def _bench_hf_model(model, name, batches, prefills, rows, budget_end, new):
+    import transformers
+
+    cfg = MODELS[name]
+    seen, wbytes = set(), 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            wbytes += p.nbytes
+    note = ("BitNet-2B-4T sizes as a LlamaConfig (relu2 MLP, no sub-norms)" if cfg.arch == "bitnet"
+            else "same config")
+    base = {"model": name, "variant": "hf-fp16", "engine": "transformers",
+            "backend": f"transformers {transformers.__version__} generate ({model.config._attn_implementation})",
+            "weight_GiB": wbytes / 2**30, "resident_GiB": wbytes / 2**30, "note": note}
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    for b in batches:
+        if time.time() > budget_end:
+            break
+        prompt = torch.randint(0, cfg.vocab_size, (b, PROMPT), device=DEVICE, generator=g)
+        _hf_generate(model, prompt, 4)  # warm-up: kernels, allocator
+        if DEVICE == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        ttft = statistics.median(_timed(functools.partial(_hf_generate, model, prompt, 2)) for _ in range(3))
+        total = _timed(functools.partial(_hf_generate, model, prompt, new))
+        ms = (total - ttft) / (new - 2)
+        rows.append({**base, "batch": b, "decode_ms_per_step": ms, "decode_tokens_per_s": 1000 * b / ms,
+                     "ttft_ms": ttft, "graph_matches_eager": None, "peak_GiB": _peak_gib()})
+        print(json.dumps(rows[-1]), flush=True)
+    for t in prefills:
+        if time.time() > budget_end:
+            break
+        prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
+        forward = functools.partial(model, prompt, use_cache=True, logits_to_keep=1)
+        forward()  # warm-up
+        ms = statistics.median(_timed(forward) for _ in range(3))
+        rows.append({**base, "prefill_tokens": t, "prefill_ms": ms, "prefill_tokens_per_s": 1000 * t / ms,
+                     "peak_GiB": _peak_gib()})
+        print(json.dumps(rows[-1]), flush=True)
+
+
 def markdown(env, rows):
     lines = [f"# End-to-end decode / prefill on {env['card']} ({env['date']})", "",
              (f"torch {env['torch']}, CUDA {env['cuda']}, commit `{env['git_commit'][:12]}`. Random weights; decode = "
@@ -253,13 +360,18 @@ def markdown(env, rows):
             lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['weight_GiB']:.2f} / "
                          f"{r['resident_GiB']:.2f} | {r['batch']} | "
                          f"{r['decode_ms_per_step']:.3f} | {r['decode_tokens_per_s']:.0f} | {r['ttft_ms']:.1f} | "
-                         f"{r['graph_matches_eager']} | {r['peak_GiB']:.2f} |")
+                         f"{'-' if r['graph_matches_eager'] is None else r['graph_matches_eager']} | "
+                         f"{'-' if r['peak_GiB'] is None else format(r['peak_GiB'], '.2f')} |")
     lines += ["", "| model | weights | backend | prompt tokens | prefill ms | tokens/s |",
               "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "prefill_tokens" in r:
             lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['prefill_tokens']} | {r['prefill_ms']:.1f} | "
                          f"{r['prefill_tokens_per_s']:.0f} |")
+    notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "hf-fp16 = transformers LlamaForCausalLM, fp16, random weights, `generate(do_sample=False)` "
+                  "(eager, no CUDA graph; TTFT = 2 new tokens, decode = the rest). " + "; ".join(notes) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -267,7 +379,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--models", default="bitnet-2b-4t,llama-2-7b,llama-3-8b")
-    ap.add_argument("--variants", default="a8,fp16,a16")
+    ap.add_argument("--variants", default="a8,fp16,a16,hf-fp16",
+                    help="a8, a16, fp16 (bitengine; '+unfused', '+int8head', '+compile' modifiers) and hf-fp16 "
+                         "(transformers generate baseline)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prefills", default="512,2048")
     ap.add_argument("--budget-s", type=float, default=240, help="stop starting new measurements after this long")
@@ -283,11 +397,13 @@ def main():
             if time.time() > end:
                 break
             try:
-                bench_model(name, variant, [int(b) for b in args.batches.split(",")],
-                            [int(t) for t in args.prefills.split(",") if t], rows, end)
+                run = bench_hf if variant == "hf-fp16" else functools.partial(bench_model, variant=variant)
+                run(name, batches=[int(b) for b in args.batches.split(",")],
+                    prefills=[int(t) for t in args.prefills.split(",") if t], rows=rows, budget_end=end)
             except Exception as e:  # noqa: BLE001 - record and continue with the next model
                 rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]})
                 print(rows[-1], flush=True)
+                gc.collect()
                 torch.cuda.empty_cache()
             os.makedirs(args.out, exist_ok=True)
             with open(os.path.join(args.out, f"gpu_e2e_{tag}.json"), "w") as f:
