@@ -202,6 +202,10 @@ def _lora_main() -> int:
     n, k, r = 48, 160, 8
     w_q, scale = absmean_quantize(torch.randn(n, k), "channel", 0)
     packed = pack_ternary(w_q)
+    lora_args = (torch.randn(2, 3, k).half(), k4_to_i2w(packed, k), scale, k, 8, None,
+                 torch.randn(r, k).half(), torch.randn(n, r).half())
+    torch.library.opcheck(torch.ops.bitengine.ternary_linear.default, lora_args,
+                          test_utils=("test_schema", "test_faketensor"))
     for act_bits in (8, 16):
         layer = BitLinear(k, n, act_bits=act_bits, scale_shape=(n,), bias=True, dtype=torch.float16)
         layer.weight_packed.copy_(packed)
