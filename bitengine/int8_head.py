@@ -18,8 +18,6 @@ This module does not load or convert checkpoints; the loader decides when to cal
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -35,19 +33,21 @@ def _kernel_ready(t: torch.Tensor) -> bool:
     return cpu._C is not None
 
 
-@functools.cache
-def _gpu_kernel_reason(device: torch.device) -> str | None:
-    """None when the Triton int8 kernel runs on this CUDA device (the triton backend's conditions)."""
-    from .backends import triton as triton_backend
-
-    return triton_backend.TritonBackend().unavailable_reason(device)
+_GPU_READY: dict[int, bool] = {}  # CUDA device index -> the Triton int8 kernel runs there
 
 
 def _gpu_kernel_ready(t: torch.Tensor) -> bool:
+    """True on a CUDA device where the triton backend could run (triton importable, compute capability
+    >= 8.0); decided once per device. A plain dict, not functools.cache, so torch.compile traces it."""
     if t.device.type != "cuda":
         return False
-    index = t.device.index if t.device.index is not None else torch.cuda.current_device()
-    return _gpu_kernel_reason(torch.device("cuda", index)) is None
+    ready = _GPU_READY.get(t.device.index)  # a CUDA tensor's device always has its index
+    if ready is None:
+        from .backends import triton as triton_backend
+
+        ready = triton_backend.TritonBackend().unavailable_reason(t.device) is None
+        _GPU_READY[t.device.index] = ready
+    return ready
 
 
 def _pad_cols(w: torch.Tensor) -> torch.Tensor:
