@@ -247,6 +247,8 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         print(json.dumps(rows[-1]), flush=True)
         del cache
     del model
+    torch._dynamo.reset()  # compiled layers hold the model (and count against the recompile limit) otherwise
+    gc.collect()
     torch.cuda.empty_cache()
 
 

@@ -129,6 +129,8 @@ def variants(m, ext):
         v["triton_a8_prepass"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k, fused=False)
         if ext is not None:
             v["cuda_a8"] = lambda x, w, s, k: torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
+            v["cuda_a8_v1"] = lambda x, w, s, k: ext._C_cuda.ternary_gemv_a8(x, w, s, k, None,
+                                                                               ext.rows_per_warp(w.shape[0], 1))
     elif m <= 16:
         v["triton_a8_gemv"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)

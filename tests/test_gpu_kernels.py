@@ -156,7 +156,8 @@ def test_gemv_fused_and_unfused(fused):
               torch.float16, f"fused={fused} m={m}")
 
 
-@pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096)])
+@pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096), (4096, 11008),
+                                 (300, 14336), (130, 64), (12288, 4096)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_gemv(n, k, dtype):
     ext = _cuda_ext()
@@ -167,7 +168,11 @@ def test_cuda_gemv(n, k, dtype):
         bias = torch.randn(n, device="cuda").to(dtype)
         x = torch.randn(1, k, device="cuda").to(dtype)
         y = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias)
-        check(y, reference64(x, packed, scale, k, 8, bias), dtype, f"cuda {n}x{k} {gran}")
+        ref = reference64(x, packed, scale, k, 8, bias)
+        check(y, ref, dtype, f"cuda {n}x{k} {gran}")
+        for rows in (0, 1, 2, 4):  # 0: version 2 (pipelined tiles); 1, 2, 4: version 1 with that many rows per warp
+            y = ext._C_cuda.ternary_gemv_a8(x, words, scale, k, bias, rows)
+            check(y, ref, dtype, f"cuda rows_per_warp={rows} {n}x{k} {gran}")
 
 
 def test_backends_on_bitlinear_and_cuda_graph():

@@ -10,6 +10,8 @@ with float factors always take the Triton op, whose epilogue adds the side path 
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import register
@@ -28,8 +30,16 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 CUDA_MIN_NK = 8_000_000
 
 
-def rows_per_warp(n: int) -> int:
-    """Rows each warp streams at once: fewer for short outputs so every SM gets blocks."""
+# Kernel version: 2 (default) pipelines two weight tiles per warp at 4 blocks per SM (csrc/cuda/ternary_gemv.cu);
+# 1 is the first version (one row group in flight per warp, 2 blocks per SM), kept for comparison.
+GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
+
+
+def rows_per_warp(n: int, version: int | None = None) -> int:
+    """The extension's rows_per_warp argument: 0 selects version 2 (it shapes its tiles by K itself);
+    for version 1, rows each warp streams at once, fewer for short outputs so every SM gets blocks."""
+    if (version or GEMV_VERSION) == 2:
+        return 0
     return 1 if n <= 8192 else 2
 
 

@@ -93,19 +93,19 @@ __device__ __forceinline__ int4 pack_word(const float (&v)[16], float a, int& su
   return make_int4(packed[0], packed[1], packed[2], packed[3]);
 }
 
-// Words of x each thread keeps in registers between the absmax and the quantization (K <= 16384);
-// words beyond that are loaded twice.
+// Words of x each thread keeps in registers between the absmax and the quantization (version 1: K <= 16384;
+// version 2 keeps 1, K <= 4096); words beyond that are loaded twice (from L2).
 constexpr int kRegWords = 4;
 
-template <typename T>
+template <typename T, int RegWords = kRegWords>
 __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4* xq, float* a_out, int* xsum_out) {
   __shared__ float red_f[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float v[kRegWords][16];
+  float v[RegWords][16];
   float amax = 0.f;
 #pragma unroll
-  for (int i = 0; i < kRegWords; ++i) {  // all loads issued before any use
+  for (int i = 0; i < RegWords; ++i) {  // all loads issued before any use
     const int wi = tid + i * kThreads;
     if (wi < KW) {
       load_word(x, wi, K, v[i]);
@@ -115,10 +115,10 @@ __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4*
     }
   }
 #pragma unroll
-  for (int i = 0; i < kRegWords; ++i)
+  for (int i = 0; i < RegWords; ++i)
 #pragma unroll
     for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[i][j]));
-  for (int wi = tid + kRegWords * kThreads; wi < KW; wi += kThreads) {
+  for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
     float t[16];
     load_word(x, wi, K, t);
 #pragma unroll
@@ -133,11 +133,11 @@ __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4*
   const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
   int sum = 0;
 #pragma unroll
-  for (int i = 0; i < kRegWords; ++i) {
+  for (int i = 0; i < RegWords; ++i) {
     const int wi = tid + i * kThreads;
     if (wi < KW) xq[xq_slot(wi)] = pack_word(v[i], a, sum);
   }
-  for (int wi = tid + kRegWords * kThreads; wi < KW; wi += kThreads) {
+  for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
     float t[16];
     load_word(x, wi, K, t);
     xq[xq_slot(wi)] = pack_word(t, a, sum);
@@ -220,6 +220,87 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   }
 }
 
+// Version 2 (the default, rows_per_warp = 0): the same arithmetic, organised for bytes in flight.
+// A warp walks a flat sequence of tiles (R rows x U 16-byte vectors per lane of one K chunk) and issues
+// tile t + 1's loads before it computes tile t (two register buffers), so the memory system always has
+// two tiles per warp to work on; register use is capped for 4 blocks (32 warps) per SM; rows are split
+// so that every block gets the same number of row groups (no tail round for a few blocks).
+template <typename T, int R, int U>
+__global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
+    const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
+    int per_channel, const T* __restrict__ bias, T* __restrict__ y, int N, int K, int KW) {
+  extern __shared__ int4 xq[];
+  __shared__ float a_s;
+  __shared__ int xsum_s;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int kw4 = KW / 4;                          // 16-byte vectors per row
+  const int chunks = (kw4 + 32 * U - 1) / (32 * U);  // K chunks per row group
+  const int row_step = gridDim.x * kWarps * R;
+  int row0 = (blockIdx.x * kWarps + warp) * R;
+  int chunk = 0;
+  uint4 buf[2][U][R];
+  auto load_tile = [&](uint4 (&b)[U][R], int first_row, int c) {
+    const int v0 = c * 32 * U + lane;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(first_row + r, N - 1)) * stride_w);
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+        if (v0 + 32 * u < kw4) b[u][r] = load_stream(row + v0 + 32 * u);
+    }
+  };
+  if (row0 < N) load_tile(buf[0], row0, 0);
+  quantize_to_shared<T, 1>(x, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
+  const float a = a_s;
+  const int xsum = xsum_s;
+  int acc[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0;
+  // one tile: accumulate, and at the end of a row group write its outputs; returns false when done
+  auto step = [&](uint4 (&cur)[U][R], uint4 (&nxt)[U][R]) -> bool {
+    if (row0 >= N) return false;
+    int nrow = row0, nchunk = chunk + 1;
+    if (nchunk == chunks) { nchunk = 0; nrow += row_step; }
+    if (nrow < N) load_tile(nxt, nrow, nchunk);  // in flight while this tile is computed
+    const int v0 = chunk * 32 * U + lane;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = v0 + 32 * u;
+      if (v < kw4) {
+        const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
+        const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          acc[r] = dot_word(cur[u][r].x, x0, acc[r]);
+          acc[r] = dot_word(cur[u][r].y, x1, acc[r]);
+          acc[r] = dot_word(cur[u][r].z, x2, acc[r]);
+          acc[r] = dot_word(cur[u][r].w, x3, acc[r]);
+        }
+      }
+    }
+    if (chunk == chunks - 1) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        int s = acc[r];
+        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        acc[r] = 0;
+        const int n = row0 + r;
+        if (lane == 0 && n < N) {
+          const float sc = scale[per_channel ? n : 0];
+          float out = __fdiv_rn(__fmul_rn(static_cast<float>(s - xsum), sc), a);
+          if (bias) out = __fadd_rn(out, to_float(bias[n]));
+          y[n] = from_float<T>(out);
+        }
+      }
+    }
+    row0 = nrow;
+    chunk = nchunk;
+    return true;
+  };
+  while (step(buf[0], buf[1]) && step(buf[1], buf[0])) {
+  }
+}
+
 template <typename T, int R, int U>
 void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
             torch::Tensor& y, int K) {
@@ -240,9 +321,38 @@ void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor&
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T, int R, int U>
+void launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+               torch::Tensor& y, int K) {
+  const int N = w.size(0), KW = w.size(1);
+  const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
+  auto kernel = ternary_gemv_a8_v2_kernel<T, R, U>;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int row_groups = (N + kWarps * R - 1) / (kWarps * R);
+  const int slots = sms * std::max(per_sm, 1);
+  const int rounds = (row_groups + slots - 1) / slots;      // row groups per block
+  const int grid = std::max(1, (row_groups + rounds - 1) / rounds);  // every block gets `rounds` (the last fewer)
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+      reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int>(), w.stride(0), scale.data_ptr<float>(),
+      scale.numel() > 1 ? 1 : 0, bias, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <typename T>
 void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
                    torch::Tensor& y, int K, int rows_per_warp) {
+  if (rows_per_warp == 0) {  // v2: tile of 4 vectors per lane, shaped by the row length
+    const int kw4 = static_cast<int>(w.size(1)) / 4;
+    if (kw4 <= 32) launch_v2<T, 4, 1>(x, w, scale, bias, y, K);
+    else if (kw4 <= 64) launch_v2<T, 2, 2>(x, w, scale, bias, y, K);
+    else launch_v2<T, 1, 4>(x, w, scale, bias, y, K);
+    return;
+  }
   switch (rows_per_warp) {
     case 1: launch<T, 1, 8>(x, w, scale, bias, y, K); break;
     case 2: launch<T, 2, 4>(x, w, scale, bias, y, K); break;
@@ -253,7 +363,8 @@ void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::
 }  // namespace
 
 // x: float16/bfloat16/float32 [1, K] (or [K]) contiguous; w: int32 [N, KW] i2w, KW % 16 == 0, KW * 16 >= K;
-// scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 1, 2 or 4.
+// scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 0 (version 2, pipelined
+// tiles shaped by K) or 1, 2, 4 (version 1 with that many rows per warp).
 // Returns y [1, N] in x's dtype.
 torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                                    c10::optional<torch::Tensor> bias, int64_t rows_per_warp) {
