@@ -22,9 +22,9 @@ python -c "import bitengine._C_cuda as c; print('cuda extension ok', c.__file__)
 stamp bench_kernels
 [ "${SKIP_KERNELS:-0}" = 1 ] || timeout "${BENCH_TIMEOUT:-150}" python bench/bench_kernels.py --out "$OUT" 2>&1 | tee "$OUT/bench.log" | tail -75
 stamp bench_e2e
-timeout "${E2E_TIMEOUT:-170}" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v '^{' | tail -40
+[ "${SKIP_E2E:-0}" = 1 ] || timeout "${E2E_TIMEOUT:-170}" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | tee "$OUT/e2e.log" | grep -v '^{' | tail -40
 stamp tests
-T=$(left); [ "$T" -gt 170 ] && T=170
+T=$(left); [ "$T" -gt "${TEST_TIMEOUT:-170}" ] && T=${TEST_TIMEOUT:-170}
 if [ "$T" -gt 20 ]; then
   timeout "$T" python -m pytest -v -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_kernels.py tests/test_gpu_model.py} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
   grep -E "PASSED|FAILED|ERROR|SKIPPED" "$OUT/tests.log" | awk '{print $NF}' | sort | uniq -c

@@ -183,7 +183,7 @@ def _stream(gen, model, text_mode: bool, stops: list[str]) -> Iterator:
 def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stops, seed,
                    text_mode, ignore_eos, sync_every=16, cuda_graph=None, compile=False):
     """Yields, every `sync_every` steps, the generated ids so far for every row (list of lists)."""
-    device = model.model.embed_tokens.weight.device
+    device = model.device
     b = len(rows)
     t = max(len(r) for r in rows)
     context = model.max_seq

@@ -171,6 +171,16 @@ class CausalLM(nn.Module):
         if self.config.tie_word_embeddings and isinstance(self.lm_head, DenseLinear):
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model runs (its rotary table lives there; embeddings may be an int8 module)."""
+        return self.inv_freq.device
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        """The dtype activations (and the KV cache) run in: the final norm's, which the loader sets to it."""
+        return self.model.norm.weight.dtype
+
     def rope(self, position_ids: torch.Tensor):
         """cos, sin (B, 1, T, hd) in float32 for integer positions (B, T)."""
         freqs = position_ids[..., None].float() * self.inv_freq  # (B, T, hd/2)
@@ -229,8 +239,7 @@ class CausalLM(nn.Module):
         self.layers_compiled = True
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype=None) -> KVCache:
-        dtype = dtype or self.model.embed_tokens.weight.dtype
-        return KVCache(self.config, batch, max_seq or self.max_seq, dtype, self.model.embed_tokens.weight.device)
+        return KVCache(self.config, batch, max_seq or self.max_seq, dtype or self.activation_dtype, self.device)
 
     def set_adapters(self, adapters, mode: str | None = None, adapter_dtype: str | None = None):
         """Switch the LoRA adapters without reloading the base model (see bitengine.lora.set_adapters)."""

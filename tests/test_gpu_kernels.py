@@ -359,8 +359,7 @@ def test_int8_head_module_graph_compile_and_memory():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("head", ["int8", pytest.param("int8+embeddings", marks=pytest.mark.xfail(
-    reason="model.new_cache / generate read embed_tokens.weight, which Int8Embedding has not (also on CPU)"))])
+@pytest.mark.parametrize("head", ["int8", "int8+embeddings"])
 def test_load_cuda_int8_head_end_to_end(tmp_path, head):
     """bitengine.load(device="cuda", head=...) then generate: the head is an Int8Linear on the GPU and its
     logits are close to the fp16 head's."""

@@ -75,7 +75,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
     loaded = [read_adapter(p, w) for p, w in specs]
     factors = resolve(loaded, shapes, num_layers=model.config.num_layers, base_weight=lambda n: _base_weight(model, n))
     # validated: compute the new layer state off-model, then swap it in
-    dtype = getattr(model, "compute_dtype", None) or model.model.embed_tokens.weight.dtype
+    dtype = getattr(model, "compute_dtype", None) or model.activation_dtype
     if mode == "fused":
         new = {n: _stack(fs, dtype, _device(layers[n]), adapter_dtype) for n, fs in factors.items()}
     else:
@@ -236,7 +236,7 @@ def _probe_ids(model) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     t = min(PROBE_TOKENS, model.max_seq)
     ids = torch.randint(0, model.config.vocab_size, (1, t), generator=g)
-    return ids.to(model.model.embed_tokens.weight.device)
+    return ids.to(model.device)
 
 
 @torch.no_grad()

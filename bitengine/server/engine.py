@@ -105,7 +105,7 @@ class Engine:
         self._detok = copy.deepcopy(self.tokenizer)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.max_seq = min(max_seq or model.max_seq, model.max_seq)
-        self.device = model.model.embed_tokens.weight.device
+        self.device = model.device
         self.cache = model.new_cache(batch=max_batch, max_seq=self.max_seq)
         self.eos = eos_ids(model)
         self.rows: list[Request | None] = [None] * max_batch
