@@ -6,7 +6,8 @@ absmean, W1.58A8) and loaded with backend "auto"; random PEFT-format adapters (r
 linears of every layer) are written beside it. Default layers: 22 on CUDA (the full model), 4 on
 the CPU (a 2-core machine; the head then weighs more than on the full model: the table says so).
 
-Measured: batch-1 greedy decode steps (eager `generate.Decoder`, as `generate()` runs them)
+Measured: batch-1 greedy decode steps as `generate()` runs them (`generate.make_decoder`: the eager step on
+the CPU, the CUDA-graph step on CUDA)
 after a 16-token prefill; median over repeats of `--steps` steps. Cases: base; fused with 1 and
 4 adapters (the 4 stacked into one r=64 side path); fused 4 with int8 factors; merge with 1
 adapter (re-ternarized: base speed by construction).
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import bitengine  # noqa: E402
-from bitengine.generate import Decoder  # noqa: E402
+from bitengine.generate import make_decoder  # noqa: E402
 from bitengine.lora import apply_adapters, remove_adapters  # noqa: E402
 
 TINYLLAMA = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_attention_heads=32,
@@ -97,7 +98,7 @@ def decode_tokens_per_s(model, device, steps: int) -> float:
     cache = model.new_cache(batch=1, max_seq=PROMPT + steps + 1)
     pos = torch.arange(PROMPT, device=device)
     logits = model(ids, cache=cache, input_pos=pos, kv_len=PROMPT, last_only=True)[:, -1]
-    step = Decoder(model, cache, torch.zeros(1, dtype=torch.long, device=device))
+    step = make_decoder(model, cache, torch.zeros(1, dtype=torch.long, device=device), cuda_graph=None)
     tok = step(logits.argmax(-1, keepdim=True), PROMPT).argmax(-1, keepdim=True)  # one untimed step
     _sync(device)
     t0 = time.perf_counter()
@@ -204,7 +205,9 @@ def main():
                                   f"intermediate 5632, 32/4 heads, vocab 32000), ternary per-tensor W1.58A8, compute "
                                   f"{str(model.compute_dtype).removeprefix('torch.')}; adapters r=16 on all 7 linears "
                                   f"of every layer; batch 1, {PROMPT}-token prompt, median of {args.repeats} x "
-                                  f"{steps} eager decode steps, cases interleaved round by round."),
+                                  f"{steps} decode steps ({'CUDA-graph' if device.type == 'cuda' else 'eager'}, as "
+                                  "generate() runs them), "
+                                  "cases interleaved round by round."),
                   "layers": layers, "steps": steps, "repeats": args.repeats, "device": str(device), "shape": TINYLLAMA},
         "environment": environment(device, model),
         "cases": results,

@@ -381,6 +381,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--models", default="bitnet-2b-4t,llama-2-7b,llama-3-8b")
+    ap.add_argument("--plan", default="", help="per-model variants, overriding --models/--variants: "
+                    "'llama-2-7b=a8+compile,fp16+compile;bitnet-2b-4t=a8+compile'")
     ap.add_argument("--variants", default="a8,fp16,a16,hf-fp16",
                     help="a8, a16, fp16 (bitengine; '+unfused', '+int8head', '+compile' modifiers) and hf-fp16 "
                          "(transformers generate baseline)")
@@ -394,8 +396,10 @@ def main():
     rows = []
     end = time.time() + args.budget_s
     tag = f"{env['card'].replace(' ', '_')}_{env['date'][:10]}"
-    for name in args.models.split(","):
-        for variant in args.variants.split(","):
+    plan = ([(m, v.split(",")) for m, v in (item.split("=", 1) for item in args.plan.split(";"))] if args.plan
+            else [(m, args.variants.split(",")) for m in args.models.split(",")])
+    for name, variants in plan:
+        for variant in variants:
             if time.time() > end:
                 break
             try:

@@ -252,10 +252,14 @@ def test_lora_epilogue_real_shapes(n, k, gran, group, act_bits, r):
         bias = torch.randn(n, device="cuda").to(dtype)
         for m in (1, 16, 128):
             x = torch.randn(m, k, device="cuda", dtype=dtype)
-            delta = (x.double() @ lora_a.double().t()) @ lora_b.double().t()
-            ref = reference64(x, packed, scale, k, act_bits, bias) + delta
+            base = reference64(x, packed, scale, k, act_bits, bias)
+            h = x.double() @ lora_a.double().t()
+            # scale B so the side path is about half the base output: a dropped or wrong side path must fail
+            b = (lora_b.double() * (0.5 * base.norm() / (h @ lora_b.double().t()).norm())).to(dtype)
+            delta = h @ b.double().t()
+            ref = base + delta
             assert (delta.norm() / ref.norm()).item() > 0.1  # the side path must matter to the check
-            y = run_linear(x, words, scale, k, act_bits, bias, lora_a, lora_b)
+            y = run_linear(x, words, scale, k, act_bits, bias, lora_a, b)
             check(y, ref, dtype, f"lora {n}x{k} {gran} A{act_bits} r={r} m={m} {dtype}")
 
 

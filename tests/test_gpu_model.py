@@ -43,7 +43,7 @@ def world(tmp_path_factory):
 
 def _logits(model, ids):
     with torch.no_grad():
-        return model(ids.to(model.model.embed_tokens.weight.device)).double().cpu()
+        return model(ids.to(model.device)).double().cpu()
 
 
 def _rel(a, b):
@@ -52,11 +52,13 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("ckpt", ["a8", "a16", "fp16", "bitnet"])
 def test_logits_match_reference(world, ckpt):
+    """The kernels (fused layers, CUDA C++ and Triton) against the reference backend on the same device and
+    dtype: the same activation rounding on both sides, so only summation order differs."""
     path = world["root"] / ckpt
-    ref = _logits(bitengine.load(path, backend="reference", dtype=torch.float32), world["ids"])
+    ref = _logits(bitengine.load(path, device="cuda", backend="reference"), world["ids"])
     model = bitengine.load(path, device="cuda")
     assert model.backend_name in ("cuda", "triton") or ckpt == "fp16"
-    assert _rel(_logits(model, world["ids"]), ref) < TOL
+    assert _rel(_logits(model, world["ids"]), ref) < 5e-3
 
 
 def test_fusion_and_memory_placement(world):

@@ -25,13 +25,14 @@ except ImportError as e:  # the package works without the extension
     _IMPORT_ERROR = e
 
 MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 16 inputs
-# bench/results/gpu_kernels_NVIDIA_H200_2026-11-28: the C++ GEMV beats the Triton one from 3200 x 3200
-# (5.32 vs 5.40 us) upward and loses below (2560 x 2560: 4.88 vs 4.54 us; 640 x 2560: 3.65 vs 3.37 us).
-CUDA_MIN_NK = 8_000_000
+# bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
+# from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).
+CUDA_MIN_NK = 4_000_000
 
 
-# Kernel version: 2 (default) pipelines two weight tiles per warp at 4 blocks per SM (csrc/cuda/ternary_gemv.cu);
-# 1 is the first version (one row group in flight per warp, 2 blocks per SM), kept for comparison.
+# Kernel version: 2 (default) = auto: version 2 (two weight tiles in flight per warp, 4 blocks per SM) up to
+# K = 4096, version 1 (one row group in flight, 2 blocks per SM, x in registers) beyond; see csrc/cuda.
+# BITENGINE_CUDA_GEMV=1 forces version 1 everywhere (for comparison).
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
 
 

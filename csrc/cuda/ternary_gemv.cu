@@ -346,11 +346,15 @@ void launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tens
 template <typename T>
 void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
                    torch::Tensor& y, int K, int rows_per_warp) {
-  if (rows_per_warp == 0) {  // v2: tile of 4 vectors per lane, shaped by the row length
+  if (rows_per_warp == 0) {  // auto: version 2 up to K = 4096, version 1 beyond
+    // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 6-20%
+    // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
+    // (K = 6912 .. 14336: two chunks per row and x read twice), where version 1's 4 x-words per thread fit.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
     if (kw4 <= 32) launch_v2<T, 4, 1>(x, w, scale, bias, y, K);
     else if (kw4 <= 64) launch_v2<T, 2, 2>(x, w, scale, bias, y, K);
-    else launch_v2<T, 1, 4>(x, w, scale, bias, y, K);
+    else if (w.size(0) <= 8192) launch<T, 1, 8>(x, w, scale, bias, y, K);
+    else launch<T, 2, 4>(x, w, scale, bias, y, K);
     return;
   }
   switch (rows_per_warp) {
@@ -363,8 +367,8 @@ void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::
 }  // namespace
 
 // x: float16/bfloat16/float32 [1, K] (or [K]) contiguous; w: int32 [N, KW] i2w, KW % 16 == 0, KW * 16 >= K;
-// scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 0 (version 2, pipelined
-// tiles shaped by K) or 1, 2, 4 (version 1 with that many rows per warp).
+// scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 0 (auto: version 2,
+// pipelined tiles shaped by K, up to K = 4096; version 1 beyond) or 1, 2, 4 (version 1 with that many rows per warp).
 // Returns y [1, N] in x's dtype.
 torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                                    c10::optional<torch::Tensor> bias, int64_t rows_per_warp) {
