@@ -143,6 +143,22 @@ def test_bias_and_16bit_inputs(isa, dtype):
         assert _rel(y32.reshape(-1, n), _ref64(x.float(), packed, scale, k, act_bits, bias.float())) < TOL
 
 
+def test_large_weights_from_huge_page_slabs(isa):
+    """Weights >= 512 KB are repacked into shared 2 MB-page slabs: several live at once, freed in any order."""
+    k, n = 2048 + 256, 1100  # 700 KB each
+    x = torch.randn(3, k, generator=_gen(1))
+    made = []
+    for seed in range(4):
+        packed, scale = _weights(n, k, seed=seed, granularity="channel")
+        made.append((packed, scale, torch.ops.bitengine.ternary_repack_cpu(packed, k)))
+    del made[1]  # a slab outlives any one of its tensors
+    made.append(made[0][:2] + (torch.ops.bitengine.ternary_repack_cpu(made[0][0], k),))
+    for packed, scale, w in made:
+        assert w.shape == (1100, 9 * 64) and w.is_contiguous()
+        y = torch.ops.bitengine.ternary_linear_cpu(x, w, scale, None, k, n, 8, 1)
+        assert _rel(y, _ref64(x, packed, scale, k, 8)) < TOL
+
+
 def test_bad_shapes_raise():
     packed, scale = _weights(8, 300, seed=2)
     w = torch.ops.bitengine.ternary_repack_cpu(packed, 300)

@@ -85,6 +85,13 @@ void int8_rows_avx2(const int8_t*, int64_t, int64_t, const float*, int64_t, int6
 void half_rows_avx2(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                     float*, int64_t);
 
+// Per-token int8 activation quantization (quant.quantize_activations): returns a = 127 / max(max|x|,
+// 1e-5) (computed as reciprocal(.) * 127, as torch does), writes q[k] = clamp(rint(x[k] * a), -128,
+// 127) for k < K and gsum[g] = sum of q over [g * gsize, (g + 1) * gsize). Both twins give the same bits.
+using QuantizeRow = float (*)(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum);
+float quantize_row_scalar(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum);
+float quantize_row_avx2(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum);
+
 // LoRA side path (the ternary op's epilogue). Factor element types; fp32 accumulation throughout.
 enum FactorType : int { kFactorF32 = 0, kFactorF16 = 1, kFactorBF16 = 2, kFactorI8 = 3 };
 // Down projection: h[m * hs + j] = hscale[j] * sum_k x[m * xs + k] * A[j * K + k] for j < r

@@ -4,6 +4,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cmath>
 #include <type_traits>
 
 #include "kernels.h"
@@ -440,6 +442,57 @@ void lora_up_avx2(const void* B, int ft, int64_t nrows, int64_t r, const float* 
     case kFactorI8: return lora_up_t<kFactorI8>(B, nrows, r, h, hs, M, out, os);
     default: return lora_up_t<kFactorF32>(B, nrows, r, h, hs, M, out, os);
   }
+}
+
+}  // namespace bitengine_cpu
+
+namespace bitengine_cpu {
+
+// Same bits as quantize_row_scalar: max ignores NaN the same way (max_ps(v, acc) keeps acc),
+// round_ps(nearest) is rint in the default rounding mode, the products are the same IEEE products.
+float quantize_row_avx2(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum) {
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  __m256 m0 = _mm256_setzero_ps(), m1 = m0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    m0 = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k), absmask), m0);
+    m1 = _mm256_max_ps(_mm256_and_ps(_mm256_loadu_ps(x + k + 8), absmask), m1);
+  }
+  m0 = _mm256_max_ps(m0, m1);
+  __m128 h = _mm_max_ps(_mm256_castps256_ps128(m0), _mm256_extractf128_ps(m0, 1));
+  h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+  h = _mm_max_ss(h, _mm_movehdup_ps(h));
+  float amax = _mm_cvtss_f32(h);
+  for (; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  const float a = (1.f / std::max(amax, 1e-5f)) * 127.f;
+  const __m256 av = _mm256_set1_ps(a), lo = _mm256_set1_ps(-128.f), hi = _mm256_set1_ps(127.f);
+  const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  auto quant8 = [&](const float* p) {
+    const __m256 v = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(p), av),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(v, lo), hi));
+  };
+  for (int64_t g = 0; g * gsize < K; ++g) {
+    const int64_t k1 = (g + 1) * gsize;
+    __m256i sum = _mm256_setzero_si256();
+    k = g * gsize;
+    for (; k + 32 <= k1; k += 32) {
+      const __m256i i0 = quant8(x + k), i1 = quant8(x + k + 8), i2 = quant8(x + k + 16), i3 = quant8(x + k + 24);
+      sum = _mm256_add_epi32(sum, _mm256_add_epi32(_mm256_add_epi32(i0, i1), _mm256_add_epi32(i2, i3)));
+      // packs work per 128-bit lane: bytes come out as [i0 lo, i1 lo, i2 lo, i3 lo, i0 hi, ...] in
+      // 4-byte pieces; the permute puts them back in k order
+      const __m256i b = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+      _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(b, perm));
+    }
+    int32_t s = hsum_epi32(sum);
+    for (; k < k1; ++k) {
+      const float v = std::min(std::max(std::nearbyint(x[k] * a), -128.f), 127.f);
+      q[k] = (int8_t)v;
+      s += (int32_t)v;
+    }
+    gsum[g] = s;
+  }
+  return a;
 }
 
 }  // namespace bitengine_cpu

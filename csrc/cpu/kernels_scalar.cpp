@@ -1,6 +1,8 @@
 // Portable scalar kernels: the twin every SIMD path is tested against (besides the PyTorch
 // reference), the fallback on CPUs without AVX2, and the path for scale groups that are not a
 // multiple of the 256-weight block. Add-only: each weight selects +x, 0 or -x.
+#include <algorithm>
+#include <cmath>
 #include <cstring>
 
 #include "kernels.h"
@@ -108,6 +110,24 @@ inline float factor_at(const void* p, int ft, int64_t i) {
   }
 }
 }  // namespace
+
+float quantize_row_scalar(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum) {
+  float amax = 0.f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));
+  // Not 127 / amax: torch evaluates `127.0 / tensor` as reciprocal(tensor) * 127, which differs
+  // in the last bit for ~25% of inputs, and then flips rint ties on 16-bit inputs.
+  const float a = (1.f / std::max(amax, 1e-5f)) * 127.f;
+  for (int64_t g = 0; g * gsize < K; ++g) {
+    int32_t s = 0;
+    for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) {
+      const float v = std::min(std::max(std::nearbyint(x[k] * a), -128.f), 127.f);
+      q[k] = (int8_t)v;
+      s += (int32_t)v;
+    }
+    gsum[g] = s;
+  }
+  return a;
+}
 
 void lora_down_scalar(const void* A, int ft, int64_t r, int64_t K, const float* x, int64_t xs,
                       int64_t M, const float* hscale, float* h, int64_t hs) {

@@ -6,12 +6,14 @@
 // set_num_threads(n) (0: torch.get_num_threads()).
 #include <ATen/Parallel.h>
 #include <omp.h>
+#include <sys/mman.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -94,31 +96,17 @@ at::Tensor finish(const at::Tensor& y, const at::Tensor& x, int64_t N) {
   return y.to(x.scalar_type()).reshape(shape);
 }
 
-// Per token: a = 127 / max(max|x|, 1e-5) (as torch computes it), xq = clamp(rint(x * a), -128, 127) (quant.py), zero
-// padding to Kp; xsum[m, g] = sum of xq over group g (for the dot kernels' correction).
+// Per token: a = 127 / max(max|x|, 1e-5), xq = clamp(rint(x * a), -128, 127) (quant.py), zero
+// padding to Kp; xsum[m, g] = sum of xq over group g (for the dot kernels' correction). The AVX2
+// twin gives the same bits (kernels.h); at decode it is most of the per-call work besides the
+// weights (the scalar loop calls libm's nearbyint per element).
 void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t groups, int8_t* xq,
                      float* a, int32_t* xsum) {
-  const int64_t gsize = K / groups;
+  const QuantizeRow quant = active_isa() == kAvx2 ? quantize_row_avx2 : quantize_row_scalar;
   at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
-      const float* xr = x + m * K;
-      float amax = 0.f;
-      for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(xr[k]));
-      // Not 127 / amax: torch evaluates `127.0 / tensor` as reciprocal(tensor) * 127, which differs
-      // in the last bit for ~25% of inputs, and then flips rint ties on 16-bit inputs.
-      const float am = (1.f / std::max(amax, 1e-5f)) * 127.f;
-      a[m] = am;
-      int8_t* q = xq + m * Kp;
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t s = 0;
-        for (int64_t k = g * gsize; k < (g + 1) * gsize; ++k) {
-          const float v = std::min(std::max(std::nearbyint(xr[k] * am), -128.f), 127.f);
-          q[k] = (int8_t)v;
-          s += (int32_t)v;
-        }
-        xsum[m * groups + g] = s;
-      }
-      std::memset(q + K, 0, Kp - K);
+      a[m] = quant(x + m * K, K, K / groups, xq + m * Kp, xsum + m * groups);
+      std::memset(xq + m * Kp + K, 0, Kp - K);
     }
   });
 }
@@ -128,6 +116,9 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g
 // others then take over its chunks instead of waiting at the barrier (static halves did, 2-5x
 // slower under load). Each chunk is still one contiguous stretch of weights. nr: real rows (for
 // the epilogue), nr_padded: rows up to the next multiple of 4 (what the kernels compute).
+// OpenMP, not a pool of our own: torch's ops run on the same libgomp threads, and a second set of
+// spinning workers made whole-model decode 1.3-5x slower on 2 cores (a persistent pool with
+// claim-based waiting, tried 2026-11-28, though it was faster in a kernel-only loop).
 template <typename F>
 void for_row_chunks(int64_t N, F&& body) {
   const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
@@ -316,18 +307,65 @@ at::Tensor ternary_a16(const at::Tensor& x2, const at::Tensor& w, const ScaleVie
 
 }  // namespace
 
+// Repacked weights live in 32 MB slabs of 2 MB pages. A decode step streams every weight byte
+// once; with 4 KB pages that is a TLB miss per 4 KB (a two-level walk under virtualization), and
+// THP is often "madvise" only. 2 MB pages read ~10-20% faster here (stream and kernel loops,
+// 2026-11-28). One slab holds many layers, so the 2 MB rounding is paid per slab (at most one
+// partly used page), not per tensor; a slab is freed with its last tensor. Small weights (tests,
+// tiny models) take ordinary memory.
+struct Slab {
+  uint8_t* base;
+  int64_t size, used = 0, refs = 1;  // refs: live tensors, + 1 while it is the current slab
+};
+std::mutex g_slab_mu;
+Slab* g_slab = nullptr;
+
+void release_slab(Slab* s) {  // with g_slab_mu held
+  if (--s->refs == 0) {
+    std::free(s->base);
+    delete s;
+  }
+}
+
+at::Tensor weight_bytes(int64_t bytes) {
+  constexpr int64_t kHuge = 2 << 20, kSlab = 16 * kHuge, kAlign = 4096;
+  if (bytes < kHuge / 4) return at::empty({bytes}, at::kByte);
+  const int64_t need = (bytes + kAlign - 1) / kAlign * kAlign;
+  std::lock_guard<std::mutex> lock(g_slab_mu);
+  if (!g_slab || g_slab->size - g_slab->used < need) {
+    const int64_t size = std::max(kSlab, (need + kHuge - 1) / kHuge * kHuge);
+    void* p = nullptr;
+    TORCH_CHECK(posix_memalign(&p, kHuge, size) == 0, "out of memory allocating ", size, " bytes");
+#ifdef MADV_HUGEPAGE
+    madvise(p, size, MADV_HUGEPAGE);  // advice only: where refused, small pages
+#endif
+    if (g_slab) release_slab(g_slab);
+    g_slab = new Slab{static_cast<uint8_t*>(p), size};
+  }
+  Slab* s = g_slab;
+  uint8_t* ptr = s->base + s->used;
+  s->used += need;
+  ++s->refs;
+  return at::from_blob(ptr, {bytes}, [s](void*) {
+    std::lock_guard<std::mutex> l(g_slab_mu);
+    release_slab(s);
+  }, at::TensorOptions().dtype(at::kByte));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Public ops.
 
 // k4 uint8 [N, ceil(K/4)] -> i256 uint8 [ceil(N/4)*4, ceil(K/256)*64] (kernels.h: rows in
 // groups of 4, interleaved per block), padding code 1 (weight 0), padding rows all zero weights.
+// Large outputs come from the 2 MB-page slabs (weight_bytes).
 at::Tensor ternary_repack_cpu(const at::Tensor& packed, int64_t K) {
   TORCH_CHECK(packed.dtype() == at::kByte && packed.dim() == 2, "packed weight must be uint8 [N, ceil(K/4)]");
   TORCH_CHECK(packed.size(1) == (K + 3) / 4, "packed weight has ", packed.size(1),
               " bytes per row; in_features=", K, " needs ", (K + 3) / 4);
   auto src = packed.contiguous();
   const int64_t N = src.size(0), cols = src.size(1), ws = nblocks(K) * kBlockBytes;
-  auto out = at::full({padded_rows(N), ws}, 0x55, at::kByte);  // 0x55: code 1 in all four slots
+  auto out = weight_bytes(padded_rows(N) * ws).view({padded_rows(N), ws});
+  out.fill_(0x55);  // code 1 (weight 0) in all four slots
   const uint8_t* s = src.data_ptr<uint8_t>();
   uint8_t* o = out.data_ptr<uint8_t>();
   const int64_t gs = kGroupRows * ws;
