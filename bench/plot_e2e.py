@@ -94,7 +94,7 @@ def main(argv=None):
                label="weights read per step")
         ax.bar([k + 0.2 for k in range(len(vs))], peak, 0.4, color=[colors[v] for v in vs], hatch="//",
                label="peak GPU memory (largest batch)")
-        ax.set_xticks(range(len(vs)), vs)
+        ax.set_xticks(range(len(vs)), vs, rotation=25, ha="right", fontsize=8)
         ax.set_ylabel("GiB")
         ax.grid(axis="y", alpha=0.3)
         if j == 0:
