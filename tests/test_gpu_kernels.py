@@ -410,13 +410,20 @@ def test_load_cuda_with_adapter_fused_matches_reference(tmp_path, backend):
     _peft_adapter(base, tmp_path / "lora", r=8)
     ids = torch.randint(3, 256, (2, 19), device="cuda")
     logits = {}
-    for name in ("reference", backend):
-        model = bitengine.load(tmp_path / "be", device="cuda", backend=name, adapters=[str(tmp_path / "lora")])
+    for name, dtype in (("reference", torch.float32), ("reference", torch.float16), (backend, torch.float16)):
+        model = bitengine.load(tmp_path / "be", device="cuda", backend=name, dtype=dtype,
+                               adapters=[str(tmp_path / "lora")])
         if name != "reference":
             with_path = [m for m in model.modules() if isinstance(m, BitLinear) and m.lora_A is not None]
             assert with_path and all(m.backend.fuses_adapter(m) for m in with_path)
         with torch.no_grad():  # M = 38 (GEMM) and M = 1 (GEMV)
-            logits[name] = [model(ids).double(), model(ids[:1, :1]).double()]
-    for got, ref in zip(logits[backend], logits["reference"]):
-        err = ((got - ref).norm() / ref.norm()).item()
-        assert err < 1e-2, f"{backend} with adapter, {tuple(ref.shape)}: rel.err {err:.2e}"
+            logits[name, dtype] = [model(ids).double(), model(ids[:1, :1]).double()]
+    # fp16 activations move the A8 rounding of some inputs: the fp16 reference itself is ~1% off the fp32 one
+    # at this size (seen under the interpreter: 1.2e-2, the triton path 1.2e-2). The kernels must be no
+    # further from the fp32 reference than the fp16 reference is.
+    for got, ref16, ref32 in zip(logits[backend, torch.float16], logits["reference", torch.float16],
+                                 logits["reference", torch.float32]):
+        err = ((got - ref32).norm() / ref32.norm()).item()
+        err_ref = ((ref16 - ref32).norm() / ref32.norm()).item()
+        assert err < 1.5 * err_ref + 2e-3, f"{backend} with adapter, {tuple(ref32.shape)}: rel.err {err:.2e} " \
+                                          f"(fp16 reference: {err_ref:.2e})"
