@@ -3,7 +3,9 @@
 Every layer gets its own random ternary weights (22 x 7 linears, 242 MB packed: far beyond the
 L3), so decode timings include the trip to DRAM like a real model. Checks each kernel against the
 reference on the first layer before timing. Compared with torch fp32 F.linear on one layer's fp32
-weights (the transformers fp32 path) and with the reference backend (unpack + F.linear).
+weights (the transformers fp32 path), with the reference backend (unpack + F.linear), and, as the
+decode ceiling, with a streaming read of the same packed bytes (torch amax over each layer's
+weights, one call per linear like the kernels).
 
     python bench/bench_cpu_kernels.py --threads 2 [--out bench/results/cpu_kernels.json]
 """
@@ -64,6 +66,7 @@ def main():
     ap.add_argument("--ms", default="1,128")
     ap.add_argument("--isas", default="avx2", help="comma-separated ISAs to time (scalar: ~15 s per step)")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-baselines", action="store_true", help="only bitengine and the streaming read")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu.set_num_threads(args.threads)
@@ -91,6 +94,14 @@ def main():
                                  "GMACps": m * macs_per_token / t / 1e9, "rel_err_vs_reference": err})
                     print(rows[-1], flush=True)
         cpu.set_isa("auto")
+        if m == 1:
+            ws = [w for layer in layers for (_, w, _) in layer.values()]
+            t = _median_time(lambda ws=ws: [w.amax() for w in ws], args.reps)
+            rows.append({"M": m, "engine": "streaming read of the packed weights (torch amax)", "ms_per_step": t * 1e3,
+                         "weight_GBps": wbytes / t / 1e9})
+            print(rows[-1], flush=True)
+        if args.no_baselines:
+            continue
         # torch fp32 F.linear on one layer's fp32 weights (what transformers fp32 runs), x layers
         wf = {name: torch.randn(n, k) for name, (n, k) in SHAPES.items()}
         t = _median_time(lambda xs=xs, wf=wf: [F.linear(xs[k], wf[name]) for name, (n, k) in SHAPES.items()], 5) * args.layers
@@ -107,7 +118,26 @@ def main():
         print(rows[-1], flush=True)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"threads": args.threads, "layers": args.layers, "weight_bytes": wbytes, "rows": rows}, f, indent=1)
+            json.dump({"cpu": _cpu_name(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                       "torch": torch.__version__, "git": _git_commit(), "kernels": cpu.describe(),
+                       "threads": args.threads, "layers": args.layers, "weight_bytes": wbytes, "rows": rows}, f, indent=1)
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except OSError:
+        return "unknown"
 
 
 if __name__ == "__main__":

@@ -116,9 +116,12 @@ void quantize_tokens(const float* x, int64_t M, int64_t K, int64_t Kp, int64_t g
 // others then take over its chunks instead of waiting at the barrier (static halves did, 2-5x
 // slower under load). Each chunk is still one contiguous stretch of weights. nr: real rows (for
 // the epilogue), nr_padded: rows up to the next multiple of 4 (what the kernels compute).
-// OpenMP, not a pool of our own: torch's ops run on the same libgomp threads, and a second set of
-// spinning workers made whole-model decode 1.3-5x slower on 2 cores (a persistent pool with
-// claim-based waiting, tried 2026-11-28, though it was faster in a kernel-only loop).
+// OpenMP, not a pool of our own (tried 2026-11-28: claim-based chunks with spinning or with
+// futex-sleeping workers): torch's ops run on the same libgomp team, and a second set of threads
+// competing with libgomp's spinning workers for 2 cores made whole-model decode 5x slower in some
+// runs. Known limit: while another process keeps a core busy, libgomp's default spin-waiting makes
+// every parallel region wait up to a time slice for the descheduled worker (0.7-1.2 s per
+// 154-linear decode step, against ~33 ms with OMP_WAIT_POLICY=passive or with one thread).
 template <typename F>
 void for_row_chunks(int64_t N, F&& body) {
   const int64_t chunks = (N + kRowChunk - 1) / kRowChunk;
