@@ -60,8 +60,12 @@ class FusedLinear(BitLinear):
         # which member tensors this was built from: refresh() rebuilds when any of them is replaced
         self.sources = [(m.weight_packed, m.weight_scale, m.bias) for m in members]
 
+    def joint(self, x: torch.Tensor) -> torch.Tensor:
+        """The members' outputs side by side (..., sum of out_features)."""
+        return super().forward(x)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return super().forward(x).split(self.sizes, dim=-1)
+        return self.joint(x).split(self.sizes, dim=-1)
 
 
 def _fusable(members: list) -> str | None:

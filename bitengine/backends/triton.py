@@ -2,8 +2,9 @@
 
 prepare() repacks the k4 weight into the i2w layout (kernels/layout.py) as a non-persistent
 buffer `weight_i2w`; the checkpoint layout (`weight_packed`) is left untouched here (the loader then
-moves it to host memory: loader.checkpoint_layout_to_host, so the GPU holds one 2-bit copy). Layers whose scale groups the kernels cannot take
-(group size not a multiple of 32) keep running on the reference path; prepare() logs which.
+moves it to host memory: loader.checkpoint_layout_to_host, so the GPU holds one 2-bit copy). Layers whose
+scale groups the kernels cannot take (group size not a multiple of 32) keep running on the reference path;
+prepare() logs which.
 LoRA adapters with float factors are computed by the kernels (the `lora_A` / `lora_B` arguments of
 bitengine::ternary_linear, added in the epilogue); int8 factors stay on BitLinear's eager path.
 """
