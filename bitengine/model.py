@@ -93,7 +93,8 @@ class Attention(nn.Module):
         """kv: this layer's (k, v) cache buffers (B, n_kv, S, hd), or None without a cache.
 
         The layer gets its buffers rather than an index into the cache, so every layer runs the
-        same code on the same shapes and torch.compile makes one graph for all of them."""
+        same code on the same shapes and torch.compile makes one graph for all of them. `sin` is the
+        signed table of CausalLM.rope (see apply_rope)."""
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         h, n_kv = self.cfg.num_heads, self.cfg.num_kv_heads
