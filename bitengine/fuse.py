@@ -107,17 +107,19 @@ def fuse_projections(model) -> int:
                 skipped.add(f"{'/'.join(names)}: {reason}")
                 object.__setattr__(parent, ATTR, None)
                 continue
-            _build(parent, members)
-            count += 1
+            count += _build(parent, members)
     if skipped:
         log.debug("bitengine: projections not fused: %s", "; ".join(sorted(skipped)))
     model.fused_groups = count
     return count
 
 
-def _build(parent, members: list) -> None:
+def _build(parent, members: list) -> bool:
     fused = FusedLinear(members)
     fused.prepare(members[0].backend)
+    if not getattr(fused, "_kernel_ok", True):  # cannot happen when every member runs on the kernels; be safe
+        object.__setattr__(parent, ATTR, None)
+        return False
     fused.weight_packed = None  # the members keep the checkpoint layout
     for m in members:  # their kernel layouts are the fused layer's now
         for name in ("weight_i2w", "weight_cpu"):
@@ -125,6 +127,7 @@ def _build(parent, members: list) -> None:
     fused.eval()
     object.__setattr__(parent, ATTR, fused)
     _set_side_path(fused, members)
+    return True
 
 
 def refresh(model) -> None:
