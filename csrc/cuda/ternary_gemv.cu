@@ -347,9 +347,9 @@ template <typename T>
 void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
                    torch::Tensor& y, int K, int rows_per_warp) {
   if (rows_per_warp == 0) {  // auto: version 2 up to K = 4096, version 1 beyond
-    // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 6-20%
+    // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
-    // (K = 6912 .. 14336: two chunks per row and x read twice), where version 1's 4 x-words per thread fit.
+    // (K = 6912 .. 14336: x read twice, and two K chunks per row above K = 8192), where version 1 keeps x in registers.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
     if (kw4 <= 32) launch_v2<T, 4, 1>(x, w, scale, bias, y, K);
     else if (kw4 <= 64) launch_v2<T, 2, 2>(x, w, scale, bias, y, K);
