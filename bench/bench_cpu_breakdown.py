@@ -1,10 +1,13 @@
 """Where a CPU decode step's time goes: ternary linears, head, and everything else (the eager glue).
 
 Loads a bitengine checkpoint (default: the TinyLlama-shape A8 model bench_cpu.py writes), fp16 head
-through the F16C kernel, and times batch-1 greedy decode steps three ways in one process:
-  full         as generate() runs them;
-  no linears   the ternary linears replaced by a preallocated zero output (their time drops out);
-  glue only    the head replaced as well: norms, RoPE, cache writes, attention, residuals, sampling.
+through the F16C kernel, and times batch-1 greedy decode steps (generate.Decoder, the step generate()
+runs on the CPU) four ways in one process, interleaved round by round:
+  full              as generate() runs them;
+  no linears        the ternary linears replaced by a preallocated zero output (their time drops out);
+  glue only         the head replaced as well: norms, RoPE, cache writes, attention, residuals, sampling;
+  glue only, SDPA   as glue only, with model.decode_attention swapped for torch's
+                    scaled_dot_product_attention (what the decode step used before it).
 Differences give the linears' and the head's share. Medians over rounds; the machine should be idle.
 
     python bench/bench_cpu_breakdown.py --model /tmp/bench_cpu/be_a8 --threads 2 --out bench/results/cpu_breakdown.json
@@ -21,11 +24,14 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bitengine  # noqa: E402
+from bitengine import model as model_module  # noqa: E402
 from bitengine.backends import cpu as cpu_backend  # noqa: E402
+from bitengine.generate import Decoder  # noqa: E402
 from bitengine.int8_head import use_cpu_half_head  # noqa: E402
 
 PROMPT = 128
@@ -34,13 +40,17 @@ PROMPT = 128
 def ms_per_step(model, ids, steps: int) -> float:
     cache = model.new_cache(1, max_seq=PROMPT + steps + 1)
     logits = model(ids, cache=cache, input_pos=torch.arange(PROMPT), kv_len=PROMPT, last_only=True)
-    tok = logits[:, -1].argmax(-1)
+    step = Decoder(model, cache, torch.zeros(1, dtype=torch.long))
+    tok = logits[:, -1].argmax(-1, keepdim=True)
     t0 = time.perf_counter()
     for i in range(steps):
-        pos = PROMPT + i
-        logits = model(tok.view(1, 1), cache=cache, input_pos=torch.tensor([pos]), kv_len=pos + 1)
-        tok = logits[:, -1].argmax(-1)
+        tok = step(tok, PROMPT + i).argmax(-1, keepdim=True)
     return (time.perf_counter() - t0) / steps * 1e3
+
+
+def sdpa_decode_attention(q, k, v, bias):
+    """The decode step's attention before model.decode_attention: torch's SDPA with the same additive mask."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class _ZeroHead(torch.nn.Module):
@@ -67,8 +77,8 @@ def main():
     use_cpu_half_head(model)
     ids = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     ms_per_step(model, ids, 4)  # warm-up
-    res = {"full": [], "no_linears": [], "glue_only": []}
-    real_linear, real_head = cpu_backend.CpuBackend.linear, model.lm_head
+    res = {"full": [], "no_linears": [], "glue_only": [], "glue_only_sdpa": []}
+    real_linear, real_head, real_attention = cpu_backend.CpuBackend.linear, model.lm_head, model_module.decode_attention
     zeros: dict = {}
 
     def zero_linear(self, x, layer):
@@ -77,14 +87,20 @@ def main():
             zeros[key] = x.new_zeros(*x.shape[:-1], layer.out_features)
         return zeros[key]
 
-    for _ in range(args.rounds):  # the three cases interleaved round by round
+    try:
+        for _ in range(args.rounds):  # the four cases interleaved round by round
+            cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
+            res["full"].append(ms_per_step(model, ids, args.steps))
+            cpu_backend.CpuBackend.linear = zero_linear
+            res["no_linears"].append(ms_per_step(model, ids, args.steps))
+            model.lm_head = _ZeroHead(model.config.vocab_size)
+            res["glue_only"].append(ms_per_step(model, ids, args.steps))
+            model_module.decode_attention = sdpa_decode_attention
+            res["glue_only_sdpa"].append(ms_per_step(model, ids, args.steps))
+            model_module.decode_attention = real_attention
+    finally:
         cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
-        res["full"].append(ms_per_step(model, ids, args.steps))
-        cpu_backend.CpuBackend.linear = zero_linear
-        res["no_linears"].append(ms_per_step(model, ids, args.steps))
-        model.lm_head = _ZeroHead(model.config.vocab_size)
-        res["glue_only"].append(ms_per_step(model, ids, args.steps))
-    cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
+        model_module.decode_attention = real_attention
     med = {k: statistics.median(v) for k, v in res.items()}
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "model": args.model, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
@@ -92,7 +108,8 @@ def main():
            "git": os.popen("git rev-parse --short=10 HEAD 2>/dev/null").read().strip(),
            "ms_per_step": med, "all_rounds": res,
            "split_ms": {"ternary_linears": med["full"] - med["no_linears"],
-                        "head": med["no_linears"] - med["glue_only"], "glue": med["glue_only"]}}
+                        "head": med["no_linears"] - med["glue_only"], "glue": med["glue_only"],
+                        "glue_with_sdpa_attention": med["glue_only_sdpa"]}}
     print(json.dumps(out["split_ms"]), json.dumps(med))
     if args.out:
         with open(args.out, "w") as f:

@@ -390,14 +390,19 @@ def main():
     ap.add_argument("--prefills", default="512,2048")
     ap.add_argument("--budget-s", type=float, default=240, help="stop starting new measurements after this long")
     args = ap.parse_args()
+    plan = [(m, args.variants.split(",")) for m in args.models.split(",")]
+    if args.plan:
+        items = [item.partition("=") for item in args.plan.split(";")]
+        bad = [m for m, eq, v in items if not eq or m not in MODELS or not v]
+        if bad:
+            ap.error(f"--plan: expected 'model=variant,...;...' with models from {', '.join(MODELS)}; bad: {bad[0]!r}")
+        plan = [(m, v.split(",")) for m, _, v in items]
     props = torch.cuda.get_device_properties(0)
     env = {"card": props.name, "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
            "torch": torch.__version__, "cuda": torch.version.cuda, "git_commit": os.environ.get("BITENGINE_COMMIT", "")}
     rows = []
     end = time.time() + args.budget_s
     tag = f"{env['card'].replace(' ', '_')}_{env['date'][:10]}"
-    plan = ([(m, v.split(",")) for m, v in (item.split("=", 1) for item in args.plan.split(";"))] if args.plan
-            else [(m, args.variants.split(",")) for m in args.models.split(",")])
     for name, variants in plan:
         for variant in variants:
             if time.time() > end:

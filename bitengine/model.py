@@ -47,8 +47,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     """Attention of one new token per row, as plain matmuls: q (B, H, 1, hd), k / v (B, n_kv, S, hd), bias
     (B, 1, 1, S) additive (0 or -inf). Query heads are grouped onto their KV head (GQA) by a view.
 
-    Why: on the CPU, SDPA's flash kernel costs ~170 us per call at one query token (22 calls per TinyLlama
-    step), these five ops ~30 us. Same math as SDPA (softmax(q k^T / sqrt(hd) + bias) v) up to rounding."""
+    Why: on the CPU, SDPA's flash kernel has a large fixed cost at one query token; bench/bench_cpu_breakdown.py
+    measures a decode step's glue with both (cpu_breakdown.json). Same math as SDPA
+    (softmax(q k^T / sqrt(hd) + bias) v) up to rounding."""
     b, h, _, hd = q.shape
     n_kv = k.shape[1]
     qg = q.reshape(b, n_kv, h // n_kv, hd)  # heads kv*G .. kv*G+G-1 share KV head kv (transformers' repeat_kv)
