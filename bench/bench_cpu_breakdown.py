@@ -2,12 +2,10 @@
 
 Loads a bitengine checkpoint (default: the TinyLlama-shape A8 model bench_cpu.py writes), fp16 head
 through the F16C kernel, and times batch-1 greedy decode steps (generate.Decoder, the step generate()
-runs on the CPU) four ways in one process, interleaved round by round:
+runs on the CPU) three ways in one process, interleaved round by round:
   full              as generate() runs them;
   no linears        the ternary linears replaced by a preallocated zero output (their time drops out);
-  glue only         the head replaced as well: norms, RoPE, cache writes, attention, residuals, sampling;
-  glue only, SDPA   as glue only, with model.decode_attention swapped for torch's
-                    scaled_dot_product_attention (what the decode step used before it).
+  glue only         the head replaced as well: norms, RoPE, cache writes, attention, residuals, sampling.
 Differences give the linears' and the head's share. Medians over rounds; the machine should be idle.
 
     python bench/bench_cpu_breakdown.py --model /tmp/bench_cpu/be_a8 --threads 2 --out bench/results/cpu_breakdown.json
@@ -24,12 +22,10 @@ import sys
 import time
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import bitengine  # noqa: E402
-from bitengine import model as model_module  # noqa: E402
 from bitengine.backends import cpu as cpu_backend  # noqa: E402
 from bitengine.generate import Decoder  # noqa: E402
 from bitengine.int8_head import use_cpu_half_head  # noqa: E402
@@ -46,11 +42,6 @@ def ms_per_step(model, ids, steps: int) -> float:
     for i in range(steps):
         tok = step(tok, PROMPT + i).argmax(-1, keepdim=True)
     return (time.perf_counter() - t0) / steps * 1e3
-
-
-def sdpa_decode_attention(q, k, v, bias):
-    """The decode step's attention before model.decode_attention: torch's SDPA with the same additive mask."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, enable_gqa=k.shape[1] != q.shape[1])
 
 
 class _ZeroHead(torch.nn.Module):
@@ -77,8 +68,8 @@ def main():
     use_cpu_half_head(model)
     ids = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     ms_per_step(model, ids, 4)  # warm-up
-    res = {"full": [], "no_linears": [], "glue_only": [], "glue_only_sdpa": []}
-    real_linear, real_head, real_attention = cpu_backend.CpuBackend.linear, model.lm_head, model_module.decode_attention
+    res = {"full": [], "no_linears": [], "glue_only": []}
+    real_linear, real_head = cpu_backend.CpuBackend.linear, model.lm_head
     zeros: dict = {}
 
     def zero_linear(self, x, layer):
@@ -88,19 +79,15 @@ def main():
         return zeros[key]
 
     try:
-        for _ in range(args.rounds):  # the four cases interleaved round by round
+        for _ in range(args.rounds):  # the three cases interleaved round by round
             cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
             res["full"].append(ms_per_step(model, ids, args.steps))
             cpu_backend.CpuBackend.linear = zero_linear
             res["no_linears"].append(ms_per_step(model, ids, args.steps))
             model.lm_head = _ZeroHead(model.config.vocab_size)
             res["glue_only"].append(ms_per_step(model, ids, args.steps))
-            model_module.decode_attention = sdpa_decode_attention
-            res["glue_only_sdpa"].append(ms_per_step(model, ids, args.steps))
-            model_module.decode_attention = real_attention
     finally:
         cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
-        model_module.decode_attention = real_attention
     med = {k: statistics.median(v) for k, v in res.items()}
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "model": args.model, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
@@ -108,8 +95,7 @@ def main():
            "git": os.popen("git rev-parse --short=10 HEAD 2>/dev/null").read().strip(),
            "ms_per_step": med, "all_rounds": res,
            "split_ms": {"ternary_linears": med["full"] - med["no_linears"],
-                        "head": med["no_linears"] - med["glue_only"], "glue": med["glue_only"],
-                        "glue_with_sdpa_attention": med["glue_only_sdpa"]}}
+                        "head": med["no_linears"] - med["glue_only"], "glue": med["glue_only"]}}
     print(json.dumps(out["split_ms"]), json.dumps(med))
     if args.out:
         with open(args.out, "w") as f:

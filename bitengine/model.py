@@ -43,20 +43,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Attention of one new token per row, as plain matmuls: q (B, H, 1, hd), k / v (B, n_kv, S, hd), bias
-    (B, 1, 1, S) additive (0 or -inf). Query heads are grouped onto their KV head (GQA) by a view.
-
-    Why: on the CPU, SDPA's flash kernel has a large fixed cost at one query token; bench/bench_cpu_breakdown.py
-    measures a decode step's glue with both (cpu_breakdown.json). Same math as SDPA
-    (softmax(q k^T / sqrt(hd) + bias) v) up to rounding."""
-    b, h, _, hd = q.shape
-    n_kv = k.shape[1]
-    qg = q.reshape(b, n_kv, h // n_kv, hd)  # heads kv*G .. kv*G+G-1 share KV head kv (transformers' repeat_kv)
-    scores = torch.matmul(qg, k.transpose(-1, -2)).mul_(hd ** -0.5) + bias  # (B, n_kv, G, S)
-    return torch.matmul(scores.softmax(-1), v).reshape(b, h, 1, hd)
-
-
 class KVCache(nn.Module):
     """Static per-layer K/V buffers (L, B, n_kv, S, hd) plus which slots hold real tokens (B, S).
 
@@ -119,10 +105,7 @@ class Attention(nn.Module):
                 vc[rows, :, input_pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
             k, v = k.to(q.dtype), v.to(q.dtype)
-        if t == 1 and mask.dtype != torch.bool:  # CPU decode: additive mask from CausalLM._mask
-            y = decode_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*hd)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
@@ -223,8 +206,6 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))  # (B, 1, T, hd), once for all layers
         mask = self._mask(b, t, input_pos, cache, kv_len, dev)
-        if t == 1 and dev.type == "cpu":  # decode_attention takes an additive mask, made once for all layers
-            mask = torch.zeros(mask.shape, dtype=x.dtype, device=dev).masked_fill_(~mask, float("-inf"))
         for i, layer in enumerate(self.model.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
