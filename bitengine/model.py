@@ -241,6 +241,10 @@ class CausalLM(nn.Module):
         if getattr(self, "layers_compiled", False):
             return
         dynamic = kwargs.pop("dynamic", False)
+        if self.device.type == "cuda":
+            from .backends.cuda import inductor_options
+
+            kwargs["options"] = {**inductor_options(self.device), **kwargs.get("options", {})}
         for layer in self.model.layers:
             layer.compile(dynamic=dynamic, **kwargs)
         self.layers_compiled = True

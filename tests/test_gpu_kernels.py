@@ -173,6 +173,38 @@ def test_cuda_gemv(n, k, dtype):
         for rows in (0, 1, 2, 4):  # 0: version 2 (pipelined tiles); 1, 2, 4: version 1 with that many rows per warp
             y = ext._C_cuda.ternary_gemv_a8(x, words, scale, k, bias, rows)
             check(y, ref, dtype, f"cuda rows_per_warp={rows} {n}x{k} {gran}")
+            # a programmatic dependent launch changes when the kernel starts, never what it computes
+            assert torch.equal(ext._C_cuda.ternary_gemv_a8(x, words, scale, k, bias, rows, True), y), f"pdl {rows}"
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_cuda_gemv_pdl_chain_in_graph(version):
+    """A chain of dependent C++ GEMVs launched with programmatic dependent launch, replayed in a CUDA graph:
+    bit-identical to the same chain run eagerly without PDL. Every other GEMV reads the previous GEMV's
+    output directly (the case where PDL lets it start before that grid ends), the others a PyTorch op's
+    output. If a kernel read x before the previous grid finished (a missing griddepcontrol.wait), it
+    would see a stale or half-written x."""
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    k = 4096
+    layers = [make_weight(k, k, "channel", seed=20 + i) for i in range(8)]
+
+    def chain(x, pdl):
+        for i, (_, scale, words) in enumerate(layers):
+            y = ext._C_cuda.ternary_gemv_a8(x, words, scale / 64, k, None, version, pdl)  # |y| ~ |x|
+            x = y if i % 2 == 0 else torch.tanh(y) + x
+        return x
+
+    static_x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    chain(static_x, True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = chain(static_x, True)
+    for seed in range(3):
+        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(seed)))
+        graph.replay()
+        assert torch.equal(static_y, chain(static_x, False)), f"replay {seed}"
 
 
 def test_backends_on_bitlinear_and_cuda_graph():

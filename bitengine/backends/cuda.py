@@ -36,6 +36,33 @@ CUDA_MIN_NK = 4_000_000
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
 
 
+# Programmatic dependent launch on Hopper and newer (BITENGINE_PDL=0 turns it off): the C++ GEMV starts while
+# the kernel before it finishes (its first weight loads overlap that kernel's tail and the launch gap) and
+# compiled layers' Triton kernels do the same (inductor's triton.enable_pdl). Read at each call / compile.
+PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
+
+
+_MAJOR: dict[int, int] = {}  # compute capability major per device index (asked once: this runs per GEMV call)
+
+
+def pdl_supported(device: torch.device) -> bool:
+    if not PDL or device.type != "cuda":
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _MAJOR:
+        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
+    return _MAJOR[index] >= 9
+
+
+def inductor_options(device: torch.device) -> dict:
+    """torch.compile options for compiled layers on `device`: inductor's PDL codegen where it exists."""
+    import torch._inductor.config as inductor_config
+
+    if pdl_supported(device) and hasattr(inductor_config.triton, "enable_pdl"):
+        return {"triton.enable_pdl": True}
+    return {}
+
+
 def rows_per_warp(n: int, version: int | None = None) -> int:
     """The extension's rows_per_warp argument: 0 selects version 2 (it shapes its tiles by K itself);
     for version 1, rows each warp streams at once, fewer for short outputs so every SM gets blocks."""
@@ -49,7 +76,8 @@ if _C_cuda is not None:
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]. Returns [1, N]."""
-        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, rows_per_warp(words.shape[0]))
+        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, rows_per_warp(words.shape[0]),
+                                       pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None):

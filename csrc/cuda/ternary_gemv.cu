@@ -48,6 +48,22 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {
 // so the 32 lanes reading word 4*l + e of one chunk hit 32 consecutive 16-byte slots.
 __device__ __forceinline__ int xq_slot(int wi) { return (wi >> 7) * 128 + (wi & 3) * 32 + ((wi >> 2) & 31); }
 
+// Programmatic dependent launch (Hopper+): the kernel may start while the kernel before it in the stream is
+// still finishing; it issues its first weight loads (weights never depend on earlier kernels), then waits
+// for the previous grid (griddepcontrol.wait) before reading x, and lets the next kernel launch right after
+// (that kernel waits for this grid's completion before reading y). Both instructions are no-ops when the
+// launch did not ask for it.
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ int dot_word(unsigned w, int4 x, int acc) {
   acc = __dp4a(static_cast<int>(w & kLaneMask), x.x, acc);
   acc = __dp4a(static_cast<int>((w >> 2) & kLaneMask), x.y, acc);
@@ -179,6 +195,8 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     }
   };
   if (row0 < N) load_rows(row0, lane);
+  wait_for_previous_grid();
+  allow_next_grid();
   quantize_to_shared(x, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
@@ -250,6 +268,8 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     }
   };
   if (row0 < N) load_tile(buf[0], row0, 0);
+  wait_for_previous_grid();
+  allow_next_grid();
   quantize_to_shared<T, 1>(x, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
   const float a = a_s;
   const int xsum = xsum_s;
@@ -301,66 +321,72 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
-template <typename T, int R, int U>
-void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
-            torch::Tensor& y, int K) {
+// One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
+// (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
+template <typename T, typename Kernel>
+void launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const torch::Tensor& x, const torch::Tensor& w,
+                 const torch::Tensor& scale, const T* bias, torch::Tensor& y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1);
   const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
-  auto kernel = ternary_gemv_a8_kernel<T, R, U>;
   if (smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   }
   int per_sm = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int row_groups = (N + kWarps * R - 1) / (kWarps * R);
-  const int grid = std::max(1, std::min(row_groups, sms * std::max(per_sm, 1)));
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int>(), w.stride(0), scale.data_ptr<float>(),
-      scale.numel() > 1 ? 1 : 0, bias, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int row_groups = (N + rows_per_block - 1) / rows_per_block;
+  const int slots = prop->multiProcessorCount * std::max(per_sm, 1);
+  int grid = std::max(1, std::min(row_groups, slots));
+  if (balanced) {
+    const int rounds = (row_groups + slots - 1) / slots;  // row groups per block
+    grid = std::max(1, (row_groups + rounds - 1) / rounds);
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
+                                    static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
+                                    static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, bias,
+                                    reinterpret_cast<T*>(y.data_ptr()), N, K, KW));
+}
+
+template <typename T, int R, int U>
+void launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+            torch::Tensor& y, int K, bool pdl) {
+  launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, bias, y, K, pdl);
 }
 
 template <typename T, int R, int U>
 void launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
-               torch::Tensor& y, int K) {
-  const int N = w.size(0), KW = w.size(1);
-  const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
-  auto kernel = ternary_gemv_a8_v2_kernel<T, R, U>;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem));
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int row_groups = (N + kWarps * R - 1) / (kWarps * R);
-  const int slots = sms * std::max(per_sm, 1);
-  const int rounds = (row_groups + slots - 1) / slots;      // row groups per block
-  const int grid = std::max(1, (row_groups + rounds - 1) / rounds);  // every block gets `rounds` (the last fewer)
-  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
-      reinterpret_cast<const T*>(x.data_ptr()), w.data_ptr<int>(), w.stride(0), scale.data_ptr<float>(),
-      scale.numel() > 1 ? 1 : 0, bias, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+               torch::Tensor& y, int K, bool pdl) {
+  launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, bias, y, K, pdl);
 }
 
 template <typename T>
 void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
-                   torch::Tensor& y, int K, int rows_per_warp) {
+                   torch::Tensor& y, int K, int rows_per_warp, bool pdl) {
   if (rows_per_warp == 0) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
     // (K = 6912 .. 14336: x read twice, and two K chunks per row above K = 8192), where version 1 keeps x in registers.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
-    if (kw4 <= 32) launch_v2<T, 4, 1>(x, w, scale, bias, y, K);
-    else if (kw4 <= 64) launch_v2<T, 2, 2>(x, w, scale, bias, y, K);
-    else if (w.size(0) <= 8192) launch<T, 1, 8>(x, w, scale, bias, y, K);
-    else launch<T, 2, 4>(x, w, scale, bias, y, K);
+    if (kw4 <= 32) launch_v2<T, 4, 1>(x, w, scale, bias, y, K, pdl);
+    else if (kw4 <= 64) launch_v2<T, 2, 2>(x, w, scale, bias, y, K, pdl);
+    else if (w.size(0) <= 8192) launch<T, 1, 8>(x, w, scale, bias, y, K, pdl);
+    else launch<T, 2, 4>(x, w, scale, bias, y, K, pdl);
     return;
   }
   switch (rows_per_warp) {
-    case 1: launch<T, 1, 8>(x, w, scale, bias, y, K); break;
-    case 2: launch<T, 2, 4>(x, w, scale, bias, y, K); break;
-    default: launch<T, 4, 2>(x, w, scale, bias, y, K); break;
+    case 1: launch<T, 1, 8>(x, w, scale, bias, y, K, pdl); break;
+    case 2: launch<T, 2, 4>(x, w, scale, bias, y, K, pdl); break;
+    default: launch<T, 4, 2>(x, w, scale, bias, y, K, pdl); break;
   }
 }
 
@@ -368,10 +394,11 @@ void dispatch_rows(const torch::Tensor& x, const torch::Tensor& w, const torch::
 
 // x: float16/bfloat16/float32 [1, K] (or [K]) contiguous; w: int32 [N, KW] i2w, KW % 16 == 0, KW * 16 >= K;
 // scale: float32 [1] or [N] (multiplies); bias: [N] in x's dtype or None; rows_per_warp: 0 (auto: version 2,
-// pipelined tiles shaped by K, up to K = 4096; version 1 beyond) or 1, 2, 4 (version 1 with that many rows per warp).
+// pipelined tiles shaped by K, up to K = 4096; version 1 beyond) or 1, 2, 4 (version 1 with that many rows per warp);
+// pdl: launch as a programmatic dependent launch on sm_90+ (see wait_for_previous_grid).
 // Returns y [1, N] in x's dtype.
 torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
-                                   c10::optional<torch::Tensor> bias, int64_t rows_per_warp) {
+                                   c10::optional<torch::Tensor> bias, int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda(), "ternary_gemv_a8_cuda: tensors must be on CUDA");
   TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "x must be a contiguous [1, ", in_features,
               "] tensor, got ", x.sizes());
@@ -390,15 +417,15 @@ torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tens
   switch (x.scalar_type()) {
     case at::kHalf:
       dispatch_rows<__half>(x, w, scale, bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr, y, K,
-                            rows_per_warp);
+                            rows_per_warp, pdl);
       break;
     case at::kBFloat16:
       dispatch_rows<__nv_bfloat16>(x, w, scale,
                                    bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr, y, K,
-                                   rows_per_warp);
+                                   rows_per_warp, pdl);
       break;
     case at::kFloat:
-      dispatch_rows<float>(x, w, scale, bias ? bias->data_ptr<float>() : nullptr, y, K, rows_per_warp);
+      dispatch_rows<float>(x, w, scale, bias ? bias->data_ptr<float>() : nullptr, y, K, rows_per_warp, pdl);
       break;
     default:
       TORCH_CHECK(false, "ternary_gemv_a8_cuda: unsupported dtype ", x.scalar_type());
