@@ -19,6 +19,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -171,10 +172,14 @@ def _prompt(n):
     return [rng.randrange(3, VOCAB) for _ in range(n)]
 
 
-def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps):
+def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, compile=False):
+    """Prompt then decode, timed separately. compile: decode steps through generate.compiled_forward
+    (what generate(compile=True) runs on the CPU); its one-time compilation runs in an untimed first rep,
+    whose time is returned as the last element."""
     import torch
 
     import bitengine
+    from bitengine.generate import compiled_forward
     from bitengine.int8_head import quantize_head_int8, use_cpu_half_head
 
     model = bitengine.load(work / f"be_a{act_bits}", device="cpu", backend=backend)
@@ -183,9 +188,10 @@ def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps):
     elif head == "fp16":
         use_cpu_half_head(model)
     ids = torch.tensor([_prompt(n_prompt)])
+    step = compiled_forward(model) if compile else model
     out = []
     with torch.no_grad():
-        for _ in range(reps):
+        for rep in range(reps + compile):
             cache = model.new_cache(1, max_seq=n_prompt + n_gen + 1)
             cache.valid.fill_(True)
             t0 = time.perf_counter()
@@ -194,11 +200,14 @@ def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps):
             t1 = time.perf_counter()
             for i in range(n_gen):
                 pos = n_prompt + i
-                logits = model(tok.view(1, 1), cache=cache, input_pos=torch.tensor([pos]), kv_len=pos + 1)
+                logits = step(tok.view(1, 1), cache=cache, input_pos=torch.tensor([pos]), kv_len=pos + 1)
                 tok = logits[:, -1].argmax(-1)
             t2 = time.perf_counter()
+            if compile and rep == 0:  # the compiling rep
+                compile_s = t2 - t0
+                continue
             out.append((n_prompt / (t1 - t0), n_gen / (t2 - t1)))
-    return out
+    return {"runs": out, "compile_s": compile_s} if compile else out
 
 
 def run_transformers(work, n_prompt, n_gen, reps):
@@ -248,11 +257,13 @@ def engines():
     """name -> (kind, options), ordered so each llama.cpp format runs next to its bitengine peer.
 
     bitengine heads: fp16 (F16C kernel, use_cpu_half_head), int8 (Int8Linear, quantize_head_int8)."""
-    be = lambda a, k, h: ("bitengine", dict(act_bits=a, kernel=k, head=h))  # noqa: E731
+    be = lambda a, k, h, c=False: ("bitengine", dict(act_bits=a, kernel=k, head=h, compile=c))  # noqa: E731
     return {
         "llama.cpp tq2_0_f16head": ("llamacpp", dict(stem="tq2_0_f16head")),
+        "bitengine A8 dot, fp16 head, compiled": be(8, "dot", "fp16", True),
         "bitengine A8 dot, fp16 head": be(8, "dot", "fp16"),
         "llama.cpp tq2_0": ("llamacpp", dict(stem="tq2_0")),
+        "bitengine A8 dot, int8 head, compiled": be(8, "dot", "int8", True),
         "bitengine A8 dot, int8 head": be(8, "dot", "int8"),
         "bitengine A8 add, fp16 head": be(8, "add", "fp16"),
         "bitengine A8 add, int8 head": be(8, "add", "int8"),
@@ -272,7 +283,7 @@ def run_one(name, args):
     if kind in ("bitengine", "reference"):
         return run_bitengine(Path(args.work), opt["act_bits"], opt["head"], "cpu" if kind == "bitengine" else "reference",
                              args.prompt, args.gen if kind == "bitengine" else args.ref_gen,
-                             args.reps if kind == "bitengine" else 1)
+                             args.reps if kind == "bitengine" else 1, compile=opt.get("compile", False))
     if kind == "transformers":
         return run_transformers(Path(args.work), args.prompt, args.gen, args.reps)
     return run_llamacpp(Path(args.work), opt["stem"], args.threads, args.prompt, args.gen, args.reps)
@@ -314,28 +325,38 @@ def main():
     print(f"model files ready in {time.time() - t0:.0f} s", flush=True)
     names = [n for n in engines() if not args.only or any(s in n for s in args.only.split(","))]
     raw = {n: [] for n in names}
+    compile_s: dict[str, list[float]] = {}
     for _ in range(args.rounds):
         for name in names:
             cmd = [sys.executable, __file__, "--run", name, "--work", args.work, "--threads", str(args.threads),
                    "--reps", str(args.reps), "--prompt", str(args.prompt), "--gen", str(args.gen),
                    "--ref-gen", str(args.ref_gen)]
-            p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+            env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+            if engines()[name][1].get("compile"):  # a cold inductor cache: the compile time a first run pays
+                env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_cpu_inductor_")
+            p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
             if p.returncode or not line:
                 print(f"{name}: FAILED\n{p.stderr[-2000:]}", flush=True)
                 continue
-            raw[name] += json.loads(line[0][7:])
+            got = json.loads(line[0][7:])
+            if isinstance(got, dict):  # compiled rows also report their one-time compilation
+                compile_s.setdefault(name, []).append(got["compile_s"])
+                got = got["runs"]
+            raw[name] += got
             print(name, raw[name], flush=True)
-            _report(raw, work, args)  # after every engine, so a cut-short run keeps what it measured
+            _report(raw, work, args, compile_s)  # after every engine, so a cut-short run keeps what it measured
 
 
-def _report(raw, work, args):
+def _report(raw, work, args, compile_s=None):
     rows = []
     for name, runs in raw.items():
         if runs:
             rows.append({"engine": name, "prompt_tps": statistics.median(r[0] for r in runs),
                          "decode_tps": statistics.median(r[1] for r in runs), "runs": runs,
                          "file_MB": _size_mb(work, name)})
+            if compile_s and name in compile_s:
+                rows[-1]["compile_s"] = statistics.median(compile_s[name])
     result = {"meta": _meta(args), "rows": rows}
     if args.out:
         Path(args.out + ".json").write_text(json.dumps(result, indent=1))
@@ -352,6 +373,12 @@ def markdown(result) -> str:
              "| engine / format | file MB | prompt tokens/s | decode tokens/s |", "| --- | --- | --- | --- |"]
     for r in result["rows"]:
         lines.append(f"| {r['engine']} | {r['file_MB'] or '-'} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} |")
+    compiled = [r for r in result["rows"] if "compile_s" in r]
+    if compiled:
+        lines += ["", "compiled: decode steps run through one torch.compile graph of the whole model "
+                  "(generate(compile=True) on the CPU; the prompt runs eagerly). First run with a cold inductor cache, "
+                  "compilation included (not in the medians): "
+                  + ", ".join(f"{r['engine']} {r['compile_s']:.0f} s" for r in compiled) + "."]
     return "\n".join(lines) + "\n"
 
 

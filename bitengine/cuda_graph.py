@@ -13,7 +13,7 @@ class GraphDecoder:
     """(tokens (B, 1), slot int) -> logits (B, V) float32, replaying one captured forward."""
 
     def __init__(self, model, cache, position_offset: torch.Tensor, warmup: int = 2, compile: bool = False):
-        b, dev = cache.batch, cache.k.device
+        b, dev = cache.batch, cache.valid.device
         if compile:
             model.compile_layers()  # fused norms/RoPE/attention glue inside the captured step
         self.offset = position_offset

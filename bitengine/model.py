@@ -44,19 +44,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> 
 
 
 class KVCache(nn.Module):
-    """Static per-layer K/V buffers (L, B, n_kv, S, hd) plus which slots hold real tokens (B, S).
+    """Static K/V buffers, one (B, n_kv, S, hd) pair per layer (lists `k`, `v`), plus which slots hold
+    real tokens (B, S).
 
     `valid` masks the left padding of batched prompts; slots are written with index_copy_ at tensor
-    positions, so one decode step has fixed shapes.
+    positions, so one decode step has fixed shapes. One tensor per layer rather than one stacked
+    (L, ...) tensor: a compiled step that wrote through `stacked[i]` (a view of a graph input) gets
+    functionalized into a copy of the layer's whole cache per step; a separate tensor is written in place.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_seq: int, dtype, device):
         super().__init__()
-        shape = (cfg.num_layers, batch, cfg.num_kv_heads, max_seq, cfg.head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (batch, cfg.num_kv_heads, max_seq, cfg.head_dim)
+        for i in range(cfg.num_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("valid", torch.ones(batch, max_seq, dtype=torch.bool, device=device), persistent=False)
-        self.batch, self.max_seq = batch, max_seq
+        self.num_layers, self.batch, self.max_seq = cfg.num_layers, batch, max_seq
+
+    @property
+    def k(self) -> list[torch.Tensor]:
+        return [getattr(self, f"k{i}") for i in range(self.num_layers)]
+
+    @property
+    def v(self) -> list[torch.Tensor]:
+        return [getattr(self, f"v{i}") for i in range(self.num_layers)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.valid.device
 
     def reset(self) -> None:
         self.valid.fill_(True)
@@ -207,7 +223,7 @@ class CausalLM(nn.Module):
         cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))  # (B, 1, T, hd), once for all layers
         mask = self._mask(b, t, input_pos, cache, kv_len, dev)
         for i, layer in enumerate(self.model.layers):
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            kv = (getattr(cache, f"k{i}"), getattr(cache, f"v{i}")) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
         x = self.model.norm(x)
         if last_only:

@@ -83,9 +83,11 @@ class _CacheView:
     """Rows [lo, hi) of a KVCache, as views (writes land in the shared buffers)."""
 
     def __init__(self, cache, lo: int, hi: int):
-        self.k, self.v = cache.k[:, lo:hi], cache.v[:, lo:hi]  # (L, hi-lo, n_kv, S, hd)
+        for i in range(cache.num_layers):  # (hi-lo, n_kv, S, hd) per layer
+            setattr(self, f"k{i}", getattr(cache, f"k{i}")[lo:hi])
+            setattr(self, f"v{i}", getattr(cache, f"v{i}")[lo:hi])
         self.valid = cache.valid[lo:hi]
-        self.batch, self.max_seq = hi - lo, cache.max_seq
+        self.num_layers, self.batch, self.max_seq = cache.num_layers, hi - lo, cache.max_seq
 
 
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
