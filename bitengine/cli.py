@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (one-time cost of tens of seconds; faster steps after)")
     _add_runtime_args(g)
 
     e = sub.add_parser("eval", help="perplexity and tokens/s on a text file")
@@ -122,7 +124,7 @@ def cmd_convert(args) -> int:
 def cmd_generate(args) -> int:
     model = _load(args)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed)
+              repetition_penalty=args.repetition_penalty, stop=args.stop, seed=args.seed, compile=args.compile)
     if args.chat:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": args.prompt}]
         kw["messages"] = msgs
