@@ -130,7 +130,9 @@ def variants(m, ext):
         if ext is not None:
             v["cuda_a8"] = lambda x, w, s, k: torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
             v["cuda_a8_v1"] = lambda x, w, s, k: ext._C_cuda.ternary_gemv_a8(x, w, s, k, None,
-                                                                               ext.rows_per_warp(w.shape[0], 1))
+                                                                               ext.rows_per_warp(w.shape[0], 1), True)
+            # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
+            v["cuda_a8_nopdl"] = lambda x, w, s, k: ext._C_cuda.ternary_gemv_a8(x, w, s, k, None, 0, False)
     elif m <= 16:
         v["triton_a8_gemv"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
