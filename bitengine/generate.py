@@ -71,7 +71,7 @@ def compiled_forward(model):
     """The model's forward as one torch.compile graph with dynamic shapes (batch, cache length and
     kv_len symbolic, so one compilation serves every step and prompt), made once per model.
 
-    The first call compiles (tens of seconds on 2 cores; inductor's on-disk cache makes later
+    The first call compiles (one to two minutes on 2 cores; inductor's on-disk cache makes later
     processes faster); guards are kept (no unsafe skipping), so changing adapters or modules
     recompiles instead of running a stale graph. Kept outside the module tree (state_dict and
     named_modules unchanged)."""
