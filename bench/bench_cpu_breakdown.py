@@ -7,12 +7,8 @@ runs on the CPU) three ways in one process, interleaved round by round:
   no linears        the ternary linears replaced by a preallocated zero output (their time drops out);
   glue only         the head replaced as well: norms, RoPE, cache writes, attention, residuals, sampling.
 Differences give the linears' and the head's share. Medians over rounds; the machine should be idle.
-With --compile the step is generate(compile=True)'s (one compiled graph of the whole model; each case
-compiles once, in its untimed warm-up), so "glue" is what inductor's fused kernels, SDPA and dynamo's
-per-step guard check cost.
 
     python bench/bench_cpu_breakdown.py --model /tmp/bench_cpu/be_a8 --threads 2 --out bench/results/cpu_breakdown.json
-    python bench/bench_cpu_breakdown.py --compile --out bench/results/cpu_breakdown_compiled.json
 """
 
 from __future__ import annotations
@@ -37,10 +33,10 @@ from bitengine.int8_head import use_cpu_half_head  # noqa: E402
 PROMPT = 128
 
 
-def ms_per_step(model, ids, steps: int, compile: bool = False) -> float:
+def ms_per_step(model, ids, steps: int) -> float:
     cache = model.new_cache(1, max_seq=PROMPT + steps + 1)
     logits = model(ids, cache=cache, input_pos=torch.arange(PROMPT), kv_len=PROMPT, last_only=True)
-    step = Decoder(model, cache, torch.zeros(1, dtype=torch.long), compile=compile)
+    step = Decoder(model, cache, torch.zeros(1, dtype=torch.long))
     tok = logits[:, -1].argmax(-1, keepdim=True)
     t0 = time.perf_counter()
     for i in range(steps):
@@ -65,43 +61,36 @@ def main():
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--compile", action="store_true",
-                    help="time the compiled step (generate(compile=True) on the CPU); each case compiles once, untimed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cpu_backend.set_num_threads(args.threads)
     model = bitengine.load(args.model, device="cpu", backend="cpu")
     use_cpu_half_head(model)
     ids = torch.randint(3, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    ms_per_step(model, ids, 4)  # warm-up
     res = {"full": [], "no_linears": [], "glue_only": []}
     real_linear, real_head = cpu_backend.CpuBackend.linear, model.lm_head
     zeros: dict = {}
 
     def zero_linear(self, x, layer):
-        if args.compile:  # inside the compiled graph: a fused memset, no Python-side cache
-            return x.new_zeros(*x.shape[:-1], layer.out_features)
         key = (tuple(x.shape), layer.out_features)
         if key not in zeros:
             zeros[key] = x.new_zeros(*x.shape[:-1], layer.out_features)
         return zeros[key]
 
-    def run_case(case: str, steps: int) -> float:
-        cpu_backend.CpuBackend.linear = real_linear if case == "full" else zero_linear
-        model.lm_head = _ZeroHead(model.config.vocab_size) if case == "glue_only" else real_head
-        return ms_per_step(model, ids, steps, args.compile)
-
     try:
-        for case in res:  # warm-up (and, with --compile, each case's compilation)
-            run_case(case, 4)
         for _ in range(args.rounds):  # the three cases interleaved round by round
-            for case in res:
-                res[case].append(run_case(case, args.steps))
+            cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
+            res["full"].append(ms_per_step(model, ids, args.steps))
+            cpu_backend.CpuBackend.linear = zero_linear
+            res["no_linears"].append(ms_per_step(model, ids, args.steps))
+            model.lm_head = _ZeroHead(model.config.vocab_size)
+            res["glue_only"].append(ms_per_step(model, ids, args.steps))
     finally:
         cpu_backend.CpuBackend.linear, model.lm_head = real_linear, real_head
     med = {k: statistics.median(v) for k, v in res.items()}
     out = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "model": args.model, "threads": args.threads, "steps": args.steps, "rounds": args.rounds,
-           "compiled": args.compile,
            "kernels": cpu_backend.describe(), "load_average": os.getloadavg(),
            "git": os.popen("git rev-parse --short=10 HEAD 2>/dev/null").read().strip(),
            "ms_per_step": med, "all_rounds": res,
