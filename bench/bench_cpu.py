@@ -175,7 +175,7 @@ def _prompt(n):
 def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, compile=False):
     """Prompt then decode, timed separately. compile: decode steps through generate.compiled_forward
     (what generate(compile=True) runs on the CPU); its one-time compilation runs in an untimed first rep,
-    whose time is returned as the last element."""
+    and the result is then {"runs": [...], "compile_s": that rep's seconds}."""
     import torch
 
     import bitengine

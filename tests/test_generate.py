@@ -113,8 +113,8 @@ def test_compiled_decode_on_cpu(tmp_path):
     """generate(compile=True) on the CPU: every decode step through one compiled graph of the whole model
     (generate.compiled_forward). A16 weights, so the only difference from eager is float summation order:
     step logits within 1e-4 of the eager ones, the same greedy tokens, and the KV cache written in place
-    (compiled and eager caches equal after the steps). Batch of two left-padded prompts, then a single one
-    (the dynamic graph serves both without recompiling)."""
+    (compiled and eager caches equal after the steps). Through generate() with a batch of two left-padded
+    prompts, then step by step for a single one."""
     from bitengine import backends
     from bitengine.generate import Decoder
 
