@@ -5,7 +5,9 @@ heads, vocab 32000). Every linear weight in the layers is already ternary times 
 tensor (W = s * W_q, stored fp16), so bitengine's absmean conversion and llama.cpp's TQ2_0/TQ1_0
 quantization hold the very same ternary weights; embeddings and head are random fp16.
 Per engine (each in its own process, 2 threads): a 128-token prompt, then 64 decoded tokens
-(greedy, one token per forward), --reps times; medians of prompt and decode tokens/s.
+(greedy, one token per step), --reps times; medians of prompt and decode tokens/s. bitengine decode
+steps run the C++ decoder layers (cpu_decode.py, generate()'s default on the CPU), the model's own
+PyTorch forward ("PyTorch layers") or that forward compiled ("compiled", generate(compile=True)).
 
     python bench/bench_cpu.py --work /tmp/bench_cpu --threads 2 --reps 3 --out bench/results/cpu_e2e
 Files: <work>/hf (HF folder), <work>/be_a8, be_a16 (bitengine), <work>/*.gguf (llama.cpp).
@@ -172,13 +174,15 @@ def _prompt(n):
     return [rng.randrange(3, VOCAB) for _ in range(n)]
 
 
-def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, compile=False):
-    """Prompt then decode, timed separately. compile: decode steps through generate.compiled_forward
-    (what generate(compile=True) runs on the CPU); its one-time compilation runs in an untimed first rep,
-    and the result is then {"runs": [...], "compile_s": that rep's seconds}."""
+def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, decode="cpp"):
+    """Prompt then decode, timed separately. decode: "cpp", the C++ decoder layers of cpu_decode (what
+    generate() runs on the CPU by default); "eager", the model's PyTorch layers; "compiled", steps through
+    generate.compiled_forward (what generate(compile=True) runs on the CPU), whose one-time compilation
+    runs in an untimed first rep, and the result is then {"runs": [...], "compile_s": that rep's seconds}."""
     import torch
 
     import bitengine
+    from bitengine import cpu_decode
     from bitengine.generate import compiled_forward
     from bitengine.int8_head import quantize_head_int8, use_cpu_half_head
 
@@ -188,7 +192,11 @@ def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, compile=
     elif head == "fp16":
         use_cpu_half_head(model)
     ids = torch.tensor([_prompt(n_prompt)])
+    compile = decode == "compiled"
     step = compiled_forward(model) if compile else model
+    layers = cpu_decode.plan(model) if decode == "cpp" else None
+    if decode == "cpp" and layers is None:
+        raise RuntimeError(f"C++ decoder layers unavailable: {model.__dict__.get('_fast_decode_reason')}")
     out = []
     with torch.no_grad():
         for rep in range(reps + compile):
@@ -198,8 +206,12 @@ def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, compile=
             logits = model(ids, cache=cache, input_pos=torch.arange(n_prompt), kv_len=n_prompt, last_only=True)
             tok = logits[:, -1].argmax(-1)
             t1 = time.perf_counter()
+            fast = cpu_decode.FastCpuDecoder(model, cache, torch.zeros(1, dtype=torch.long), layers) if layers else None
             for i in range(n_gen):
                 pos = n_prompt + i
+                if fast is not None:
+                    tok = fast(tok.view(1, 1), pos).argmax(-1)
+                    continue
                 logits = step(tok.view(1, 1), cache=cache, input_pos=torch.tensor([pos]), kv_len=pos + 1)
                 tok = logits[:, -1].argmax(-1)
             t2 = time.perf_counter()
@@ -257,14 +269,15 @@ def engines():
     """name -> (kind, options), ordered so each llama.cpp format runs next to its bitengine peer.
 
     bitengine heads: fp16 (F16C kernel, use_cpu_half_head), int8 (Int8Linear, quantize_head_int8)."""
-    be = lambda a, k, h, c=False: ("bitengine", dict(act_bits=a, kernel=k, head=h, compile=c))  # noqa: E731
+    be = lambda a, k, h, d="cpp": ("bitengine", dict(act_bits=a, kernel=k, head=h, decode=d))  # noqa: E731
     return {
         "llama.cpp tq2_0_f16head": ("llamacpp", dict(stem="tq2_0_f16head")),
-        "bitengine A8 dot, fp16 head, compiled": be(8, "dot", "fp16", True),
         "bitengine A8 dot, fp16 head": be(8, "dot", "fp16"),
+        "bitengine A8 dot, fp16 head, compiled": be(8, "dot", "fp16", "compiled"),
+        "bitengine A8 dot, fp16 head, PyTorch layers": be(8, "dot", "fp16", "eager"),
         "llama.cpp tq2_0": ("llamacpp", dict(stem="tq2_0")),
-        "bitengine A8 dot, int8 head, compiled": be(8, "dot", "int8", True),
         "bitengine A8 dot, int8 head": be(8, "dot", "int8"),
+        "bitengine A8 dot, int8 head, compiled": be(8, "dot", "int8", "compiled"),
         "bitengine A8 add, fp16 head": be(8, "add", "fp16"),
         "bitengine A8 add, int8 head": be(8, "add", "int8"),
         "llama.cpp tq1_0_f16head": ("llamacpp", dict(stem="tq1_0_f16head")),
@@ -283,7 +296,7 @@ def run_one(name, args):
     if kind in ("bitengine", "reference"):
         return run_bitengine(Path(args.work), opt["act_bits"], opt["head"], "cpu" if kind == "bitengine" else "reference",
                              args.prompt, args.gen if kind == "bitengine" else args.ref_gen,
-                             args.reps if kind == "bitengine" else 1, compile=opt.get("compile", False))
+                             args.reps if kind == "bitengine" else 1, decode=opt.get("decode", "eager"))
     if kind == "transformers":
         return run_transformers(Path(args.work), args.prompt, args.gen, args.reps)
     return run_llamacpp(Path(args.work), opt["stem"], args.threads, args.prompt, args.gen, args.reps)
@@ -332,7 +345,7 @@ def main():
                    "--reps", str(args.reps), "--prompt", str(args.prompt), "--gen", str(args.gen),
                    "--ref-gen", str(args.ref_gen)]
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            if engines()[name][1].get("compile"):  # a cold inductor cache: the compile time a first run pays
+            if engines()[name][1].get("decode") == "compiled":  # a cold inductor cache: the compile time a first run pays
                 env["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_cpu_inductor_")
             p = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -373,6 +386,9 @@ def markdown(result) -> str:
              "| engine / format | file MB | prompt tokens/s | decode tokens/s |", "| --- | --- | --- | --- |"]
     for r in result["rows"]:
         lines.append(f"| {r['engine']} | {r['file_MB'] or '-'} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} |")
+    lines += ["", "bitengine rows: decode steps run the C++ decoder layers (cpu_decode.py, what generate() runs on "
+              "the CPU) unless marked \"PyTorch layers\" (the model's own forward, eager) or \"compiled\"; the prompt "
+              "always runs the model's PyTorch forward."]
     compiled = [r for r in result["rows"] if "compile_s" in r]
     if compiled:
         lines += ["", "compiled: decode steps run through one torch.compile graph of the whole model "

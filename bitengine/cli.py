@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", default=[])
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step (once: one to two minutes on 2 CPU cores; faster steps after)")
+                   help="torch.compile the decode step (GPU: the layers, before graph capture; CPU: the whole model "
+                        "instead of the default C++ layers). Costs one to two minutes once on 2 CPU cores")
     _add_runtime_args(g)
 
     e = sub.add_parser("eval", help="perplexity and tokens/s on a text file")

@@ -142,9 +142,10 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
     iterator of text pieces (or token ids when given `input_ids`) as they are decoded.
     temperature 0 is greedy; `stop` strings end a sequence (not included in the output).
     On CUDA the decode step runs as a captured CUDA graph (cuda_graph=False for eager); compile=True
-    also torch.compiles the decoder layers first (a one-time cost, then faster steps). Elsewhere
-    (CPU) compile=True runs every decode step through one compiled graph of the whole model
-    (`compiled_forward`; bench/results/cpu_e2e.md has the measured gain and the compile time).
+    also torch.compiles the decoder layers first (a one-time cost, then faster steps). On the CPU
+    each decode step runs the decoder layers in C++ (cpu_decode.py) when the model qualifies;
+    compile=True instead runs it through one compiled graph of the whole model (`compiled_forward`);
+    bench/results/cpu_e2e.md has both measured.
     """
     rows, batched = _encode(model, prompt, input_ids, messages, prompts)
     text_mode = input_ids is None
@@ -268,7 +269,9 @@ def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repet
 
 
 def make_decoder(model, cache, offset, cuda_graph, compile=False):
-    """The eager decode step, or its CUDA-graph twin on CUDA devices (cuda_graph None = auto)."""
+    """The decode step: its CUDA-graph twin on CUDA devices (cuda_graph None = auto); on the CPU the
+    C++ layers of cpu_decode when the model qualifies (not with compile=True, which asks for the
+    compiled PyTorch step); else the eager step."""
     on_cuda = cache.valid.device.type == "cuda"
     if cuda_graph is None:
         cuda_graph = on_cuda
@@ -276,4 +279,10 @@ def make_decoder(model, cache, offset, cuda_graph, compile=False):
         from .cuda_graph import GraphDecoder
 
         return GraphDecoder(model, cache, offset, compile=compile)
+    if not on_cuda and not compile and cache.k0.dtype == torch.float32:
+        from . import cpu_decode
+
+        layers = cpu_decode.plan(model)
+        if layers is not None:
+            return cpu_decode.FastCpuDecoder(model, cache, offset, layers)
     return Decoder(model, cache, offset, full_cache=on_cuda, compile=compile)

@@ -111,6 +111,17 @@ void lora_down_avx2(const void*, int, int64_t, int64_t, const float*, int64_t, i
 void lora_up_avx2(const void*, int, int64_t, int64_t, const float*, int64_t, int64_t, float*,
                   int64_t);
 
+// One query head against the cached keys/values of its KV head (decode attention, one token):
+//   q: hd floats; k, v: S x hd (row s = slot s); allowed: S bytes (0: masked out, never read);
+//   scores: S floats of scratch; out: hd floats = softmax(scale * q.k_s over allowed s) @ v.
+// At least one slot must be allowed (the decode step always allows the token's own slot).
+using AttendHead = void (*)(const float* q, const float* k, const float* v, int64_t S, int64_t hd,
+                            const uint8_t* allowed, float scale, float* scores, float* out);
+void attend_head_scalar(const float*, const float*, const float*, int64_t, int64_t, const uint8_t*,
+                        float, float*, float*);
+void attend_head_avx2(const float*, const float*, const float*, int64_t, int64_t, const uint8_t*,
+                      float, float*, float*);
+
 bool cpu_has_avx2();  // AVX2 + FMA + F16C, checked with cpuid (and OS support for ymm state)
 
 }  // namespace bitengine_cpu

@@ -37,9 +37,13 @@ inline float hsum_ps(__m256 v) {
 // Decode streams the weights from DRAM once: ask for them kPrefetchBlocks blocks (2 KB of a
 // 4-row group) ahead, so the loads overlap the unpacking instead of alternating with it.
 // (Measured 2026-11-28 on this noisy VM: 8 blocks at best ~10% faster than none, within noise.)
-constexpr int64_t kPrefetchBlocks = 8;
+#ifndef BITENGINE_PREFETCH_BLOCKS
+#define BITENGINE_PREFETCH_BLOCKS 8
+#endif
+constexpr int64_t kPrefetchBlocks = BITENGINE_PREFETCH_BLOCKS;
 template <int NR>
 inline void prefetch_ahead(const uint8_t* w, int64_t t) {
+  if (kPrefetchBlocks == 0) return;
   const char* p = (const char*)(w + (t + kPrefetchBlocks) * kBlockStride);
   for (int r = 0; r < NR; ++r) _mm_prefetch(p + r * kBlockBytes, _MM_HINT_T0);
 }
@@ -308,6 +312,23 @@ inline float load1_factor(const void* p, int64_t i) {
   }
 }
 
+// exp(x) for x <= 0 (Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1e-7 relative).
+inline __m256 exp_nonpos_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.f));
+  __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
 // Sums of 4 vectors in one: lane i = hsum(v[i]).
 inline __m128 hsum4_ps(__m256 a, __m256 b, __m256 c, __m256 d) {
   const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
@@ -493,6 +514,58 @@ float quantize_row_avx2(const float* x, int64_t K, int64_t gsize, int8_t* q, int
     gsum[g] = s;
   }
   return a;
+}
+
+}  // namespace bitengine_cpu
+
+namespace bitengine_cpu {
+
+// attend_head (kernels.h): dot products with two FMA chains, exp 8 slots at a time (masked
+// slots hold -inf and get p = 0), then out += p_s v_s over the allowed slots.
+void attend_head_avx2(const float* q, const float* k, const float* v, int64_t S, int64_t hd,
+                      const uint8_t* allowed, float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  const int64_t hd8 = hd / 8 * 8;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) { scores[s] = -INFINITY; continue; }
+    const float* ks = k + s * hd;
+    __m256 a = _mm256_setzero_ps(), b = a;
+    int64_t i = 0;
+    for (; i + 16 <= hd8; i += 16) {
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(ks + i), a);
+      b = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8), _mm256_loadu_ps(ks + i + 8), b);
+    }
+    for (; i < hd8; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(ks + i), a);
+    float d = hsum_ps(_mm256_add_ps(a, b));
+    for (; i < hd; ++i) d += q[i] * ks[i];
+    scores[s] = d * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  const __m256 vmx = _mm256_set1_ps(mx), ninf = _mm256_set1_ps(-INFINITY);
+  __m256 tot = _mm256_setzero_ps();
+  int64_t s = 0;
+  for (; s + 8 <= S; s += 8) {
+    const __m256 x = _mm256_loadu_ps(scores + s);
+    const __m256 p = _mm256_andnot_ps(_mm256_cmp_ps(x, ninf, _CMP_EQ_OQ), exp_nonpos_ps(_mm256_sub_ps(x, vmx)));
+    _mm256_storeu_ps(scores + s, p);
+    tot = _mm256_add_ps(tot, p);
+  }
+  float total = hsum_ps(tot);
+  for (; s < S; ++s) {
+    scores[s] = allowed[s] ? std::exp(scores[s] - mx) : 0.f;
+    total += scores[s];
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  for (s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    const __m256 p = _mm256_set1_ps(scores[s]);
+    const float* vs = v + s * hd;
+    int64_t i = 0;
+    for (; i < hd8; i += 8) _mm256_storeu_ps(out + i, _mm256_fmadd_ps(p, _mm256_loadu_ps(vs + i), _mm256_loadu_ps(out + i)));
+    for (; i < hd; ++i) out[i] += scores[s] * vs[i];
+  }
+  const float inv = 1.f / total;
+  for (int64_t i = 0; i < hd; ++i) out[i] *= inv;
 }
 
 }  // namespace bitengine_cpu

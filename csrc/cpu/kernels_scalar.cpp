@@ -152,6 +152,27 @@ void lora_up_scalar(const void* B, int ft, int64_t nrows, int64_t r, const float
 }  // namespace bitengine_cpu
 
 namespace bitengine_cpu {
+void attend_head_scalar(const float* q, const float* k, const float* v, int64_t S, int64_t hd,
+                        const uint8_t* allowed, float scale, float* scores, float* out) {
+  float mx = -INFINITY;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    float d = 0.f;
+    for (int64_t i = 0; i < hd; ++i) d += q[i] * k[s * hd + i];
+    scores[s] = d * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  float total = 0.f;
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  for (int64_t s = 0; s < S; ++s) {
+    if (!allowed[s]) continue;
+    const float p = std::exp(scores[s] - mx);
+    total += p;
+    for (int64_t i = 0; i < hd; ++i) out[i] += p * v[s * hd + i];
+  }
+  for (int64_t i = 0; i < hd; ++i) out[i] /= total;
+}
+
 bool cpu_has_avx2() {
   // libgcc's cpu model checks both cpuid and the OS-enabled ymm state (xgetbv).
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&

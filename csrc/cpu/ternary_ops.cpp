@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "ternary_ops.h"
 
 namespace bitengine_cpu {
 namespace {
@@ -470,6 +471,9 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10:
   return finish(y, x, N);
 }
 
+int kernel_threads() { return num_threads(); }
+bool kernels_use_avx2() { return active_isa() == kAvx2; }
+
 }  // namespace bitengine_cpu
 
 TORCH_LIBRARY_FRAGMENT(bitengine, m) {
@@ -494,5 +498,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("available_isas", &available_isas);
   m.def("set_num_threads", [](int n) { g_threads = std::max(0, n); }, "0: torch.get_num_threads()");
   m.def("num_threads", &num_threads);
+  bind_decode_layer(m);
   if (const char* env = std::getenv("BITENGINE_CPU_ISA")) set_isa(env);
 }
