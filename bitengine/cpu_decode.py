@@ -62,8 +62,6 @@ def _why_not(model) -> str | None:
                 return f"layer {i}: per-linear input norms"
             if lin.lora_A is not None and not lin.backend.fuses_adapter(lin):
                 return f"layer {i}: an adapter the kernels do not take"
-            if lin.bias is not None and lin.bias.dtype != torch.float32:
-                lin.bias = lin.bias.float()  # what the kernel converts to on every call anyway
         norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.attn_sub_norm, mlp.ffn_sub_norm]
         if any(n is not None and n.weight.dtype != torch.float32 for n in norms):
             return f"layer {i}: a norm weight is not float32"
@@ -103,6 +101,8 @@ class FastCpuDecoder:
 
     def __init__(self, model, cache, position_offset: torch.Tensor, layers: list):
         self.model, self.cache, self.offset, self.layers = model, cache, position_offset, layers
+        self.ks, self.vs = cache.k, cache.v
+        self.direct = all(layer.direct for layer in layers)
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         from .backends import cpu as cpu_backend
@@ -115,7 +115,10 @@ class FastCpuDecoder:
         cos, sin = (c.reshape(b, -1).contiguous() for c in model.rope(positions))  # (B, hd) each
         allowed = model._mask(b, 1, pos, cache, slot + 1, tokens.device).reshape(b, slot + 1).contiguous()
         variant = cpu_backend.KERNELS[cpu_backend.kernel()]
-        for i, layer in enumerate(self.layers):
-            x = layer.forward(x, getattr(cache, f"k{i}"), getattr(cache, f"v{i}"), cos, sin, allowed, slot,
-                              slot + 1, variant)
+        if self.direct:  # all layers in one parallel region (csrc/cpu/phase_runner.h says why)
+            x = cpu_backend._C.decode_step(self.layers, x, self.ks, self.vs, cos, sin, allowed, slot, slot + 1,
+                                           variant)
+        else:  # group scales or adapters: each layer through ternary_linear_cpu
+            for layer, k, v in zip(self.layers, self.ks, self.vs):
+                x = layer.forward(x, k, v, cos, sin, allowed, slot, slot + 1, variant)
         return model.lm_head(model.model.norm(x)).float()  # (B, V)

@@ -116,9 +116,42 @@ def test_variants_match_eager(tmp_path, case):
         model = _model(tmp_path, act_bits)
         if case == "window":  # slots outside the window are masked (the mask comes from CausalLM._mask)
             model.config.sliding_window = 3
-        else:
+        else:  # adapters: every layer runs through ternary_linear_cpu (DecodeLayer.forward)
             _add_adapters(model)
+            assert not any(layer.direct for layer in cpu_decode.plan(model))
     _check(_compare(model, PROMPTS, steps=5, act_bits=act_bits), act_bits)
+
+
+@pytest.mark.parametrize("act_bits,kernel", [(8, "dot"), (8, "add"), (16, "dot"), (16, "add")])
+def test_one_region_step_equals_layer_by_layer(tmp_path, isa, act_bits, kernel):
+    """decode_step (all layers in one parallel region, raw kernels) against DecodeLayer.forward (each
+    linear through ternary_linear_cpu): the same kernels and epilogue, so the same bits."""
+    model = _model(tmp_path, act_bits, attention_bias=True, num_hidden_layers=3)
+    layers = cpu_decode.plan(model)
+    assert all(layer.direct for layer in layers)
+    cpu.set_kernel(kernel)
+    try:
+        b, slot = 3, 5
+        g = torch.Generator().manual_seed(1)
+        caches = [model.new_cache(b, max_seq=8) for _ in range(2)]
+        for buf in caches[0].buffers():
+            if buf.dtype == torch.float32:
+                buf.copy_(torch.randn(buf.shape, generator=g))
+        for a, c in zip(caches[1].buffers(), caches[0].buffers()):
+            a.copy_(c)
+        x = torch.randn(b, 64, generator=g)
+        cos, sin = torch.randn(b, 16, generator=g), torch.randn(b, 16, generator=g)
+        allowed = torch.rand(b, slot + 1, generator=g) < 0.7
+        allowed[:, slot] = True
+        variant = cpu.KERNELS[kernel]
+        y = x
+        for i, layer in enumerate(layers):
+            y = layer.forward(y, caches[0].k[i], caches[0].v[i], cos, sin, allowed, slot, slot + 1, variant)
+        z = cpu._C.decode_step(layers, x, caches[1].k, caches[1].v, cos, sin, allowed, slot, slot + 1, variant)
+        assert torch.equal(y, z)
+        assert all(torch.equal(a, c) for a, c in zip(caches[1].k + caches[1].v, caches[0].k + caches[0].v))
+    finally:
+        cpu.set_kernel("dot")
 
 
 def test_generate_uses_cpp_layers_and_agrees(tmp_path, monkeypatch):
