@@ -115,6 +115,10 @@ if _C is not None:
     def _(x_q, w, in_features, out_features, variant):
         return x_q.new_empty(x_q.shape[0], out_features, dtype=torch.int32)
 
+    @torch.library.register_fake("bitengine::large_pages_copy_cpu")
+    def _(t):
+        return torch.empty_like(t, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("bitengine::dense_linear_cpu")
     def _(x, w, w_scale, bias, in_features):
         return x.new_empty(*x.shape[:-1], w.shape[0])

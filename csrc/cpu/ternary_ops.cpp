@@ -416,6 +416,17 @@ at::Tensor ternary_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at
   return finish(y, x, N);
 }
 
+// A copy of a CPU tensor (same dtype, shape, values) in the 2 MB-page slabs, for weights that
+// every decode step streams whole (the 16-bit and int8 heads): 10-15% faster to read there
+// (int8 32000 x 2048 head kernel, interleaved runs, 2026-11-28).
+at::Tensor large_pages_copy_cpu(const at::Tensor& t) {
+  TORCH_CHECK(t.device().is_cpu(), "large_pages_copy_cpu takes a CPU tensor, got ", t.device());
+  const at::Tensor src = t.contiguous();
+  at::Tensor out = weight_bytes(src.nbytes()).view(src.scalar_type()).view(src.sizes());
+  out.copy_(src);
+  return out;
+}
+
 // int32 [M, N] = x_q @ W^T for int8 x_q [M, K] (values in [-127, 127] for the add variant, as
 // quantize_activations produces): the integer core, compared exactly with the reference.
 at::Tensor ternary_accumulate_cpu(const at::Tensor& x_q, const at::Tensor& w, int64_t K, int64_t N,
@@ -481,6 +492,7 @@ TORCH_LIBRARY_FRAGMENT(bitengine, m) {
   m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int out_features, int act_bits, int variant, Tensor? lora_A=None, Tensor? lora_B=None, Tensor? lora_A_scale=None, Tensor? lora_B_scale=None) -> Tensor");
   m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int out_features, int variant) -> Tensor");
   m.def("dense_linear_cpu(Tensor x, Tensor w, Tensor? w_scale, Tensor? bias, int in_features) -> Tensor");
+  m.def("large_pages_copy_cpu(Tensor t) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bitengine, CPU, m) {
@@ -488,6 +500,7 @@ TORCH_LIBRARY_IMPL(bitengine, CPU, m) {
   m.impl("ternary_linear_cpu", &bitengine_cpu::ternary_linear_cpu);
   m.impl("ternary_accumulate_cpu", &bitengine_cpu::ternary_accumulate_cpu);
   m.impl("dense_linear_cpu", &bitengine_cpu::dense_linear_cpu);
+  m.impl("large_pages_copy_cpu", &bitengine_cpu::large_pages_copy_cpu);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
