@@ -103,17 +103,23 @@ class FastCpuDecoder:
         self.model, self.cache, self.offset, self.layers = model, cache, position_offset, layers
         self.ks, self.vs = cache.k, cache.v
         self.direct = all(layer.direct for layer in layers)
+        # rotary tables for every slot, computed once instead of ~10 small ops per step: (S, B, hd)
+        slots = torch.arange(cache.max_seq)
+        cos, sin = model.rope(slots[None] - position_offset[:, None])  # (B, 1, S, hd)
+        self.cos, self.sin = (t[:, 0].transpose(0, 1).contiguous() for t in (cos, sin))
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         from .backends import cpu as cpu_backend
 
         model, cache = self.model, self.cache
         b = tokens.shape[0]
-        pos = torch.tensor([slot])
-        positions = pos[None] - self.offset[:, None]  # (B, 1)
         x = model.model.embed_tokens(tokens).view(b, -1).float()  # (B, D)
-        cos, sin = (c.reshape(b, -1).contiguous() for c in model.rope(positions))  # (B, hd) each
-        allowed = model._mask(b, 1, pos, cache, slot + 1, tokens.device).reshape(b, slot + 1).contiguous()
+        cos, sin = self.cos[slot], self.sin[slot]  # (B, hd) each
+        if model.config.sliding_window:
+            allowed = model._mask(b, 1, torch.tensor([slot]), cache, slot + 1, tokens.device).reshape(b, -1).contiguous()
+        else:  # what _mask gives without a window: the valid slots up to this one, and this one
+            allowed = cache.valid[:, :slot + 1].clone()
+            allowed[:, slot] = True
         variant = cpu_backend.KERNELS[cpu_backend.kernel()]
         if self.direct:  # all layers in one parallel region (csrc/cpu/phase_runner.h says why)
             x = cpu_backend._C.decode_step(self.layers, x, self.ks, self.vs, cos, sin, allowed, slot, slot + 1,
