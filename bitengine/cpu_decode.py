@@ -94,6 +94,39 @@ def plan(model) -> list | None:
     return layers
 
 
+def run_layers(model, layers: list, ks: list, vs: list, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               allowed: torch.Tensor, slots: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Embedding, the C++ layers, final norm and head for one token per row -> logits (B, V) float32.
+
+    tokens (B, 1); cos, sin float32 (B, hd); allowed bool (B, kv_len); slots int64 (B,): where each
+    row's token goes in ks / vs (this layer's (B, n_kv, S, hd) caches)."""
+    from .backends import cpu as cpu_backend
+
+    b = tokens.shape[0]
+    x = model.model.embed_tokens(tokens).view(b, -1).float()  # (B, D)
+    variant = cpu_backend.KERNELS[cpu_backend.kernel()]
+    if all(layer.direct for layer in layers):  # all layers in one parallel region (csrc/cpu/phase_runner.h)
+        x = cpu_backend._C.decode_step(layers, x, ks, vs, cos, sin, allowed, slots, kv_len, variant)
+    else:  # group scales or adapters: each layer through ternary_linear_cpu
+        for layer, k, v in zip(layers, ks, vs):
+            x = layer.forward(x, k, v, cos, sin, allowed, slots, kv_len, variant)
+    return model.lm_head(model.model.norm(x)).float()
+
+
+def decode_rows(model, layers: list, cache, tokens: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """One token per row, each at its own cache slot, which is also its rotary position (the server's
+    continuous batch: generate's left padding is FastCpuDecoder's job). tokens (B, 1), slots int64 (B,);
+    cache: a KVCache or a view of its rows. Returns logits (B, V) float32."""
+    b = tokens.shape[0]
+    kv_len = int(slots.max()) + 1
+    pos = slots.view(b, 1)
+    cos, sin = (c.reshape(b, -1).contiguous() for c in model.rope(pos))
+    allowed = model._mask(b, 1, pos, cache, kv_len, tokens.device).reshape(b, kv_len).contiguous()
+    ks = [getattr(cache, f"k{i}") for i in range(len(layers))]
+    vs = [getattr(cache, f"v{i}") for i in range(len(layers))]
+    return run_layers(model, layers, ks, vs, tokens, cos, sin, allowed, slots.contiguous(), kv_len)
+
+
 class FastCpuDecoder:
     """generate()'s one-token decode step over `plan(model)`: (tokens (B, 1), slot) -> logits (B, V) float32.
 
@@ -102,29 +135,19 @@ class FastCpuDecoder:
     def __init__(self, model, cache, position_offset: torch.Tensor, layers: list):
         self.model, self.cache, self.offset, self.layers = model, cache, position_offset, layers
         self.ks, self.vs = cache.k, cache.v
-        self.direct = all(layer.direct for layer in layers)
         # rotary tables for every slot, computed once instead of ~10 small ops per step: (S, B, hd)
         slots = torch.arange(cache.max_seq)
         cos, sin = model.rope(slots[None] - position_offset[:, None])  # (B, 1, S, hd)
         self.cos, self.sin = (t[:, 0].transpose(0, 1).contiguous() for t in (cos, sin))
+        self.slots = torch.empty(cache.batch, dtype=torch.long)
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
-        from .backends import cpu as cpu_backend
-
         model, cache = self.model, self.cache
         b = tokens.shape[0]
-        x = model.model.embed_tokens(tokens).view(b, -1).float()  # (B, D)
-        cos, sin = self.cos[slot], self.sin[slot]  # (B, hd) each
         if model.config.sliding_window:
             allowed = model._mask(b, 1, torch.tensor([slot]), cache, slot + 1, tokens.device).reshape(b, -1).contiguous()
         else:  # what _mask gives without a window: the valid slots up to this one, and this one
             allowed = cache.valid[:, :slot + 1].clone()
             allowed[:, slot] = True
-        variant = cpu_backend.KERNELS[cpu_backend.kernel()]
-        if self.direct:  # all layers in one parallel region (csrc/cpu/phase_runner.h says why)
-            x = cpu_backend._C.decode_step(self.layers, x, self.ks, self.vs, cos, sin, allowed, slot, slot + 1,
-                                           variant)
-        else:  # group scales or adapters: each layer through ternary_linear_cpu
-            for layer, k, v in zip(self.layers, self.ks, self.vs):
-                x = layer.forward(x, k, v, cos, sin, allowed, slot, slot + 1, variant)
-        return model.lm_head(model.model.norm(x)).float()  # (B, V)
+        return run_layers(model, self.layers, self.ks, self.vs, tokens, self.cos[slot], self.sin[slot], allowed,
+                          self.slots.fill_(slot), slot + 1)

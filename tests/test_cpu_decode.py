@@ -144,14 +144,40 @@ def test_one_region_step_equals_layer_by_layer(tmp_path, isa, act_bits, kernel):
         allowed = torch.rand(b, slot + 1, generator=g) < 0.7
         allowed[:, slot] = True
         variant = cpu.KERNELS[kernel]
+        slots = torch.tensor([slot, 2, 4])  # each row's token goes to its own slot
         y = x
         for i, layer in enumerate(layers):
-            y = layer.forward(y, caches[0].k[i], caches[0].v[i], cos, sin, allowed, slot, slot + 1, variant)
-        z = cpu._C.decode_step(layers, x, caches[1].k, caches[1].v, cos, sin, allowed, slot, slot + 1, variant)
+            y = layer.forward(y, caches[0].k[i], caches[0].v[i], cos, sin, allowed, slots, slot + 1, variant)
+        z = cpu._C.decode_step(layers, x, caches[1].k, caches[1].v, cos, sin, allowed, slots, slot + 1, variant)
         assert torch.equal(y, z)
         assert all(torch.equal(a, c) for a, c in zip(caches[1].k + caches[1].v, caches[0].k + caches[0].v))
     finally:
         cpu.set_kernel("dot")
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_rows_at_their_own_slots_match_eager(tmp_path, act_bits):
+    """decode_rows (the server's continuous batch: each row at its own slot = rotary position, kv_len the
+    longest row's) against the model's forward with input_pos (B, 1), from the same cache."""
+    model = _model(tmp_path, act_bits)
+    layers = cpu_decode.plan(model)
+    g = torch.Generator().manual_seed(2)
+    caches = [model.new_cache(3, max_seq=12) for _ in range(2)]
+    for buf in caches[0].buffers():
+        if buf.dtype == torch.float32:
+            buf.copy_(torch.randn(buf.shape, generator=g))
+    for a, c in zip(caches[1].buffers(), caches[0].buffers()):
+        a.copy_(c)
+    tokens = torch.tensor([[7], [100], [3]])
+    slots = torch.tensor([9, 0, 4])
+    with torch.no_grad():
+        want = model(tokens, cache=caches[0], input_pos=slots[:, None], position_ids=slots[:, None],
+                     kv_len=10)[:, -1]
+        got = cpu_decode.decode_rows(model, layers, caches[1], tokens, slots)
+    _check([_rel(got[i], want[i]) for i in range(3)], act_bits)
+    for a, c in zip(caches[1].k + caches[1].v, caches[0].k + caches[0].v):
+        for row, s in enumerate(slots.tolist()):
+            assert _rel(a[row, :, s], c[row, :, s]) < 1e-2
 
 
 def test_generate_uses_cpp_layers_and_agrees(tmp_path, monkeypatch):
@@ -180,13 +206,17 @@ def test_bad_inputs_raise(tmp_path):
     layer = cpu_decode.plan(model)[0]
     cache = model.new_cache(1, max_seq=8)
     x, cs = torch.randn(1, 64), torch.randn(1, 16)
-    ok = torch.ones(1, 4, dtype=torch.bool)
-    layer.forward(x, cache.k0, cache.v0, cs, cs, ok, 3, 4, 1)
+    ok, at3 = torch.ones(1, 4, dtype=torch.bool), torch.tensor([3])
+    layer.forward(x, cache.k0, cache.v0, cs, cs, ok, at3, 4, 1)
     with pytest.raises(RuntimeError, match="x must be"):
-        layer.forward(torch.randn(1, 65), cache.k0, cache.v0, cs, cs, ok, 3, 4, 1)
-    with pytest.raises(RuntimeError, match="do not fit"):
-        layer.forward(x, cache.k0, cache.v0, cs, cs, torch.ones(1, 9, dtype=torch.bool), 8, 9, 1)
+        layer.forward(torch.randn(1, 65), cache.k0, cache.v0, cs, cs, ok, at3, 4, 1)
+    with pytest.raises(RuntimeError, match="does not fit"):
+        layer.forward(x, cache.k0, cache.v0, cs, cs, torch.ones(1, 9, dtype=torch.bool), torch.tensor([8]), 9, 1)
+    with pytest.raises(RuntimeError, match="outside kv_len"):
+        layer.forward(x, cache.k0, cache.v0, cs, cs, ok, torch.tensor([4]), 4, 1)
+    with pytest.raises(RuntimeError, match="pos must be"):
+        layer.forward(x, cache.k0, cache.v0, cs, cs, ok, torch.tensor([3, 3]), 4, 1)
     with pytest.raises(RuntimeError, match="allowed"):
-        layer.forward(x, cache.k0, cache.v0, cs, cs, ok[:, :3], 3, 4, 1)
+        layer.forward(x, cache.k0, cache.v0, cs, cs, ok[:, :3], at3, 4, 1)
     with pytest.raises(RuntimeError, match="caches"):
-        layer.forward(x, cache.k0[:, :1].contiguous(), cache.v0, cs, cs, ok, 3, 4, 1)
+        layer.forward(x, cache.k0[:, :1].contiguous(), cache.v0, cs, cs, ok, at3, 4, 1)

@@ -8,7 +8,8 @@ view of the cache), then joins the running decode batch: every step runs one tok
 once and its slot is reused; free rows inside [0, hi) compute a throw-away token at slot 0.
 
 Rows never share positions, so batching changes no result beyond float rounding: the ternary
-A8 sums are exact integers, and extra masked cache slots add exact zeros to attention.
+A8 sums are exact integers, and extra masked cache slots add exact zeros to attention. On the CPU
+the decode step runs the C++ layers of cpu_decode (as generate() does) when the model qualifies.
 
 Not here: HTTP (app.py), prefix caching, chunked prefill, speculative decoding.
 """
@@ -109,6 +110,12 @@ class Engine:
         self.max_seq = min(max_seq or model.max_seq, model.max_seq)
         self.device = model.device
         self.cache = model.new_cache(batch=max_batch, max_seq=self.max_seq)
+        # on the CPU, decode steps run the C++ layers (cpu_decode) when the model qualifies
+        self.cpp_layers = None
+        if self.device.type == "cpu" and self.cache.k0.dtype == torch.float32:
+            from .. import cpu_decode
+
+            self.cpp_layers = cpu_decode.plan(model)
         self.eos = eos_ids(model)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -251,8 +258,14 @@ class Engine:
         tok = torch.tensor(tokens, device=self.device)[:, None]  # (hi, 1)
         pos = torch.tensor(slots, device=self.device)[:, None]  # (hi, 1): per-row cache slot = rotary position
         with torch.inference_mode():
-            logits = self.model(tok, cache=_CacheView(self.cache, 0, hi), input_pos=pos, position_ids=pos,
-                                kv_len=max(slots) + 1)[:, -1].float()  # (hi, V)
+            view = _CacheView(self.cache, 0, hi)
+            if self.cpp_layers is not None:
+                from .. import cpu_decode
+
+                logits = cpu_decode.decode_rows(self.model, self.cpp_layers, view, tok, pos.view(-1))  # (hi, V)
+            else:
+                logits = self.model(tok, cache=view, input_pos=pos, position_ids=pos,
+                                    kv_len=max(slots) + 1)[:, -1].float()  # (hi, V)
         for r in busy:
             r.length += 1
         self.stats["steps"] += 1

@@ -226,11 +226,11 @@ class DecodeLayer {
   bool direct() const { return direct_; }
 
   // x float32 [B, D] -> the layer's output [B, D], through ternary_linear_cpu (any scale, LoRA).
-  // kc, vc: this layer's cache (B, n_kv, S, hd) float32, written at slot `pos`; cos, sin: float32
-  // [B, hd] (CausalLM.rope for each row's position); allowed: bool [B, kv_len], the slots each
-  // row attends to (CausalLM._mask).
+  // kc, vc: this layer's cache (B, n_kv, S, hd) float32; pos: int64 [B], the slot each row's token
+  // is written to (< kv_len); cos, sin: float32 [B, hd] (CausalLM.rope for each row's position);
+  // allowed: bool [B, kv_len], the slots each row attends to (CausalLM._mask).
   at::Tensor forward(const at::Tensor& x, at::Tensor kc, at::Tensor vc, const at::Tensor& cos,
-                     const at::Tensor& sin, const at::Tensor& allowed, int64_t pos, int64_t kv_len,
+                     const at::Tensor& sin, const at::Tensor& allowed, const at::Tensor& pos, int64_t kv_len,
                      int64_t variant) const {
     check(x, kc, vc, cos, sin, allowed, pos, kv_len);
     const int64_t B = x.size(0);
@@ -258,7 +258,7 @@ class DecodeLayer {
   }
 
   void check(const at::Tensor& x, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& cos,
-             const at::Tensor& sin, const at::Tensor& allowed, int64_t pos, int64_t kv_len) const {
+             const at::Tensor& sin, const at::Tensor& allowed, const at::Tensor& pos, int64_t kv_len) const {
     check_f32(x, "x");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == D_, "DecodeLayer: x must be [B, ", D_, "], got ", x.sizes());
     const int64_t B = x.size(0);
@@ -266,8 +266,13 @@ class DecodeLayer {
     check_f32(vc, "value cache");
     TORCH_CHECK(kc.dim() == 4 && kc.size(0) == B && kc.size(1) == KV_ && kc.size(3) == hd_ && vc.sizes() == kc.sizes(),
                 "DecodeLayer: caches must be [", B, ", ", KV_, ", S, ", hd_, "], got ", kc.sizes(), " and ", vc.sizes());
-    TORCH_CHECK(0 <= pos && pos < kv_len && kv_len <= kc.size(2), "DecodeLayer: slot ", pos, " and kv_len ", kv_len,
-                " do not fit a cache of ", kc.size(2), " slots");
+    TORCH_CHECK(pos.dtype() == at::kLong && pos.is_contiguous() && pos.numel() == B,
+                "DecodeLayer: pos must be contiguous int64 [B=", B, "], got ", pos.dtype(), " ", pos.sizes());
+    TORCH_CHECK(kv_len <= kc.size(2), "DecodeLayer: kv_len ", kv_len, " does not fit a cache of ", kc.size(2), " slots");
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t p = pos.data_ptr<int64_t>()[b];
+      TORCH_CHECK(0 <= p && p < kv_len, "DecodeLayer: row ", b, " slot ", p, " is outside kv_len ", kv_len);
+    }
     check_f32(cos, "cos");
     check_f32(sin, "sin");
     TORCH_CHECK(cos.numel() == B * hd_ && sin.numel() == B * hd_, "DecodeLayer: cos/sin must be [B, hd]");
@@ -281,7 +286,7 @@ class DecodeLayer {
   // The same layer as forward(), on raw buffers, inside decode_step's parallel region (driver
   // thread; every loop over rows or heads is a phase of `run`). x [B, D] is updated in place.
   void run_direct(PhaseRunner& run, StepBuffers& buf, float* x, int64_t B, at::Tensor& kc, at::Tensor& vc,
-                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& allowed, int64_t pos,
+                  const at::Tensor& cos, const at::Tensor& sin, const at::Tensor& allowed, const at::Tensor& pos,
                   int64_t kv_len, int64_t variant, bool avx2) const {
     rmsnorm_rows(x, in_norm_.data_ptr<float>(), B, D_, eps_, buf.h.data());
     linear(run, buf, raw_[0], buf.h.data(), B, buf.qkv.data(), variant, avx2);
@@ -325,10 +330,10 @@ class DecodeLayer {
     });
   }
 
-  // Rotary embedding on the q and k heads of each row of qkv (B, (H + 2 n_kv) hd), then k and v
-  // into cache slot `pos`.
+  // Rotary embedding on the q and k heads of each row of qkv (B, (H + 2 n_kv) hd), then row b's k
+  // and v into cache slot pos[b].
   void rope_and_store(float* qkv, int64_t B, at::Tensor& kc, at::Tensor& vc, const at::Tensor& cos,
-                      const at::Tensor& sin, int64_t pos) const {
+                      const at::Tensor& sin, const at::Tensor& pos) const {
     const int64_t row = (H_ + 2 * KV_) * hd_, S = kc.size(2);
     float* kcp = kc.data_ptr<float>();
     float* vcp = vc.data_ptr<float>();
@@ -338,7 +343,7 @@ class DecodeLayer {
       for (int64_t j = 0; j < H_ + KV_; ++j)
         rope(r + j * hd_, cos.data_ptr<float>() + b * hd_, sin.data_ptr<float>() + b * hd_, hd_, tmp.data());
       for (int64_t j = 0; j < KV_; ++j) {
-        const int64_t slot = ((b * KV_ + j) * S + pos) * hd_;
+        const int64_t slot = ((b * KV_ + j) * S + pos.data_ptr<int64_t>()[b]) * hd_;
         std::copy(r + (H_ + j) * hd_, r + (H_ + j + 1) * hd_, kcp + slot);
         std::copy(r + (H_ + KV_ + j) * hd_, r + (H_ + KV_ + j + 1) * hd_, vcp + slot);
       }
@@ -369,7 +374,7 @@ class DecodeLayer {
 // layer's output. Every layer must be direct(); ks / vs: the layers' caches; the rest as forward().
 at::Tensor decode_step(const std::vector<DecodeLayer*>& layers, const at::Tensor& x, std::vector<at::Tensor> ks,
                        std::vector<at::Tensor> vs, const at::Tensor& cos, const at::Tensor& sin,
-                       const at::Tensor& allowed, int64_t pos, int64_t kv_len, int64_t variant) {
+                       const at::Tensor& allowed, const at::Tensor& pos, int64_t kv_len, int64_t variant) {
   TORCH_CHECK(!layers.empty() && ks.size() == layers.size() && vs.size() == layers.size(),
               "decode_step: ", layers.size(), " layers, ", ks.size(), " key and ", vs.size(), " value caches");
   int64_t width = 0;
