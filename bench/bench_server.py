@@ -156,6 +156,7 @@ async def run(args) -> dict:
     tokens = sum(r["tokens"] for r in results)
     return {
         "device": args.device, "device_name": device_name(args.device), "backend": health.get("backend"),
+        "decode": health.get("decode"),
         "model": str(args.checkpoint or f"random llama '{args.preset}' {PRESETS[args.preset]}"),
         "clients": args.clients, "max_batch": args.max_batch, "max_tokens": args.max_tokens,
         "duration_s": round(elapsed, 2), "requests": len(results), "errors": len(errors), "error_samples": errors[:5],
@@ -184,7 +185,8 @@ def _engine_line(e: dict) -> str:
 
 
 def markdown(r: dict) -> str:
-    rows = [("device", f"{r['device']} ({r['device_name']}), backend {r['backend']}"), ("model", r["model"]),
+    rows = [("device", f"{r['device']} ({r['device_name']}), backend {r['backend']}, decode step: {r.get('decode')}"),
+            ("model", r["model"]),
             ("clients / max_batch / max_tokens", f"{r['clients']} / {r['max_batch']} / {r['max_tokens']}"),
             ("duration", f"{r['duration_s']} s"), ("requests", r["requests"]), ("errors", r["errors"]),
             ("requests/s", r["requests_per_s"]), ("generated tokens/s", r["tokens_per_s"]),

@@ -78,6 +78,7 @@ def test_models_and_health(live):
     assert [m.id for m in client.models.list().data] == [NAME]
     h = httpx.get(live.url + "/health").json()
     assert h["status"] == "ok" and h["max_batch"] == 8 and h["context"] == 256
+    assert h["decode"] == ("C++ layers" if h["backend"] == "cpu" else "PyTorch layers")
 
 
 def test_completion_greedy_matches_generate(live, ref):

@@ -71,7 +71,7 @@ def create_app(engine: Engine, model_name: str, drain_timeout: float = 30.0) -> 
                   "starting" if engine.warmup_pending else "ok")
         body = {"status": status, "model": model_name, "active": engine.active(), "queued": len(engine.waiting),
                 "max_batch": engine.max_batch, "max_queue": engine.max_queue, "context": engine.max_seq,
-                "backend": getattr(engine.model, "backend_name", None), **engine.stats}
+                "backend": getattr(engine.model, "backend_name", None), "decode": engine.decode_path, **engine.stats}
         return JSONResponse(body, status_code=200 if status == "ok" else 503)
 
     @app.get("/v1/models")

@@ -116,6 +116,7 @@ class Engine:
             from .. import cpu_decode
 
             self.cpp_layers = cpu_decode.plan(model)
+        self.decode_path = "C++ layers" if self.cpp_layers is not None else "PyTorch layers"
         self.eos = eos_ids(model)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
