@@ -13,10 +13,13 @@ Settings (read at import; the functions below change them at run time):
                          products on the codes (maddubs / FMA) with a sum(x) correction;
                          "add": multiplication-free (sign/select + byte sums; blends for A16)
   BITENGINE_NUM_THREADS  threads for the kernels (default: torch.get_num_threads())
+  BITENGINE_CPU_FAST_DECODE  1 (default) | 0: generate() and the server run the decode step's layers
+                         in C++ (cpu_decode.py, csrc/cpu/decode_layer.cpp) when the model qualifies
   OMP_WAIT_POLICY=passive  (libgomp, read at startup) on a machine where other processes keep cores
                          busy: with the default spin-waiting every kernel call can wait a time slice
                          for a descheduled thread (measured 20-30x slower decode steps); passive costs
-                         a wake-up per call on a quiet machine
+                         a wake-up per call on a quiet machine. The C++ decode step does not depend on
+                         it (its workers spin only within a step and are never waited for)
 
 The ops are torch.library ops (`torch.ops.bitengine.*_cpu`, schemas in csrc/cpu/ternary_ops.cpp)
 with fake implementations here, so torch.compile traces through them.
