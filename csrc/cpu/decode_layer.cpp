@@ -13,8 +13,10 @@
 //   j / (H / n_kv)); [y = rmsnorm(y) * w_attn_sub]; x1 = x + o(y); h = rmsnorm(x1) * w_post;
 //   g|u = gate_up(h); a = silu(g) * u (or relu(g)^2 * u); [a = rmsnorm(a) * w_ffn_sub];
 //   out = x1 + down(a).
-// The linears are ternary_linear_cpu itself (quantization, scales, bias and LoRA side path as
-// there). Not bit-identical to the eager layer: RMSNorm's sum, exp and softmax's order differ in
+// forward(): the linears are ternary_linear_cpu itself (quantization, scales, bias and LoRA side
+// path as there); decode_step(): the same kernels and epilogue on raw pointers (RawLinear), all
+// layers of a step in one parallel region (phase_runner.h), the same bits. Not bit-identical to the
+// eager layer: RMSNorm's sum, exp and softmax's order differ in
 // the last bits, which can flip single int8 activation roundings of A8 layers (tests bound it).
 #include <omp.h>
 
@@ -124,6 +126,11 @@ RawLinear raw_linear(const Linear& l, at::Tensor& bias_f32, bool& ok) {
   RawLinear r;
   const at::Tensor& w = std::get<0>(l.s);
   const at::Tensor& scale = std::get<1>(l.s);
+  const int64_t blocks = (l.in() + kBlockK - 1) / kBlockK, rows = (l.out() + kGroupRows - 1) / kGroupRows * kGroupRows;
+  TORCH_CHECK(w.dtype() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(0) == rows &&
+                  w.size(1) == blocks * kBlockBytes,
+              "DecodeLayer: repacked weight for ", l.in(), " -> ", l.out(), " must be contiguous uint8 [", rows, ", ",
+              blocks * kBlockBytes, "], got ", w.dtype(), " ", w.sizes());
   ok = !std::get<3>(l.s).has_value() && scale.dtype() == at::kFloat && scale.is_contiguous() &&
        (scale.numel() == 1 || (scale.dim() == 1 && scale.size(0) == l.out()));
   if (!ok) return r;
@@ -214,6 +221,9 @@ class DecodeLayer {
     check_f32(post_norm_, "post-attention norm weight");
     if (attn_sub_norm_.defined()) check_f32(attn_sub_norm_, "attention sub-norm weight");
     if (ffn_sub_norm_.defined()) check_f32(ffn_sub_norm_, "MLP sub-norm weight");
+    TORCH_CHECK(post_norm_.numel() == D_ && (!attn_sub_norm_.defined() || attn_sub_norm_.numel() == H_ * hd_) &&
+                    (!ffn_sub_norm_.defined() || ffn_sub_norm_.numel() == I_),
+                "DecodeLayer: norm weights do not match hidden ", D_, ", attention ", H_ * hd_, ", intermediate ", I_);
     bool ok[4];
     raw_[0] = raw_linear(qkv_, bias_[0], ok[0]);
     raw_[1] = raw_linear(o_, bias_[1], ok[1]);
@@ -280,7 +290,6 @@ class DecodeLayer {
                 "DecodeLayer: allowed must be contiguous bool [B, kv_len=", kv_len, "], got ", allowed.sizes());
   }
 
-  int64_t hidden() const { return D_; }
   int64_t max_width() const { return std::max({D_, I_, qkv_.out(), 2 * I_}); }
 
   // The same layer as forward(), on raw buffers, inside decode_step's parallel region (driver
@@ -383,7 +392,7 @@ at::Tensor decode_step(const std::vector<DecodeLayer*>& layers, const at::Tensor
     layers[i]->check(x, ks[i], vs[i], cos, sin, allowed, pos, kv_len);
     width = std::max(width, layers[i]->max_width());
   }
-  const int64_t B = x.size(0), D = layers[0]->hidden();
+  const int64_t B = x.size(0);
   auto out = x.clone();
   StepBuffers buf;
   for (auto* v : {&buf.h, &buf.qkv, &buf.y, &buf.proj, &buf.gu, &buf.act}) v->resize(B * width);
@@ -406,7 +415,6 @@ at::Tensor decode_step(const std::vector<DecodeLayer*>& layers, const at::Tensor
       }
     }
   }
-  (void)D;
   return out;
 }
 
