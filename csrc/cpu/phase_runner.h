@@ -35,8 +35,8 @@ class PhaseRunner {
     if (n <= 0) return;
     const uint64_t seq = ++seq_;
     Slot& s = slots_[seq % kSlots];
-    s.n = n;
-    s.fn = &fn;
+    s.n.store(n);
+    s.fn.store(&fn);
     s.done.store(0);
     ticket_.store(seq << 32);  // publishes the slot (seq_cst)
     work(seq, s);
@@ -46,7 +46,7 @@ class PhaseRunner {
   // Driver only: let the workers leave (call once, after the last phase).
   void finish() {
     const uint64_t seq = ++seq_;
-    slots_[seq % kSlots].n = -1;
+    slots_[seq % kSlots].n.store(-1);
     ticket_.store(seq << 32);
   }
 
@@ -61,23 +61,25 @@ class PhaseRunner {
       }
       seen = t >> 32;
       Slot& s = slots_[seen % kSlots];
-      if (s.n < 0) return;
+      if (s.n.load() < 0) return;
       work(seen, s);
     }
   }
 
  private:
   static constexpr int kSlots = 4;
+  // A worker may read a slot while the driver refills it for a later phase (it then fails the
+  // claim's compare-and-swap and runs nothing), so the fields are atomics.
   struct Slot {
-    int64_t n = 0;
-    const std::function<void(int64_t)>* fn = nullptr;
+    std::atomic<int64_t> n{0};
+    std::atomic<const std::function<void(int64_t)>*> fn{nullptr};
     std::atomic<int64_t> done{0};
   };
 
   // Claim and run items of phase `seq` until it has none left (or is no longer current).
   void work(uint64_t seq, Slot& s) {
-    const int64_t n = s.n;
-    const std::function<void(int64_t)>* fn = s.fn;
+    const int64_t n = s.n.load();
+    const std::function<void(int64_t)>* fn = s.fn.load();
     uint64_t t = ticket_.load();
     for (;;) {
       if ((t >> 32) != seq || (int64_t)(t & 0xffffffffu) >= n) return;
