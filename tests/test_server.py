@@ -197,7 +197,9 @@ def test_client_disconnect_frees_row(live):
 
 
 def test_queue_limit_429(ckpt):
-    app, _engine = build(ckpt, max_batch=1, max_queue=1, model_name=NAME, warmup=True)
+    app, engine = build(ckpt, max_batch=1, max_queue=1, model_name=NAME, warmup=True)
+    step = engine._decode_step  # >= 5 ms per step: a 60-token request holds the row for >= 0.3 s
+    engine._decode_step = lambda: (time.sleep(0.005), step())
     srv = LiveServer(app)
     try:
         client = srv.client()
@@ -249,6 +251,10 @@ def test_graceful_shutdown_finishes_in_flight(ckpt):
 
 def test_shutdown_past_drain_timeout_cancels_cleanly(ckpt):
     app, engine = build(ckpt, max_batch=2, max_queue=2, model_name=NAME, drain_timeout=0.3)
+    # every decode step takes >= 5 ms, so the 250-token request outlasts the 0.3 s drain on any machine
+    # (the tiny model's C++ step alone is well under a millisecond)
+    step = engine._decode_step
+    engine._decode_step = lambda: (time.sleep(0.005), step())
     srv = LiveServer(app, drain=0.3)
     body = {"model": NAME, "prompt": "the", "max_tokens": 250, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", srv.url + "/v1/completions", json=body, timeout=60) as r:
