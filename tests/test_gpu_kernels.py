@@ -10,6 +10,8 @@ Tolerances on ||y - ref|| / ||ref||: float32 1e-5, float16 1e-3, bfloat16 1e-2 (
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -156,28 +158,66 @@ def test_gemv_fused_and_unfused(fused):
               torch.float16, f"fused={fused} m={m}")
 
 
+# Every C++ GEMV version (csrc/cuda/ternary_gemv.cu) with its settings: version 1 with 1, 2, 4 rows per warp; version 2.
+CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {})]
+
+
 @pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096), (4096, 11008),
-                                 (300, 14336), (130, 64), (12288, 4096)])
+                                 (300, 14336), (130, 64), (12288, 4096), (1000, 16384)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_gemv(n, k, dtype):
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
+    gemv = ext._C_cuda.ternary_gemv_a8
     for gran in ("tensor", "channel"):
         packed, scale, words = make_weight(n, k, gran, seed=5)
         bias = torch.randn(n, device="cuda").to(dtype)
         x = torch.randn(1, k, device="cuda").to(dtype)
-        y = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias)
+        y_op = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias)
         ref = reference64(x, packed, scale, k, 8, bias)
-        check(y, ref, dtype, f"cuda {n}x{k} {gran}")
-        for rows in (0, 1, 2, 4):  # 0: version 2 (pipelined tiles); 1, 2, 4: version 1 with that many rows per warp
-            y = ext._C_cuda.ternary_gemv_a8(x, words, scale, k, bias, rows)
-            check(y, ref, dtype, f"cuda rows_per_warp={rows} {n}x{k} {gran}")
+        check(y_op, ref, dtype, f"cuda {n}x{k} {gran}")
+        for version, kw in CUDA_VERSIONS:
+            y = gemv(x, words, scale, k, bias, version=version, **kw)
+            check(y, ref, dtype, f"cuda v{version} {kw} {n}x{k} {gran}")
+            # integer accumulation and one shared epilogue: every version gives the same bits
+            assert torch.equal(y, y_op), f"v{version} {kw} differs from the op's choice"
             # a programmatic dependent launch changes when the kernel starts, never what it computes
-            assert torch.equal(ext._C_cuda.ternary_gemv_a8(x, words, scale, k, bias, rows, True), y), f"pdl {rows}"
+            assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, **kw), y), f"pdl v{version}"
 
 
-@pytest.mark.parametrize("version", [0, 1])
+def test_cuda_gemv_bad_input_raises():
+    """Bad inputs to the extension raise RuntimeError with one line saying what. Run in a child process: on the
+    device machine a failing check inside the nvcc-compiled code once crashed the process (bindings.cpp)."""
+    if _cuda_ext() is None:
+        pytest.skip("bitengine._C_cuda not built")
+    code = """
+import torch
+from bitengine import _C_cuda as c
+x = torch.randn(1, 64, device="cuda", dtype=torch.half)
+w = torch.zeros(8, 16, dtype=torch.int32, device="cuda")
+one = torch.ones(1, device="cuda")
+cases = {"scale": lambda: c.ternary_gemv_a8(x, w, torch.ones(3, device="cuda"), 64),
+         "shape": lambda: c.ternary_gemv_a8(x, w, one, 80),
+         "dtype": lambda: c.ternary_gemv_a8(x.double(), w, one, 64),
+         "version": lambda: c.ternary_gemv_a8(x, w, one, 64, version=3),
+         "cpu": lambda: c.ternary_gemv_a8(x.cpu(), w, one, 64)}
+for name, fn in cases.items():
+    try:
+        fn()
+        print(name, "no error")
+    except RuntimeError as e:
+        print(name, "RuntimeError", str(e).splitlines()[0][:100])
+print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stdout} {proc.stderr[-2000:]}"
+    lines = proc.stdout.splitlines()
+    assert all("RuntimeError" in line for line in lines[:5]), proc.stdout
+    assert lines[5] == "ok torch.Size([1, 8])", proc.stdout
+
+
+@pytest.mark.parametrize("version", [1, 2])
 def test_cuda_gemv_pdl_chain_in_graph(version):
     """A chain of dependent C++ GEMVs launched with programmatic dependent launch, replayed in a CUDA graph:
     bit-identical to the same chain run eagerly without PDL. Every other GEMV reads the previous GEMV's
@@ -192,7 +232,7 @@ def test_cuda_gemv_pdl_chain_in_graph(version):
 
     def chain(x, pdl):
         for i, (_, scale, words) in enumerate(layers):
-            y = ext._C_cuda.ternary_gemv_a8(x, words, scale / 64, k, None, version, pdl)  # |y| ~ |x|
+            y = ext._C_cuda.ternary_gemv_a8(x, words, scale / 64, k, None, version=version, pdl=pdl)  # |y| ~ |x|
             x = y if i % 2 == 0 else torch.tanh(y) + x
         return x
 

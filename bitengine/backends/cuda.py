@@ -30,10 +30,20 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 CUDA_MIN_NK = 4_000_000
 
 
-# Kernel version: 2 (default) = auto: version 2 (two weight tiles in flight per warp, 4 blocks per SM) up to
-# K = 4096, version 1 (one row group in flight, 2 blocks per SM, x in registers) beyond; see csrc/cuda.
-# BITENGINE_CUDA_GEMV=1 forces version 1 everywhere (for comparison).
+# Kernel version (csrc/cuda/ternary_gemv.cu): 2 (default) = two weight tiles in flight per warp up to K = 4096,
+# version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp).
+# BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); both give the same bits.
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
+
+
+_CAPABILITY: dict[int, tuple[int, int]] = {}  # per device index (asked once: this runs per GEMV call)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _CAPABILITY:
+        _CAPABILITY[index] = torch.cuda.get_device_capability(index)
+    return _CAPABILITY[index]
 
 
 # Programmatic dependent launch on Hopper and newer (BITENGINE_PDL=0 turns it off): the C++ GEMV starts while
@@ -42,16 +52,10 @@ GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
 PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
 
 
-_MAJOR: dict[int, int] = {}  # compute capability major per device index (asked once: this runs per GEMV call)
-
-
 def pdl_supported(device: torch.device) -> bool:
     if not PDL or device.type != "cuda":
         return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _MAJOR:
-        _MAJOR[index] = torch.cuda.get_device_capability(index)[0]
-    return _MAJOR[index] >= 9
+    return _capability(device)[0] >= 9
 
 
 def inductor_options(device: torch.device) -> dict:
@@ -63,11 +67,9 @@ def inductor_options(device: torch.device) -> dict:
     return {}
 
 
-def rows_per_warp(n: int, version: int | None = None) -> int:
-    """The extension's rows_per_warp argument: 0 selects version 2 (it shapes its tiles by K itself);
-    for version 1, rows each warp streams at once, fewer for short outputs so every SM gets blocks."""
-    if (version or GEMV_VERSION) == 2:
-        return 0
+def rows_per_warp(n: int) -> int:
+    """Version 1's rows per warp: fewer for short outputs so every SM gets blocks (version 2 shapes its tiles
+    itself)."""
     return 1 if n <= 8192 else 2
 
 
@@ -76,8 +78,8 @@ if _C_cuda is not None:
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]. Returns [1, N]."""
-        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, rows_per_warp(words.shape[0]),
-                                       pdl_supported(x.device))
+        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, version=GEMV_VERSION,
+                                       rows_per_warp=rows_per_warp(words.shape[0]), pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None):

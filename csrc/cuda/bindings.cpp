@@ -1,12 +1,67 @@
 // pybind11 bindings of bitengine._C_cuda (built by setup.py when torch has CUDA and nvcc exists).
+//
+// Every input check lives here, in code the host C++ compiler builds, and runs before any kernel code: on the
+// device machine (torch 2.11+cu130, nvcc 13.0) a TORCH_CHECK failing inside the nvcc-compiled translation unit
+// crashed the process (segmentation fault) instead of raising RuntimeError; tests/test_gpu_kernels.py checks that
+// bad inputs raise.
+#include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
-torch::Tensor ternary_gemv_a8_cuda(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
-                                   c10::optional<torch::Tensor> bias, int64_t rows_per_warp, bool pdl);
+// The nvcc-compiled side returns CUDA errors instead of throwing.
+torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                                           int64_t in_features, const c10::optional<torch::Tensor>& bias,
+                                           int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err);
+cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
+
+namespace {
+
+torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
+                              c10::optional<torch::Tensor> bias, int64_t version, int64_t rows_per_warp, bool pdl) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
+              "ternary_gemv_a8: x, w and scale must be on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "ternary_gemv_a8: x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "x must be a contiguous [1, ", in_features,
+              "] tensor, got ", x.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 2 && w.stride(1) == 1 && w.size(1) % 16 == 0 &&
+                  w.size(1) * 16 >= in_features && w.stride(0) % 4 == 0,
+              "w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= in_features, got ", w.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && (scale.numel() == 1 || scale.numel() == w.size(0)),
+              "scale must be float32 [1] or [N] (N = ", w.size(0), "), got ", scale.sizes());
+  TORCH_CHECK((w.size(1) + 127) / 128 * 128 * 16 <= 200 * 1024, "in_features ", in_features,
+              " too large for the CUDA GEMV");
+  TORCH_CHECK(version == 1 || version == 2, "version must be 1 or 2, got ", version);
+  TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2 || rows_per_warp == 4, "rows_per_warp must be 1, 2 or 4, got ",
+              rows_per_warp);
+  if (bias) {
+    TORCH_CHECK(bias->is_cuda() && bias->device() == x.device() && bias->numel() == w.size(0) &&
+                    bias->scalar_type() == x.scalar_type() && bias->is_contiguous(),
+                "bias must be a contiguous [N] tensor in x's dtype on x's device");
+  }
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();  // the kernels read x with 16-byte loads
+  cudaError_t err = cudaSuccess;
+  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, version, rows_per_warp, pdl, &err);
+  TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
+void read_probe(torch::Tensor buf, torch::Tensor out) {
+  TORCH_CHECK(buf.is_cuda() && buf.is_contiguous() && out.is_cuda() && out.numel() >= 1 &&
+                  out.element_size() == 4 && out.device() == buf.device(),
+              "read_probe: buf a contiguous CUDA tensor, out a 4-byte CUDA tensor on its device");
+  TORCH_CHECK((buf.numel() * buf.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(buf.data_ptr()) % 16 == 0,
+              "read_probe: buf must be 16-byte aligned and a multiple of 16 bytes");
+  const cudaError_t err = read_probe_cuda(buf, out);
+  TORCH_CHECK(err == cudaSuccess, "read_probe: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout";
-  m.def("ternary_gemv_a8", &ternary_gemv_a8_cuda, "y[1, N] = W1.58A8 linear of x[1, K] (fused quantization)",
+  m.def("ternary_gemv_a8", &ternary_gemv_a8, "y[1, N] = W1.58A8 linear of x[1, K] (fused quantization)",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
-        py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
+        py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
+  m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
+        py::arg("buf"), py::arg("out"));
 }
