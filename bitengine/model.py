@@ -120,8 +120,11 @@ class Attention(nn.Module):
                 kc[rows, :, input_pos] = k.transpose(1, 2).to(kc.dtype)  # indexed view is (B, T, n_kv, hd)
                 vc[rows, :, input_pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
+        if t == 1 and kv is not None and q.is_cuda:  # decode: split-key Triton kernel (kernels/decode_attention.py)
+            y = torch.ops.bitengine.decode_attention(q, k, v, mask, input_pos)
+        else:
             k, v = k.to(q.dtype), v.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*hd)
         if self.attn_sub_norm is not None:
             y = self.attn_sub_norm(y)
@@ -219,6 +222,8 @@ class CausalLM(nn.Module):
             input_pos = torch.arange(t, device=dev)
         if position_ids is None:
             position_ids = input_pos.expand(b, t)
+        if dev.type == "cuda":
+            _register_gpu_ops()
         x = self.model.embed_tokens(input_ids)
         cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))  # (B, 1, T, hd), once for all layers
         mask = self._mask(b, t, input_pos, cache, kv_len, dev)
@@ -286,6 +291,12 @@ class CausalLM(nn.Module):
         from .generate import generate
 
         return generate(self, *args, **kwargs)
+
+
+def _register_gpu_ops() -> None:
+    """Register torch.ops.bitengine.* (the decode-attention op; needs triton, as every CUDA run here does).
+    Done in CausalLM.forward, outside the compiled layers, so the FP16 baseline gets the same attention."""
+    from .kernels import ops  # noqa: F401
 
 
 def dense_linear(in_features: int, out_features: int, bias: bool) -> DenseLinear:

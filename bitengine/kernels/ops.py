@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from . import decode_attention as _decode
 from .gemm import ternary_gemm
 from .gemm_decoded import ternary_gemm_decoded
 from .gemv import ternary_gemv_a8, ternary_gemv_a16
@@ -60,3 +61,20 @@ def ternary_linear(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in
 @ternary_linear.register_fake
 def _(x, words, scale, in_features, act_bits, bias=None, lora_A=None, lora_B=None):
     return x.new_empty(*x.shape[:-1], words.shape[0])
+
+
+@torch.library.custom_op("bitengine::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     input_pos: torch.Tensor) -> torch.Tensor:
+    """One-token attention over the cache (decode_attention.py): q (B, H, 1, D), k/v (B, Hkv, S, D), bool mask
+    broadcastable to (B, 1, 1, S), input_pos (1,) or (B, 1) -> (B, H, 1, D). The Triton kernel on CUDA (unless
+    decode_attention.ENABLED is False, read at each call), else scaled_dot_product_attention on the same inputs."""
+    if _decode.ENABLED and q.is_cuda:
+        return _decode.decode_attention(q, k, v, mask, input_pos, _decode.sm_count(q.device))
+    return torch.nn.functional.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).contiguous()
+
+
+@decode_attention.register_fake
+def _(q, k, v, mask, input_pos):
+    return q.new_empty(q.shape)

@@ -1,0 +1,151 @@
+"""One-token (decode) attention over a KV cache, split along the keys (flash-decoding), in Triton.
+
+Why: at T = 1 the model's scaled_dot_product_attention goes to a cuDNN flash kernel tiled for long
+queries (64 x 64 blocks, one block per head) plus an inductor kernel turning the boolean mask into an
+additive one: ~8 us per layer on an H200 (bench/results/gpu_decode_profile.md), and it reads every
+cache slot, written or not. Here each program takes one query head and one slice of the slots, reads
+only slots up to the token's own position (the causal bound: a decode token sees no later slot), and
+keeps an online softmax; a second small kernel merges the slices. One slice = one kernel.
+
+decode_attention(q, k, v, mask, input_pos) -> y
+    q: (B, H, 1, D); k, v: (B, Hkv, S, D) (any strides along B, Hkv, S; D contiguous), H % Hkv == 0
+    (grouped-query attention: head h reads kv head h // (H / Hkv)); mask: bool, broadcastable to
+    (B, 1, 1, S): True = attend; input_pos: int64 (1,) or (B, 1), the slot of each row's token (slots
+    after it are never read); softmax scale 1 / sqrt(D), as scaled_dot_product_attention's default.
+    y: (B, H, 1, D) in q's dtype. float32 accumulation whatever the cache dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_S = 64
+# The CUDA decode step uses this kernel (ops.decode_attention); BITENGINE_DECODE_ATTENTION=0, or setting ENABLED
+# to False, sends it back to scaled_dot_product_attention (read at each call, so at each CUDA-graph capture).
+ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
+NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
+                        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                        stride_mb, stride_ms, stride_pb, stride_ob, stride_oh,
+                        H, S, GROUP, SLICE, N_SLICES, sm_scale,
+                        D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr):
+    bh = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
+    q = q * sm_scale
+    end = tl.minimum(tl.load(pos_ptr + b * stride_pb) + 1, S)  # slots after the token's own are never visible
+    start = sl * SLICE
+    stop = tl.minimum(start + SLICE, end)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    m_i = tl.full([1], NEG, tl.float32)
+    l_i = tl.zeros([1], tl.float32)
+    acc = tl.zeros([BLOCK_D], tl.float32)
+    for s0 in range(start, stop, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < stop
+        visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
+        kv_mask = s_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new)  # 0 where not visible
+        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        m_i = m_new
+    if SINGLE:
+        out = acc / l_i
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+                 mask=d_mask)
+    else:  # partial (m, l, acc[D]) of this slice, merged by _merge_kernel
+        base = part_ptr + (bh.to(tl.int64) * N_SLICES + sl) * (BLOCK_D + 2)
+        tl.store(base + tl.arange(0, 1), m_i)
+        tl.store(base + 1 + tl.arange(0, 1), l_i)
+        tl.store(base + 2 + offs_d, acc)
+
+
+@triton.jit
+def _merge_kernel(part_ptr, o_ptr, stride_ob, stride_oh, H, N_SLICES, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    bh = tl.program_id(0)
+    b = bh // H
+    h = bh % H
+    offs_n = tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N_SLICES
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = part_ptr + (bh.to(tl.int64) * N_SLICES + offs_n) * (BLOCK_D + 2)
+    m = tl.load(rows, mask=n_mask, other=NEG)
+    l_part = tl.load(rows + 1, mask=n_mask, other=0.0)
+    m_max = tl.max(m, axis=0)
+    w = tl.exp(m - m_max)  # 0 for slices that saw no visible slot (m = NEG), 1 for the largest
+    l_sum = tl.sum(w * l_part, axis=0)
+    acc = tl.load(rows[:, None] + 2 + offs_d[None, :], mask=n_mask[:, None] & (offs_d < D)[None, :], other=0.0)
+    out = tl.sum(w[:, None] * acc, axis=0) / l_sum
+    tl.store(o_ptr + b.to(tl.int64) * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def slicing(batch_heads: int, s: int, n_sm: int) -> tuple[int, int]:
+    """(slots per slice, slices): enough programs for ~2 per SM, slices a multiple of BLOCK_S, at most 64."""
+    blocks = triton.cdiv(s, BLOCK_S)
+    want = max(1, min(blocks, 64, triton.cdiv(2 * n_sm, max(batch_heads, 1))))
+    per = triton.cdiv(blocks, want)
+    return per * BLOCK_S, triton.cdiv(blocks, per)
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
+                     input_pos: torch.Tensor, n_sm: int = 132) -> torch.Tensor:
+    if q.dim() != 4 or q.shape[2] != 1:
+        raise ValueError(f"decode attention takes one query token: q (B, H, 1, D), got {tuple(q.shape)}")
+    b, h, _, d = q.shape
+    if k.dim() != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != d or h % k.shape[1]:
+        raise ValueError(f"k/v must be (B, Hkv, S, D) with H % Hkv == 0; q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
+    s = k.shape[2]
+    if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("q, k and v must be contiguous along head_dim")
+    m = mask.expand(b, 1, 1, s).view(torch.uint8)[:, 0, 0, :]  # (B, S), strides kept (no copy)
+    pos = input_pos.reshape(-1)
+    if pos.numel() not in (1, b):
+        raise ValueError(f"input_pos must hold 1 or B = {b} positions, got {tuple(input_pos.shape)}")
+    y = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
+    slice_s, n_slices = slicing(b * h, s, n_sm)
+    block_d = triton.next_power_of_2(d)
+    single = n_slices == 1
+    part = y if single else torch.empty(b * h * n_slices * (block_d + 2), dtype=torch.float32, device=q.device)
+    _decode_attn_kernel[(b * h, n_slices)](
+        q, k, v, m, pos, y, part,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        m.stride(0), m.stride(1), 0 if pos.numel() == 1 else pos.stride(0), y.stride(0), y.stride(1),
+        h, s, h // k.shape[1], slice_s, n_slices, 1.0 / math.sqrt(d),
+        D=d, BLOCK_D=block_d, BLOCK_S=BLOCK_S, SINGLE=single, num_warps=4)
+    if not single:
+        _merge_kernel[(b * h,)](part, y, y.stride(0), y.stride(1), h, n_slices, D=d, BLOCK_D=block_d,
+                                BLOCK_N=max(2, triton.next_power_of_2(n_slices)), num_warps=4)
+    return y
+
+
+def sm_count(device: torch.device) -> int:
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
