@@ -40,6 +40,7 @@ from bitengine.backends import cuda as cuda_backend  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
+from bitengine.kernels import decode_attention  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
@@ -61,7 +62,7 @@ DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
 def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> CausalLM:
     """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense), with optional '+' modifiers:
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
-    'compile' and 'nopdl' (handled by bench_model). Ternary models are placed as bitengine.load places them: the
+    'compile', 'nopdl' and 'sdpa' (handled by bench_model). Ternary models are placed as bitengine.load places them: the
     kernel layout on the GPU, the checkpoint layout (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
 
@@ -188,6 +189,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     torch.cuda.reset_peak_memory_stats()
     compiled = "+compile" in variant
     cuda_backend.PDL = "+nopdl" not in variant  # programmatic dependent launch (C++ GEMV and compiled layers)
+    decode_attention.ENABLED = "+sdpa" not in variant  # one-token attention: Triton kernel, or cuDNN through SDPA
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers()

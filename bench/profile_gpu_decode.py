@@ -37,7 +37,8 @@ def kind(name: str) -> str:
     if n.startswith("triton_"):
         return "fused glue (inductor: norms, rotary, cache writes, gating, residuals)"
     for key, label in (("ternary_gemv", "ternary GEMV (CUDA C++)"), ("gemv", "ternary GEMV (Triton)"),
-                       ("int8_linear", "int8 head (Triton)"), ("sdpa", "attention (cuDNN)"), ("flash", "attention"),
+                       ("int8_linear", "int8 head (Triton)"), ("decode_attn", "attention (Triton decode)"),
+                       ("_merge_kernel", "attention (Triton decode)"), ("sdpa", "attention (cuDNN)"), ("flash", "attention"),
                        ("nvjet", "head (cuBLAS)"), ("gemm", "dense matmul (cuBLAS)"), ("reduce_kernel", "argmax"),
                        ("copy", "copies"), ("elementwise", "elementwise (eager)")):
         if key in n:
@@ -49,6 +50,7 @@ def kind(name: str) -> str:
 def profile(name: str, variant: str, steps: int) -> dict:
     cfg = bench_e2e.MODELS[name]
     bench_e2e.cuda_backend.PDL = "+nopdl" not in variant
+    bench_e2e.decode_attention.ENABLED = "+sdpa" not in variant  # one-token attention: Triton kernel or cuDNN
     model = bench_e2e.build(cfg, variant, max_seq=bench_e2e.PROMPT + steps + 16)
     if "+compile" in variant:
         model.compile_layers()
