@@ -29,7 +29,8 @@ BLOCK_S = 64
 # The CUDA decode step uses this kernel (ops.decode_attention); BITENGINE_DECODE_ATTENTION=0, or setting ENABLED
 # to False, sends it back to scaled_dot_product_attention (read at each call, so at each CUDA-graph capture).
 ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
-NEG = tl.constexpr(-1.0e30)  # finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
+# finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
+NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
@@ -60,13 +61,14 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
         s_mask = offs_s < stop
         visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
         kv_mask = s_mask[:, None] & d_mask[None, :]
+        # K and V requested together: V does not wait for the scores
         k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(scores - m_new)  # 0 where not visible
-        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
         acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
         l_i = l_i * alpha + tl.sum(p, axis=0)
         m_i = m_new
@@ -102,16 +104,18 @@ def _merge_kernel(part_ptr, o_ptr, stride_ob, stride_oh, H, N_SLICES, D: tl.cons
              mask=offs_d < D)
 
 
-def slicing(batch_heads: int, s: int, n_sm: int) -> tuple[int, int]:
-    """(slots per slice, slices): enough programs for ~2 per SM, slices a multiple of BLOCK_S, at most 64."""
-    blocks = triton.cdiv(s, BLOCK_S)
+def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tuple[int, int]:
+    """(slots per slice, slices): enough programs for ~2 per SM, slices a multiple of block_s, at most 64."""
+    blocks = triton.cdiv(s, block_s)
     want = max(1, min(blocks, 64, triton.cdiv(2 * n_sm, max(batch_heads, 1))))
     per = triton.cdiv(blocks, want)
-    return per * BLOCK_S, triton.cdiv(blocks, per)
+    return per * block_s, triton.cdiv(blocks, per)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
-                     input_pos: torch.Tensor, n_sm: int = 132) -> torch.Tensor:
+                     input_pos: torch.Tensor, n_sm: int = 132, block_s: int = BLOCK_S,
+                     num_warps: int = 4) -> torch.Tensor:
+    """See the module docstring; n_sm sizes the split (programs ~ 2 per SM), block_s / num_warps the tiles."""
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query token: q (B, H, 1, D), got {tuple(q.shape)}")
     b, h, _, d = q.shape
@@ -126,7 +130,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if pos.numel() not in (1, b):
         raise ValueError(f"input_pos must hold 1 or B = {b} positions, got {tuple(input_pos.shape)}")
     y = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    slice_s, n_slices = slicing(b * h, s, n_sm)
+    slice_s, n_slices = slicing(b * h, s, n_sm, block_s)
     block_d = triton.next_power_of_2(d)
     single = n_slices == 1
     part = y if single else torch.empty(b * h * n_slices * (block_d + 2), dtype=torch.float32, device=q.device)
@@ -135,7 +139,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
         m.stride(0), m.stride(1), 0 if pos.numel() == 1 else pos.stride(0), y.stride(0), y.stride(1),
         h, s, h // k.shape[1], slice_s, n_slices, 1.0 / math.sqrt(d),
-        D=d, BLOCK_D=block_d, BLOCK_S=BLOCK_S, SINGLE=single, num_warps=4)
+        D=d, BLOCK_D=block_d, BLOCK_S=block_s, SINGLE=single, num_warps=num_warps)
     if not single:
         _merge_kernel[(b * h,)](part, y, y.stride(0), y.stride(1), h, n_slices, D=d, BLOCK_D=block_d,
                                 BLOCK_N=max(2, triton.next_power_of_2(n_slices)), num_warps=4)
