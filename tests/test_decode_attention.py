@@ -104,6 +104,17 @@ def test_decode_attention_op_falls_back_to_sdpa_off_gpu():
     assert ((y.double() - reference64(q, k, v, mask, pos)).norm()).item() < 1e-5
 
 
+def test_kernel_pays_only_with_one_block_per_program():
+    """The model's dispatch rule (decode_attention.kernel_pays), on an H200's 132 SMs: the measured cases."""
+    from bitengine.kernels.decode_attention import kernel_pays, slicing
+
+    assert slicing(32, 192, 132) == (64, 3) and kernel_pays(32, 192, 132)  # Llama-2-7B heads, batch 1
+    assert kernel_pays(20, 192, 132)  # BitNet-2B-4T, batch 1
+    assert not kernel_pays(256, 192, 132)  # batch 8: two blocks per program
+    assert not kernel_pays(32, 4096, 132)  # a long cache: 8 blocks per program
+    assert kernel_pays(32, 576, 132) and not kernel_pays(32, 577, 132)  # 9 slices of one block at most
+
+
 def test_decode_attention_bad_input():
     from bitengine.kernels.decode_attention import decode_attention
 
