@@ -31,11 +31,17 @@ def _extensions():
         print("bitengine: torch not importable at build time; skipping compiled kernels", file=sys.stderr)
         return [], {}
     exts = []
+    # The C++ standard library ABI of torch's own build, stated explicitly: torch's cpp_extension no longer passes
+    # it, so a compiler whose default differs (the GPU machine builds with its own /opt/gcc) would lay out
+    # std::string differently from libtorch. Only the error path passes strings into torch (a failing TORCH_CHECK
+    # hands its message to c10), and there the _C_cuda build on that machine crashed (segmentation fault) instead
+    # of raising; this flag is the fix we expect, not yet confirmed on that machine.
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources and shutil.which(os.environ.get("CXX", "c++")):
         exts.append(CppExtension(
             "bitengine._C_cpu", cpu_sources,
-            extra_compile_args=["-O3", "-fopenmp", "-std=c++17"],
+            extra_compile_args=["-O3", "-fopenmp", "-std=c++17", abi],
             extra_link_args=["-fopenmp"],
         ))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*.cpp"))
@@ -45,8 +51,8 @@ def _extensions():
         arch = os.environ.get("BITENGINE_CUDA_ARCH", "90")
         exts.append(CUDAExtension(
             "bitengine._C_cuda", cuda_sources,
-            extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                                "nvcc": ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+            extra_compile_args={"cxx": ["-O3", "-std=c++17", abi],
+                                "nvcc": ["-O3", "-std=c++17", abi, f"-gencode=arch=compute_{arch},code=sm_{arch}",
                                          "--use_fast_math",
                                          "-Xptxas=-v" if os.environ.get("BITENGINE_PTXAS_V") else "-lineinfo"]},
         ))

@@ -16,39 +16,21 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_kernels import time_calls  # noqa: E402  (CUDA-graph timing shared with the kernel benchmark)
 
 from bitengine.kernels.decode_attention import decode_attention, sm_count  # noqa: E402
 
 HEADS = {"llama-2-7b": (32, 32), "bitnet-2b-4t": (20, 5), "llama-3-8b": (32, 8)}
 CASES = [(192, 191), (4096, 200), (4096, 4095)]  # (cache slots S, token slot pos)
 D = 128
-
-
-def timed(fn, calls=50, reps=15):
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return statistics.median(times)
 
 
 def reference64(q, k, v, mask):
@@ -70,7 +52,7 @@ def time_variants(q, k, v, mask, pos, n_sm):
     for name, fn in fns.items():
         err = ((fn().double() - ref).norm() / ref.norm()).item()
         assert err < 2e-3, f"{name}: rel.err {err:.2e} (q {tuple(q.shape)}, k {tuple(k.shape)})"
-        out[name] = timed(fn)
+        out[name] = time_calls([fn] * 50)  # one graph of 50 calls, median of 15 replays
     return out
 
 
