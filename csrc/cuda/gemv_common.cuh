@@ -1,5 +1,5 @@
-// Device helpers shared by the CUDA decode GEMVs (ternary_gemv.cu): dtype conversion, streaming loads,
-// programmatic dependent launch, the dp4a word dot product and the fused per-token int8 quantization of x.
+// Device helpers of the CUDA decode GEMVs (ternary_gemv.cu; read_probe.cu uses the streaming load): dtype conversion,
+// streaming loads, programmatic dependent launch, the dp4a word dot product and the fused int8 quantization of x.
 #pragma once
 
 #include <cstdint>
