@@ -188,7 +188,7 @@ def test_cuda_gemv(n, k, dtype):
 
 def test_cuda_gemv_bad_input_raises():
     """Bad inputs to the extension raise RuntimeError with one line saying what. Run in a child process: on the
-    device machine a failing check inside the nvcc-compiled code once crashed the process (bindings.cpp)."""
+    GPU machine a failing check crashed the process (see csrc/cuda/bindings.cpp and setup.py's `abi`)."""
     if _cuda_ext() is None:
         pytest.skip("bitengine._C_cuda not built")
     code = """
