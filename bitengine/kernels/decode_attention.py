@@ -116,7 +116,7 @@ def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tupl
 def kernel_pays(batch_heads: int, s: int, n_sm: int) -> bool:
     """Whether the model's decode step should use this kernel: when the split leaves every program one block of
     slots. bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128): there, at 192 slots
-    and batch 1, 5.5-5.9 us vs 9.3-10.1 us for scaled_dot_product_attention; with 8 and more blocks per program
+    and batch 1, 5.7-5.9 us vs 9.3-10.1 us for scaled_dot_product_attention; with 8 and more blocks per program
     (4096 slots, all visible) 1.4-4.8x slower than it (the loop over blocks is latency-bound); at batch 8 and 192
     slots (two blocks per program) from 7% faster to 18% slower. Programs that read one block measured faster in every
     case; the other cases go to scaled_dot_product_attention until the loop is faster. Static per shape, so a
