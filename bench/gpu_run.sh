@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build the CUDA extension, then the steps named in STEPS (default: kernels e2e tests; also
-# "adapters", "profile", "attention"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
+# "adapters", "profile", "attention", "ncu"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
 #   BITENGINE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh
 # Everything worth keeping lands in $OUT (at most 8 files come back). DEADLINE_S bounds the whole call;
 # the e2e step gets what is left of it (minus E2E_RESERVE_S) unless E2E_TIMEOUT is smaller.
@@ -34,6 +34,12 @@ for step in $STEPS; do
       timeout "${ATTN_TIMEOUT:-90}" python bench/bench_decode_attention.py --out "$OUT" 2>&1 | tail -22 ;;
     profile)
       timeout "${PROFILE_TIMEOUT:-120}" python bench/profile_gpu_decode.py --out "$OUT/gpu_decode_profile" ${PROFILE_ARGS:-} 2>&1 | tail -12 ;;
+    ncu)  # Nsight Compute counters of the decode kernels (bench/ncu_kernels.py); needs a Firecracker machine
+      NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+      timeout "${NCU_TIMEOUT:-150}" "${NCU:-ncu}" --clock-control none --profile-from-start off ${NCU_ARGS:---section SpeedOfLight \
+        --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section SchedulerStats --section ComputeWorkloadAnalysis} python bench/ncu_kernels.py > "$OUT/ncu.txt" 2>&1
+      grep -E "launch [0-9]+:|Duration|DRAM Throughput|^  [a-z_]+.*\(" "$OUT/ncu.txt" | head -60 ;;
     adapters)
       timeout "${ADAPTERS_TIMEOUT:-90}" python bench/bench_adapters.py --device cuda --out "$OUT/adapters_gpu.json" 2>&1 | tail -15 ;;
     tests)
