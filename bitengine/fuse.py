@@ -60,12 +60,12 @@ class FusedLinear(BitLinear):
         # which member tensors this was built from: refresh() rebuilds when any of them is replaced
         self.sources = [(m.weight_packed, m.weight_scale, m.bias) for m in members]
 
-    def joint(self, x: torch.Tensor) -> torch.Tensor:
-        """The members' outputs side by side (..., sum of out_features)."""
-        return super().forward(x)
+    def joint(self, x: torch.Tensor, norm=None) -> torch.Tensor:
+        """The members' outputs side by side (..., sum of out_features), of norm(x) when a norm is given."""
+        return super().forward(x, norm)
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return self.joint(x).split(self.sizes, dim=-1)
+    def forward(self, x: torch.Tensor, norm=None) -> list[torch.Tensor]:
+        return self.joint(x, norm).split(self.sizes, dim=-1)
 
 
 def _fusable(members: list) -> str | None:

@@ -92,9 +92,11 @@ class Attention(nn.Module):
         self.o_proj = make_linear(h * hd, cfg.hidden_size, bias)  # transformers: o_proj too has attention_bias
         self.attn_sub_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
-    def forward(self, x, cos, sin, mask, kv: tuple | None, input_pos, kv_len: int | None):
-        """kv: this layer's (k, v) cache buffers (B, n_kv, S, hd), or None without a cache.
+    def forward(self, x, cos, sin, mask, kv: tuple | None, input_pos, kv_len: int | None, norm=None, residual=None):
+        """residual + attention(norm(x)) (norm and residual optional; the decoder layer passes its input norm and
+        x itself, so that a backend may fuse them into the q/k/v and o projections).
 
+        kv: this layer's (k, v) cache buffers (B, n_kv, S, hd), or None without a cache.
         The layer gets its buffers rather than an index into the cache, so every layer runs the
         same code on the same shapes and torch.compile makes one graph for all of them. `sin` is the
         signed table of CausalLM.rope (see apply_rope)."""
@@ -102,10 +104,12 @@ class Attention(nn.Module):
         hd = self.cfg.head_dim
         h, n_kv = self.cfg.num_heads, self.cfg.num_kv_heads
         if self.fused is not None:  # q and k are adjacent in the fused output: one RoPE pass for both
-            qk, v = self.fused.joint(x).split([(h + n_kv) * hd, n_kv * hd], dim=-1)
+            qk, v = self.fused.joint(x, norm).split([(h + n_kv) * hd, n_kv * hd], dim=-1)
             qk = apply_rope(qk.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, H + n_kv, T, hd)
             q, k = qk.split([h, n_kv], dim=1)
         else:
+            if norm is not None:
+                x = norm(x)
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
             q = apply_rope(q.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
             k = apply_rope(k.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, n_kv, T, hd)
@@ -126,9 +130,7 @@ class Attention(nn.Module):
             k, v = k.to(q.dtype), v.to(q.dtype)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
         y = y.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*hd)
-        if self.attn_sub_norm is not None:
-            y = self.attn_sub_norm(y)
-        return self.o_proj(y)
+        return self.o_proj(y, self.attn_sub_norm, residual)
 
 
 class MLP(nn.Module):
@@ -143,13 +145,16 @@ class MLP(nn.Module):
         self.relu2 = cfg.hidden_act == "relu2"
         self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
-    def forward(self, x):
-        g, u = self.fused(x) if self.fused is not None else (self.gate_proj(x), self.up_proj(x))
+    def forward(self, x, norm=None, residual=None):
+        """residual + mlp(norm(x)), norm and residual optional (as Attention.forward)."""
+        if self.fused is not None:
+            g, u = self.fused(x, norm)
+        else:
+            if norm is not None:
+                x = norm(x)
+            g, u = self.gate_proj(x), self.up_proj(x)
         g = F.relu(g).square() if self.relu2 else F.silu(g)
-        h = g * u
-        if self.ffn_sub_norm is not None:
-            h = self.ffn_sub_norm(h)
-        return self.down_proj(h)
+        return self.down_proj(g * u, self.ffn_sub_norm, residual)
 
 
 class DecoderLayer(nn.Module):
@@ -161,8 +166,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, make_linear)
 
     def forward(self, x, cos, sin, mask, kv, input_pos, kv_len):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv, input_pos, kv_len)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        # x + attn(norm(x)), then h + mlp(norm(h)); the projections get the norms and residuals, so the CUDA decode
+        # GEMV runs each norm in its prologue and each residual add in its epilogue (no glue kernels for them)
+        h = self.self_attn(x, cos, sin, mask, kv, input_pos, kv_len, norm=self.input_layernorm, residual=x)
+        return self.mlp(h, norm=self.post_attention_layernorm, residual=h)
 
 
 class Backbone(nn.Module):

@@ -91,13 +91,24 @@ class BitLinear(nn.Module, _AdapterPath):
         self.backend = backend
         backend.prepare(self)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + linear(norm(x)), norm and residual optional (the decode step passes the layer's input norm
+        and the residual stream). A backend with `linear_fused` (CUDA) may run all of it in one kernel; it
+        returns None where it does not apply, and the steps run one by one."""
+        eager_adapter = self.lora_A is not None and not self.backend.fuses_adapter(self)
+        if (norm is not None or residual is not None) and self.rms_norm is None and not eager_adapter:
+            fused = getattr(self.backend, "linear_fused", None)
+            y = fused(x, self, norm, residual) if fused is not None else None
+            if y is not None:
+                return y
+        if norm is not None:
+            x = norm(x)
         if self.rms_norm is not None:
             x = self.rms_norm(x)
         y = self.backend.linear(x, self)  # includes the side path when the backend fuses it
-        if self.lora_A is not None and not self.backend.fuses_adapter(self):
+        if eager_adapter:
             y = y + self._adapter_delta(x)
-        return y
+        return y if residual is None else y + residual
 
     def extra_repr(self) -> str:
         scale = {1: "tensor"}.get(self.weight_scale.numel(), "channel" if self.weight_scale.dim() == 1 else
@@ -124,8 +135,11 @@ class DenseLinear(nn.Module, _AdapterPath):
     def prepare(self, backend) -> None:
         pass
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + linear(norm(x)) (norm and residual optional), as BitLinear."""
+        if norm is not None:
+            x = norm(x)
         y = F.linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + self._adapter_delta(x)
-        return y
+        return y if residual is None else y + residual

@@ -186,6 +186,44 @@ def test_cuda_gemv(n, k, dtype):
             assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, **kw), y), f"pdl v{version}"
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (3072, 2048), (640, 2600), (4096, 11008), (33, 20000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_gemv_norm_and_residual(n, k, dtype):
+    """The fused input RMSNorm (prologue) and residual add (epilogue) of the C++ GEMV. The residual is exact:
+    gemv(..., residual=r) == gemv(...) + r bit for bit (one rounding to x's dtype before the add, as eager).
+    The norm is bitengine.nn.RMSNorm's formula with another summation order, so against the GEMV of the
+    torch-normed input it may move a rounding: compared to the float64 reference of the normed input, within
+    the kernels' usual tolerance. Shapes: version 2 (K <= 4096), version 1, K not a multiple of 16, and
+    K = 20000 (version 1 reloads x words from L2 beyond 16384 inputs)."""
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    from bitengine.nn import RMSNorm
+
+    gemv = ext._C_cuda.ternary_gemv_a8
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    packed, scale, words = make_weight(n, k, "channel", seed=7)
+    norm = RMSNorm(k, 1e-5, dtype=dtype, device="cuda")
+    norm.weight.copy_(torch.rand(k, device="cuda", generator=g) + 0.5)
+    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    res = torch.randn(1, n, device="cuda", generator=g).to(dtype)
+    xn = norm(x)
+    ref = reference64(xn, packed, scale, k, 8, bias)
+    for version, kw in CUDA_VERSIONS:
+        plain = gemv(xn, words, scale, k, bias, version=version, **kw)
+        assert torch.equal(gemv(xn, words, scale, k, bias, residual=res.view(-1), version=version, **kw),
+                           plain + res), f"residual v{version} {kw}"
+        fused = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, version=version, **kw)
+        check(fused, ref, dtype, f"norm v{version} {kw} {n}x{k}")
+        both = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, residual=res.view(-1),
+                    version=version, pdl=True, **kw)
+        assert torch.equal(both, fused + res), f"norm + residual v{version} {kw}"
+    # the op the model calls (the backend's kernel choice)
+    y_op = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, res)
+    assert torch.equal(y_op, both)
+
+
 def test_cuda_gemv_bad_input_raises():
     """Bad inputs to the extension raise RuntimeError with one line saying what. Run in a child process: on the
     GPU machine a failing check crashed the process (see csrc/cuda/bindings.cpp and setup.py's `abi`)."""
@@ -201,7 +239,9 @@ cases = {"scale": lambda: c.ternary_gemv_a8(x, w, torch.ones(3, device="cuda"), 
          "shape": lambda: c.ternary_gemv_a8(x, w, one, 80),
          "dtype": lambda: c.ternary_gemv_a8(x.double(), w, one, 64),
          "version": lambda: c.ternary_gemv_a8(x, w, one, 64, version=3),
-         "cpu": lambda: c.ternary_gemv_a8(x.cpu(), w, one, 64)}
+         "cpu": lambda: c.ternary_gemv_a8(x.cpu(), w, one, 64),
+         "norm": lambda: c.ternary_gemv_a8(x, w, one, 64, norm_weight=torch.ones(63, device="cuda").half()),
+         "residual": lambda: c.ternary_gemv_a8(x, w, one, 64, residual=torch.ones(8, device="cuda"))}
 for name, fn in cases.items():
     try:
         fn()
@@ -213,8 +253,8 @@ print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stdout} {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
-    assert all("RuntimeError" in line for line in lines[:5]), proc.stdout
-    assert lines[5] == "ok torch.Size([1, 8])", proc.stdout
+    assert all("RuntimeError" in line for line in lines[:7]), proc.stdout
+    assert lines[7] == "ok torch.Size([1, 8])", proc.stdout
 
 
 @pytest.mark.parametrize("version", [1, 2])

@@ -6,6 +6,8 @@ activation quantization + GEMV) and is used where it measured faster than Triton
 Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the split is by shape,
 dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
 with float factors always take the Triton op, whose epilogue adds the side path (the C++ GEMV has none).
+At decode, the C++ kernel also takes the layer's input RMSNorm (prologue) and the residual add (epilogue):
+`linear_fused`, called by BitLinear.forward when the model passes them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 
 import torch
 
+from ..nn import RMSNorm
 from . import register
 from .triton import TritonBackend, prepare_i2w, reference_linear
 
@@ -50,6 +53,9 @@ def _capability(device: torch.device) -> tuple[int, int]:
 # the kernel before it finishes (its first weight loads overlap that kernel's tail and the launch gap) and
 # compiled layers' Triton kernels do the same (inductor's triton.enable_pdl). Read at each call / compile.
 PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
+# The decode step's input norms and residual adds in the C++ GEMV (linear_fused); BITENGINE_FUSE_NORM=0 (or setting
+# this to False before a step is traced or captured) leaves them to separate kernels, for A/B runs.
+FUSE_NORM_RESIDUAL = os.environ.get("BITENGINE_FUSE_NORM", "1") != "0"
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -76,13 +82,18 @@ def rows_per_warp(n: int) -> int:
 if _C_cuda is not None:
     @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
-                          bias: torch.Tensor | None = None) -> torch.Tensor:
-        """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]. Returns [1, N]."""
-        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, version=GEMV_VERSION,
-                                       rows_per_warp=rows_per_warp(words.shape[0]), pdl=pdl_supported(x.device))
+                          bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                          norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
+        norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
+        norm only with a norm_weight)."""
+        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
+                                       None if residual is None else residual.reshape(-1).contiguous(),
+                                       version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
+                                       pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
-    def _(x, words, scale, in_features, bias=None):
+    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None):
         return x.new_empty(1, words.shape[0])
 
 
@@ -117,6 +128,23 @@ class CudaBackend(TritonBackend):
                                                       layer.in_features, layer.bias)
             return y.reshape(*x.shape[:-1], -1)
         return super().linear(x, layer)
+
+    def linear_fused(self, x: torch.Tensor, layer, norm, residual: torch.Tensor | None) -> torch.Tensor | None:
+        """residual + linear(norm(x)) in one C++ GEMV (norm: an nn.RMSNorm or None; residual: x's shape with
+        out_features last, or None), or None where that kernel does not take this call (see BitLinear.forward).
+        Decided from shapes and dtypes only, so a traced or captured step takes one path."""
+        if not (FUSE_NORM_RESIDUAL and layer._kernel_ok and cuda_gemv_applies(x, layer)
+                and not self.fuses_adapter(layer)):
+            return None
+        if norm is not None and not (isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
+                                     and norm.weight.numel() == layer.in_features):
+            return None
+        if residual is not None and not (residual.dtype == x.dtype and residual.numel() == layer.out_features):
+            return None
+        y = torch.ops.bitengine.ternary_gemv_cuda(
+            x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
+            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual)
+        return y.reshape(*x.shape[:-1], -1)
 
 
 register(CudaBackend())

@@ -10,13 +10,26 @@
 // The nvcc-compiled side returns CUDA errors instead of throwing.
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
-                                           int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err);
+                                           const c10::optional<torch::Tensor>& norm_weight, double eps,
+                                           const c10::optional<torch::Tensor>& residual, int64_t version,
+                                           int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 
 namespace {
 
+// A [n] tensor in x's dtype on x's device (bias, norm weight, residual), or none.
+void check_vector(const c10::optional<torch::Tensor>& t, const torch::Tensor& x, int64_t n, const char* name) {
+  if (!t) return;
+  TORCH_CHECK(t->is_cuda() && t->device() == x.device() && t->numel() == n && t->scalar_type() == x.scalar_type() &&
+                  t->is_contiguous(),
+              "ternary_gemv_a8: ", name, " must be a contiguous [", n, "] tensor in x's dtype on x's device, got ",
+              t->sizes(), " ", t->scalar_type());
+}
+
 torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
-                              c10::optional<torch::Tensor> bias, int64_t version, int64_t rows_per_warp, bool pdl) {
+                              c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight,
+                              double norm_eps, c10::optional<torch::Tensor> residual, int64_t version,
+                              int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -33,14 +46,16 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   TORCH_CHECK(version == 1 || version == 2, "version must be 1 or 2, got ", version);
   TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2 || rows_per_warp == 4, "rows_per_warp must be 1, 2 or 4, got ",
               rows_per_warp);
-  if (bias) {
-    TORCH_CHECK(bias->is_cuda() && bias->device() == x.device() && bias->numel() == w.size(0) &&
-                    bias->scalar_type() == x.scalar_type() && bias->is_contiguous(),
-                "bias must be a contiguous [N] tensor in x's dtype on x's device");
-  }
-  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();  // the kernels read x with 16-byte loads
+  check_vector(bias, x, w.size(0), "bias");
+  check_vector(norm_weight, x, in_features, "norm_weight");
+  check_vector(residual, x, w.size(0), "residual");
+  TORCH_CHECK(norm_eps >= 0, "ternary_gemv_a8: norm_eps must be >= 0, got ", norm_eps);
+  // the kernels read x and the norm weight with 16-byte loads
+  if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
+  if (norm_weight && reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16) norm_weight = norm_weight->clone();
   cudaError_t err = cudaSuccess;
-  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, version, rows_per_warp, pdl, &err);
+  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version,
+                                        rows_per_warp, pdl, &err);
   TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -59,8 +74,10 @@ void read_probe(torch::Tensor buf, torch::Tensor out) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout";
-  m.def("ternary_gemv_a8", &ternary_gemv_a8, "y[1, N] = W1.58A8 linear of x[1, K] (fused quantization)",
+  m.def("ternary_gemv_a8", &ternary_gemv_a8,
+        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual); fused quantization",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
+        py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
         py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
         py::arg("buf"), py::arg("out"));

@@ -55,35 +55,41 @@ __device__ __forceinline__ int dot_word(unsigned w, int4 x, int acc) {
   return acc;
 }
 
-// The 16 activations of word wi as floats (zeros past K): 16-byte vector loads for whole words
-// (a row starts 16-byte aligned and a word is 32 or 64 bytes), bounds-checked scalars for the tail.
+// One word of x: its 16 values in x's own type, packed (8 registers for 16-bit types), so the prologue holds x
+// between its passes at half the registers of floats.
 template <typename T>
-__device__ __forceinline__ void load_word(const T* __restrict__ x, int wi, int K, float (&v)[16]) {
+struct XWord {
+  uint4 raw[sizeof(T)];
+  __device__ __forceinline__ float get(int j) const { return to_float(reinterpret_cast<const T*>(raw)[j]); }
+  __device__ __forceinline__ void set(int j, float v) { reinterpret_cast<T*>(raw)[j] = from_float<T>(v); }
+};
+
+// Word wi of x (zeros past K): 16-byte vector loads for whole words (a row starts 16-byte aligned and a word is
+// 32 or 64 bytes), bounds-checked scalars for the tail.
+template <typename T>
+__device__ __forceinline__ XWord<T> load_word(const T* __restrict__ x, int wi, int K) {
+  XWord<T> w;
   const int k0 = wi * 16;
   if (k0 + 16 <= K) {
-    constexpr int kPerVec = 16 / sizeof(T);
     const uint4* p = reinterpret_cast<const uint4*>(x + k0);
 #pragma unroll
-    for (int i = 0; i < 16 / kPerVec; ++i) {
-      const uint4 raw = __ldg(p + i);
-      const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-      for (int j = 0; j < kPerVec; ++j) v[i * kPerVec + j] = to_float(e[j]);
-    }
+    for (int i = 0; i < static_cast<int>(sizeof(T)); ++i) w.raw[i] = __ldg(p + i);
   } else {
 #pragma unroll
-    for (int j = 0; j < 16; ++j) v[j] = k0 + j < K ? to_float(x[k0 + j]) : 0.f;
+    for (int j = 0; j < 16; ++j) w.set(j, k0 + j < K ? to_float(x[k0 + j]) : 0.f);
   }
+  return w;
 }
 
-__device__ __forceinline__ int4 pack_word(const float (&v)[16], float a, int& sum) {
+template <typename T>
+__device__ __forceinline__ int4 pack_word(const XWord<T>& v, float a, int& sum) {
   int packed[4];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
     unsigned word = 0;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v[j * 4 + b], a)), -128.f), 127.f));
+      const int q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v.get(j * 4 + b), a)), -128.f), 127.f));
       sum += q;
       word |= (static_cast<unsigned>(q) & 0xffu) << (8 * b);
     }
@@ -96,32 +102,83 @@ __device__ __forceinline__ int4 pack_word(const float (&v)[16], float a, int& su
 // version 2 keeps 1, K <= 4096); words beyond that are loaded twice (from L2).
 constexpr int kRegWords = 4;
 
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
+
+// The optional input RMSNorm, as bitengine.nn.RMSNorm computes it: n = T(x * rsqrt(mean(x^2) + eps)) in float32,
+// then T(weight * n) (a float32 x and weight round nowhere, as F.rms_norm). The result is a T again: it replaces
+// the word in place.
+template <typename T>
+__device__ __forceinline__ void norm_word(const T* __restrict__ norm_w, int wi, int K, float r, XWord<T>& v) {
+  const XWord<T> g = load_word(norm_w, wi, K);
+#pragma unroll
+  for (int j = 0; j < 16; ++j) v.set(j, __fmul_rn(g.get(j), round_to<T>(__fmul_rn(v.get(j), r))));
+}
+
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) total += red[i];
+  __syncthreads();  // red may be reused
+  return total;
+}
+
+template <typename T>
+__device__ __forceinline__ float sum_squares(const XWord<T>& v, float acc) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) acc = __fmaf_rn(v.get(j), v.get(j), acc);
+  return acc;
+}
+
+template <typename T>
+__device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
+#pragma unroll
+  for (int j = 0; j < 16; ++j) acc = fmaxf(acc, fabsf(v.get(j)));
+  return acc;
+}
+
+// x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
+// quant.quantize_activations does on those values; *a_out the scale, *xsum_out sum(x_q).
 template <typename T, int RegWords = kRegWords>
-__device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4* xq, float* a_out, int* xsum_out) {
+__device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
+                                   int4* xq, float* a_out, int* xsum_out) {
   __shared__ float red_f[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  float v[RegWords][16];
-  float amax = 0.f;
+  XWord<T> v[RegWords];
 #pragma unroll
   for (int i = 0; i < RegWords; ++i) {  // all loads issued before any use
     const int wi = tid + i * kThreads;
     if (wi < KW) {
-      load_word(x, wi, K, v[i]);
+      v[i] = load_word(x, wi, K);
     } else {
 #pragma unroll
-      for (int j = 0; j < 16; ++j) v[i][j] = 0.f;
+      for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) v[i].raw[j] = make_uint4(0, 0, 0, 0);
     }
   }
+  float r = 0.f;  // the RMSNorm factor
+  if (norm_w != nullptr) {
+    float ss = 0.f;
 #pragma unroll
-  for (int i = 0; i < RegWords; ++i)
+    for (int i = 0; i < RegWords; ++i) ss = sum_squares(v[i], ss);
+    for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) ss = sum_squares(load_word(x, wi, K), ss);
+    ss = block_sum(ss, red_f);
+    r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
 #pragma unroll
-    for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(v[i][j]));
+    for (int i = 0; i < RegWords; ++i)
+      if (tid + i * kThreads < KW) norm_word(norm_w, tid + i * kThreads, K, r, v[i]);
+  }
+  float amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < RegWords; ++i) amax = abs_max(v[i], amax);
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
-    float t[16];
-    load_word(x, wi, K, t);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) amax = fmaxf(amax, fabsf(t[j]));
+    XWord<T> t = load_word(x, wi, K);
+    if (norm_w != nullptr) norm_word(norm_w, wi, K, r, t);
+    amax = abs_max(t, amax);
   }
   for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   if (lane == 0) red_f[warp] = amax;
@@ -137,8 +194,8 @@ __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4*
     if (wi < KW) xq[xq_slot(wi)] = pack_word(v[i], a, sum);
   }
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
-    float t[16];
-    load_word(x, wi, K, t);
+    XWord<T> t = load_word(x, wi, K);
+    if (norm_w != nullptr) norm_word(norm_w, wi, K, r, t);
     xq[xq_slot(wi)] = pack_word(t, a, sum);
   }
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
@@ -152,6 +209,16 @@ __device__ void quantize_to_shared(const T* __restrict__ x, int K, int KW, int4*
     *a_out = a;
   }
   __syncthreads();
+}
+
+// One output: s * (dot - sum x_q) / a (+ bias), rounded to T, (+ residual, rounded again: as y + residual in torch).
+template <typename T>
+__device__ __forceinline__ void store_output(int dot, int xsum, float sc, float a, const T* __restrict__ bias,
+                                             const T* __restrict__ residual, T* __restrict__ y, int n) {
+  float out = __fdiv_rn(__fmul_rn(static_cast<float>(dot - xsum), sc), a);
+  if (bias) out = __fadd_rn(out, to_float(bias[n]));
+  if (residual) out = __fadd_rn(round_to<T>(out), to_float(residual[n]));
+  y[n] = from_float<T>(out);
 }
 
 }  // namespace bitengine_cuda

@@ -1,4 +1,5 @@
-// W1.58A8 decode GEMV (M = 1) in CUDA C++: y[N] = s * (x_q . W_q[n]) / a (+ bias).
+// W1.58A8 decode GEMV (M = 1) in CUDA C++: y[N] = s * (x_q . W_q[n]) / a (+ bias) (+ residual), where x_q is x, or
+// RMSNorm(x) * norm_weight (the layer's input norm, fused), quantized to int8.
 //
 // Weights: i2w layout (bitengine/kernels/layout.py): int32 [N, KW], KW % 16 == 0, 16 weights per
 // word, weight 16w + 4j + b at bits 8b + 2j, code = w + 1. So (word >> 2j) & 0x03030303 holds the
@@ -9,7 +10,9 @@
 //   0. each warp issues the loads of its first weight rows;
 //   1. every block quantizes x (per-token absmax, exactly quant.quantize_activations: IEEE reciprocal,
 //      rint half-to-even, clamp) into shared memory, with sum(x_q); x is read once, with 16-byte
-//      loads all in flight together, and kept in registers between the two passes;
+//      loads all in flight together, and kept in registers between the two passes; with a norm weight,
+//      the block first applies the RMSNorm (one more block reduction), so the decode step needs no norm kernel;
+//   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given.
 //   2. each warp streams R weight rows with 16-byte non-caching loads, U of them in flight per row,
 //      and reduces with shuffles; blocks stride over row groups.
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
@@ -34,7 +37,8 @@ using namespace bitengine_cuda;
 template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
-    int per_channel, const T* __restrict__ bias, T* __restrict__ y, int N, int K, int KW) {
+    int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -55,7 +59,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   if (row0 < N) load_rows(row0, lane);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared(x, K, KW, xq, &a_s, &xsum_s);
+  quantize_to_shared(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   for (; row0 < N; row0 += row_step) {
@@ -85,12 +89,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
       int s = acc[r];
       for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       const int n = row0 + r;
-      if (lane == 0 && n < N) {
-        const float sc = scale[per_channel ? n : 0];
-        float out = __fdiv_rn(__fmul_rn(static_cast<float>(s - xsum), sc), a);
-        if (bias) out = __fadd_rn(out, to_float(bias[n]));
-        y[n] = from_float<T>(out);
-      }
+      if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
     }
     if (row0 + row_step < N) load_rows(row0 + row_step, lane);  // next row group's first step
   }
@@ -104,7 +103,8 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
 template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
-    int per_channel, const T* __restrict__ bias, T* __restrict__ y, int N, int K, int KW) {
+    int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   if (row0 < N) load_tile(buf[0], row0, 0);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared<T, 1>(x, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
   const float a = a_s;
   const int xsum = xsum_s;
   int acc[R];
@@ -163,12 +163,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
         for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
         acc[r] = 0;
         const int n = row0 + r;
-        if (lane == 0 && n < N) {
-          const float sc = scale[per_channel ? n : 0];
-          float out = __fdiv_rn(__fmul_rn(static_cast<float>(s - xsum), sc), a);
-          if (bias) out = __fadd_rn(out, to_float(bias[n]));
-          y[n] = from_float<T>(out);
-        }
+        if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
       }
     }
     row0 = nrow;
@@ -179,12 +174,22 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
+// The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
+// the residual [N] added to the output.
+template <typename T>
+struct Extras {
+  const T* bias;
+  const T* norm_w;
+  float eps;
+  const T* residual;
+};
+
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
 // (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
 // Returns the first CUDA error (the caller, bindings.cpp, raises it; see there why not here).
 template <typename T, typename Kernel>
 cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const torch::Tensor& x, const torch::Tensor& w,
-                 const torch::Tensor& scale, const T* bias, torch::Tensor& y, int K, bool pdl) {
+                        const torch::Tensor& scale, const Extras<T>& e, torch::Tensor& y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1);
   const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
   cudaError_t err = cudaSuccess;
@@ -215,67 +220,84 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
   cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                             static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
-                            static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, bias,
-                            reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+                            static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
+                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
 }
 
 template <typename T, int R, int U>
-cudaError_t launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+cudaError_t launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
                    torch::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, bias, y, K, pdl);
+  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T, int R, int U>
-cudaError_t launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
+cudaError_t launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
                       torch::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, bias, y, K, pdl);
+  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T>
-cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const T* bias,
-                      torch::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
+cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                             const Extras<T>& e, torch::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
   if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
     // (K = 6912 .. 14336: x read twice, and two K chunks per row above K = 8192), where version 1 keeps x in registers.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
-    if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, bias, y, K, pdl);
-    if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, bias, y, K, pdl);
-    if (w.size(0) <= 8192) return launch<T, 1, 8>(x, w, scale, bias, y, K, pdl);
-    return launch<T, 2, 4>(x, w, scale, bias, y, K, pdl);
+    if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);
+    if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, e, y, K, pdl);
+    if (w.size(0) <= 8192) return launch<T, 1, 8>(x, w, scale, e, y, K, pdl);
+    return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
   }
   switch (rows_per_warp) {  // version 1
-    case 1: return launch<T, 1, 8>(x, w, scale, bias, y, K, pdl);
-    case 2: return launch<T, 2, 4>(x, w, scale, bias, y, K, pdl);
-    default: return launch<T, 4, 2>(x, w, scale, bias, y, K, pdl);
+    case 1: return launch<T, 1, 8>(x, w, scale, e, y, K, pdl);
+    case 2: return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
+    default: return launch<T, 4, 2>(x, w, scale, e, y, K, pdl);
   }
+}
+
+template <typename T>
+const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
+  return t ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
+}
+
+template <typename T>
+cudaError_t run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int K,
+                const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& norm_weight, double eps,
+                const c10::optional<torch::Tensor>& residual, int version, int rows_per_warp, bool pdl,
+                torch::Tensor& y) {
+  const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
+                    ptr_or_null<T>(residual)};
+  return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
 }  // namespace
 
 // Inputs validated by the caller (bindings.cpp: its checks throw from host-compiled code; see there). x: float16 /
 // bfloat16 / float32 [1, K] contiguous, 16-byte aligned; w: int32 [N, KW] i2w; scale: float32 [1] or [N]; bias: [N] in
-// x's dtype or None; version 1 (rows_per_warp 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1
-// beyond); pdl: launch as a programmatic dependent launch on sm_90+ (see wait_for_previous_grid). Versions and PDL
-// give bit-identical outputs. Returns y [1, N] in x's dtype; *err: the launch's CUDA status.
+// x's dtype or None; norm_weight: [K] in x's dtype, 16-byte aligned, or None (then x is quantized as given; else
+// RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); version 1 (rows_per_warp
+// 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1 beyond); pdl: launch as a programmatic dependent
+// launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give bit-identical outputs. Returns y [1, N] in x's
+// dtype; *err: the launch's CUDA status.
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
-                                           int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err) {
+                                           const c10::optional<torch::Tensor>& norm_weight, double eps,
+                                           const c10::optional<torch::Tensor>& residual, int64_t version,
+                                           int64_t rows_per_warp, bool pdl, cudaError_t* err) {
   c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({1, w.size(0)}, x.options());
   const int K = static_cast<int>(in_features);
   const int v = static_cast<int>(version), r = static_cast<int>(rows_per_warp);
   switch (x.scalar_type()) {
     case at::kHalf:
-      *err = dispatch_version<__half>(x, w, scale, bias ? reinterpret_cast<const __half*>(bias->data_ptr()) : nullptr,
-                                      y, K, v, r, pdl);
+      *err = run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
       break;
     case at::kBFloat16:
-      *err = dispatch_version<__nv_bfloat16>(
-          x, w, scale, bias ? reinterpret_cast<const __nv_bfloat16*>(bias->data_ptr()) : nullptr, y, K, v, r, pdl);
+      *err = run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
       break;
     default:
-      *err = dispatch_version<float>(x, w, scale, bias ? bias->data_ptr<float>() : nullptr, y, K, v, r, pdl);
+      *err = run<float>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
       break;
   }
   return y;
