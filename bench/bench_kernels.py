@@ -118,6 +118,15 @@ def rel_err(y, ref):
     return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
+@functools.cache
+def _ones_cached(n, dtype, device):
+    return torch.ones(n, dtype=dtype, device=device)
+
+
+def _ones(n, like):
+    return _ones_cached(n, like.dtype, like.device)
+
+
 def variants(m, ext):
     """name -> fn(x, words, scale, k) for this M. triton_a8 / triton_a16 are what the "triton" backend
     dispatches to (ops.py), cuda_a8 what the "cuda" backend runs; the others are single kernels, for comparison."""
@@ -132,6 +141,10 @@ def variants(m, ext):
             gemv = ext._C_cuda.ternary_gemv_a8
             v["cuda_a8_v1"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=1, rows_per_warp=ext.rows_per_warp(
                 w.shape[0]), pdl=True)
+            # with the decode step's fused input RMSNorm and residual add (what linear_fused runs)
+            v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
+                x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
+                rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)
@@ -159,7 +172,12 @@ def bench_shape(name, n, k, ms, ext, rows):
         for vname, fn in variants(m, ext).items():
             try:
                 y = fn(xs[0], weights[0][1], scale, k)
-                err = rel_err(y, ref8 if "a8" in vname else ref16)
+                if vname.endswith("norm_res"):  # of RMSNorm(x) (unit weight), plus a residual of ones
+                    xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+                    ref = ternary_linear_reference(xn, weights[0][0], scale, k, 8).float() + 1
+                else:
+                    ref = ref8 if "a8" in vname else ref16
+                err = rel_err(y, ref)
                 if not err < 2e-3:
                     raise AssertionError(f"wrong output: rel.err {err:.2e}")
                 us = time_calls([functools.partial(fn, xs[i], weights[i][1], scale, k) for i in range(rot)])

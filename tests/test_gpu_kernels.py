@@ -62,12 +62,13 @@ def reference64(x, packed, scale, k, act_bits, bias=None):
     return y if bias is None else y + bias.double()
 
 
-def check(y, ref, dtype, what):
+def check(y, ref, dtype, what, tol=None):
     assert y.dtype == dtype and y.shape == ref.shape, f"{what}: {y.dtype} {tuple(y.shape)}"
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
     err = ((y.double() - ref).norm() / ref.norm()).item()
     worst = ((y.double() - ref).abs().max() / ref.abs().max()).item()
-    assert err < TOL[dtype] and worst < 20 * TOL[dtype], f"{what}: rel.err {err:.2e}, worst {worst:.2e}"
+    tol = tol or TOL[dtype]
+    assert err < tol and worst < 20 * tol, f"{what}: rel.err {err:.2e}, worst {worst:.2e}"
 
 
 def run_linear(x, words, scale, k, act_bits, bias=None, lora_a=None, lora_b=None):
@@ -215,7 +216,8 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
         assert torch.equal(gemv(xn, words, scale, k, bias, residual=res.view(-1), version=version, **kw),
                            plain + res), f"residual v{version} {kw}"
         fused = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, version=version, **kw)
-        check(fused, ref, dtype, f"norm v{version} {kw} {n}x{k}")
+        # float32: another summation order may move one x_q by one step (~5e-4 of the output), beyond TOL's 1e-5
+        check(fused, ref, dtype, f"norm v{version} {kw} {n}x{k}", tol=max(TOL[dtype], TOL[torch.float16]))
         both = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, residual=res.view(-1),
                     version=version, pdl=True, **kw)
         assert torch.equal(both, fused + res), f"norm + residual v{version} {kw}"
