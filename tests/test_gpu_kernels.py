@@ -232,6 +232,8 @@ def test_cuda_gemv_bad_input_raises():
     if _cuda_ext() is None:
         pytest.skip("bitengine._C_cuda not built")
     code = """
+import faulthandler
+faulthandler.enable()
 import torch
 from bitengine import _C_cuda as c
 x = torch.randn(1, 64, device="cuda", dtype=torch.half)
@@ -245,6 +247,7 @@ cases = {"scale": lambda: c.ternary_gemv_a8(x, w, torch.ones(3, device="cuda"), 
          "norm": lambda: c.ternary_gemv_a8(x, w, one, 64, norm_weight=torch.ones(63, device="cuda").half()),
          "residual": lambda: c.ternary_gemv_a8(x, w, one, 64, residual=torch.ones(8, device="cuda"))}
 for name, fn in cases.items():
+    print("case", name, end=": ")
     try:
         fn()
         print(name, "no error")
@@ -252,7 +255,8 @@ for name, fn in cases.items():
         print(name, "RuntimeError", str(e).splitlines()[0][:100])
 print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    # -u: unbuffered, so a crash still shows how far the child got
+    proc = subprocess.run([sys.executable, "-u", "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stdout} {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
     assert all("RuntimeError" in line for line in lines[:7]), proc.stdout

@@ -47,13 +47,27 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
-__device__ __forceinline__ int dot_word(unsigned w, int4 x, int acc) {
-  acc = __dp4a(static_cast<int>(w & kLaneMask), x.x, acc);
-  acc = __dp4a(static_cast<int>((w >> 2) & kLaneMask), x.y, acc);
-  acc = __dp4a(static_cast<int>((w >> 4) & kLaneMask), x.z, acc);
-  acc = __dp4a(static_cast<int>((w >> 6) & kLaneMask), x.w, acc);
-  return acc;
+// dp4a of unsigned bytes a (codes, possibly shifted up in their byte) with signed bytes b (x_q).
+__device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
+  int d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
 }
+
+// The dot product of one row's codes with x_q, in four partial sums: weight j of each byte (bits 2j, 2j + 1) is
+// masked in place, not shifted down, so its products come out times 4^j and go to their own sum, scaled back
+// once at the end (exactly: each sum is a multiple of 4^j). One AND and one dp4a per 4 weights, instead of a
+// shift, an AND and a dp4a (the integer pipe was the busiest in ncu).
+struct DotAcc {
+  int s[4] = {0, 0, 0, 0};
+  __device__ __forceinline__ void add(unsigned w, int4 x) {
+    s[0] = dp4a_us(w & kLaneMask, x.x, s[0]);
+    s[1] = dp4a_us(w & (kLaneMask << 2), x.y, s[1]);
+    s[2] = dp4a_us(w & (kLaneMask << 4), x.z, s[2]);
+    s[3] = dp4a_us(w & (kLaneMask << 6), x.w, s[3]);
+  }
+  __device__ __forceinline__ int total() const { return s[0] + (s[1] >> 2) + (s[2] >> 4) + (s[3] >> 6); }
+};
 
 // One word of x: its 16 values in x's own type, packed (8 registers for 16-bit types), so the prologue holds x
 // between its passes at half the registers of floats.
@@ -109,8 +123,7 @@ __device__ __forceinline__ float round_to(float v) { return to_float(from_float<
 // then T(weight * n) (a float32 x and weight round nowhere, as F.rms_norm). The result is a T again: it replaces
 // the word in place.
 template <typename T>
-__device__ __forceinline__ void norm_word(const T* __restrict__ norm_w, int wi, int K, float r, XWord<T>& v) {
-  const XWord<T> g = load_word(norm_w, wi, K);
+__device__ __forceinline__ void norm_word(const XWord<T>& g, float r, XWord<T>& v) {
 #pragma unroll
   for (int j = 0; j < 16; ++j) v.set(j, __fmul_rn(g.get(j), round_to<T>(__fmul_rn(v.get(j), r))));
 }
@@ -160,6 +173,9 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
       for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) v[i].raw[j] = make_uint4(0, 0, 0, 0);
     }
   }
+  // the norm weight's first word is loaded with x, so the norm does not wait for it after the reduction
+  XWord<T> g0;
+  if (norm_w != nullptr && tid < KW) g0 = load_word(norm_w, tid, K);
   float r = 0.f;  // the RMSNorm factor
   if (norm_w != nullptr) {
     float ss = 0.f;
@@ -170,14 +186,14 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
 #pragma unroll
     for (int i = 0; i < RegWords; ++i)
-      if (tid + i * kThreads < KW) norm_word(norm_w, tid + i * kThreads, K, r, v[i]);
+      if (tid + i * kThreads < KW) norm_word(i == 0 ? g0 : load_word(norm_w, tid + i * kThreads, K), r, v[i]);
   }
   float amax = 0.f;
 #pragma unroll
   for (int i = 0; i < RegWords; ++i) amax = abs_max(v[i], amax);
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
     XWord<T> t = load_word(x, wi, K);
-    if (norm_w != nullptr) norm_word(norm_w, wi, K, r, t);
+    if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     amax = abs_max(t, amax);
   }
   for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
@@ -195,7 +211,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
   }
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
     XWord<T> t = load_word(x, wi, K);
-    if (norm_w != nullptr) norm_word(norm_w, wi, K, r, t);
+    if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     xq[xq_slot(wi)] = pack_word(t, a, sum);
   }
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);

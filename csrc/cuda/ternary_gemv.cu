@@ -63,9 +63,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   const float a = a_s;
   const int xsum = xsum_s;
   for (; row0 < N; row0 += row_step) {
-    int acc[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[r] = 0;
+    DotAcc acc[R];
     for (int v0 = lane; v0 < kw4; v0 += 32 * U) {
       if (v0 != lane) load_rows(row0, v0);  // the first step's loads were issued earlier
 #pragma unroll
@@ -76,17 +74,17 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
           const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            acc[r] = dot_word(wv[u][r].x, x0, acc[r]);
-            acc[r] = dot_word(wv[u][r].y, x1, acc[r]);
-            acc[r] = dot_word(wv[u][r].z, x2, acc[r]);
-            acc[r] = dot_word(wv[u][r].w, x3, acc[r]);
+            acc[r].add(wv[u][r].x, x0);
+            acc[r].add(wv[u][r].y, x1);
+            acc[r].add(wv[u][r].z, x2);
+            acc[r].add(wv[u][r].w, x3);
           }
         }
       }
     }
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      int s = acc[r];
+      int s = acc[r].total();
       for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
       const int n = row0 + r;
       if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
@@ -131,9 +129,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
   const float a = a_s;
   const int xsum = xsum_s;
-  int acc[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) acc[r] = 0;
+  DotAcc acc[R];
   // one tile: accumulate, and at the end of a row group write its outputs; returns false when done
   auto step = [&](uint4 (&cur)[U][R], uint4 (&nxt)[U][R]) -> bool {
     if (row0 >= N) return false;
@@ -149,19 +145,19 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
         const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          acc[r] = dot_word(cur[u][r].x, x0, acc[r]);
-          acc[r] = dot_word(cur[u][r].y, x1, acc[r]);
-          acc[r] = dot_word(cur[u][r].z, x2, acc[r]);
-          acc[r] = dot_word(cur[u][r].w, x3, acc[r]);
+          acc[r].add(cur[u][r].x, x0);
+          acc[r].add(cur[u][r].y, x1);
+          acc[r].add(cur[u][r].z, x2);
+          acc[r].add(cur[u][r].w, x3);
         }
       }
     }
     if (chunk == chunks - 1) {
 #pragma unroll
       for (int r = 0; r < R; ++r) {
-        int s = acc[r];
+        int s = acc[r].total();
         for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        acc[r] = 0;
+        acc[r] = DotAcc();
         const int n = row0 + r;
         if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
       }
