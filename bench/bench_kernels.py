@@ -138,7 +138,7 @@ def variants(m, ext):
         v["triton_a8_prepass"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k, fused=False)
         if ext is not None:
             v["cuda_a8"] = lambda x, w, s, k: torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
-            gemv = ext._C_cuda.ternary_gemv_a8
+            gemv = ext.ternary_gemv_a8
             v["cuda_a8_v1"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=1, rows_per_warp=ext.rows_per_warp(
                 w.shape[0]), pdl=True)
             # with the decode step's fused input RMSNorm and residual add (what linear_fused runs)

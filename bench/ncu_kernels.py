@@ -38,10 +38,10 @@ def launches():
         scale = torch.rand(1, device="cuda") + 0.5
         rpw = ext.rows_per_warp(n)
         out.append((f"{name} {n}x{k} read_probe", lambda w=words: ext._C_cuda.read_probe(w, sink)))
-        out.append((f"{name} {n}x{k} gemv backend", lambda x=x, w=words, s=scale, k=k, r=rpw: ext._C_cuda.ternary_gemv_a8(
+        out.append((f"{name} {n}x{k} gemv backend", lambda x=x, w=words, s=scale, k=k, r=rpw: ext.ternary_gemv_a8(
             x, w, s, k, None, version=ext.GEMV_VERSION, rows_per_warp=r, pdl=False)))
         if k <= 4096:
-            out.append((f"{name} {n}x{k} gemv v1", lambda x=x, w=words, s=scale, k=k, r=rpw: ext._C_cuda.ternary_gemv_a8(
+            out.append((f"{name} {n}x{k} gemv v1", lambda x=x, w=words, s=scale, k=k, r=rpw: ext.ternary_gemv_a8(
                 x, w, s, k, None, version=1, rows_per_warp=r, pdl=False)))
     n_sm = sm_count(torch.device("cuda"))
     g = torch.Generator(device="cuda").manual_seed(0)

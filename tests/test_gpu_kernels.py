@@ -170,7 +170,7 @@ def test_cuda_gemv(n, k, dtype):
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
-    gemv = ext._C_cuda.ternary_gemv_a8
+    gemv = ext.ternary_gemv_a8
     for gran in ("tensor", "channel"):
         packed, scale, words = make_weight(n, k, gran, seed=5)
         bias = torch.randn(n, device="cuda").to(dtype)
@@ -201,7 +201,7 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
         pytest.skip("bitengine._C_cuda not built")
     from bitengine.nn import RMSNorm
 
-    gemv = ext._C_cuda.ternary_gemv_a8
+    gemv = ext.ternary_gemv_a8
     g = torch.Generator(device="cuda").manual_seed(n + k)
     packed, scale, words = make_weight(n, k, "channel", seed=7)
     norm = RMSNorm(k, 1e-5, dtype=dtype, device="cuda")
@@ -227,15 +227,17 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
 
 
 def test_cuda_gemv_bad_input_raises():
-    """Bad inputs to the extension raise RuntimeError with one line saying what. Run in a child process: on the
-    GPU machine a failing check crashed the process (see csrc/cuda/bindings.cpp and setup.py's `abi`)."""
+    """Bad inputs to the C++ GEMV raise ValueError with one line saying what, from the Python checks in front of
+    the extension (backends/cuda.py check_gemv_inputs). Run in a child process: on the GPU machine an exception
+    thrown inside the extension (a failing TORCH_CHECK in bindings.cpp) crashed the process, so nothing may reach
+    those checks."""
     if _cuda_ext() is None:
         pytest.skip("bitengine._C_cuda not built")
     code = """
 import faulthandler
 faulthandler.enable()
 import torch
-from bitengine import _C_cuda as c
+from bitengine.backends import cuda as c
 x = torch.randn(1, 64, device="cuda", dtype=torch.half)
 w = torch.zeros(8, 16, dtype=torch.int32, device="cuda")
 one = torch.ones(1, device="cuda")
@@ -245,22 +247,23 @@ cases = {"scale": lambda: c.ternary_gemv_a8(x, w, torch.ones(3, device="cuda"), 
          "version": lambda: c.ternary_gemv_a8(x, w, one, 64, version=3),
          "cpu": lambda: c.ternary_gemv_a8(x.cpu(), w, one, 64),
          "norm": lambda: c.ternary_gemv_a8(x, w, one, 64, norm_weight=torch.ones(63, device="cuda").half()),
-         "residual": lambda: c.ternary_gemv_a8(x, w, one, 64, residual=torch.ones(8, device="cuda"))}
+         "residual": lambda: c.ternary_gemv_a8(x, w, one, 64, residual=torch.ones(8, device="cuda")),
+         "op": lambda: torch.ops.bitengine.ternary_gemv_cuda(x, w, one, 64, torch.ones(7, device="cuda").half())}
 for name, fn in cases.items():
     print("case", name, end=": ")
     try:
         fn()
-        print(name, "no error")
-    except RuntimeError as e:
-        print(name, "RuntimeError", str(e).splitlines()[0][:100])
+        print("no error")
+    except ValueError as e:
+        print("ValueError", str(e).splitlines()[0][:100])
 print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
 """
     # -u: unbuffered, so a crash still shows how far the child got
     proc = subprocess.run([sys.executable, "-u", "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, f"child died (rc {proc.returncode}): {proc.stdout} {proc.stderr[-2000:]}"
     lines = proc.stdout.splitlines()
-    assert all("RuntimeError" in line for line in lines[:7]), proc.stdout
-    assert lines[7] == "ok torch.Size([1, 8])", proc.stdout
+    assert len(lines) == 9 and all("ValueError" in line for line in lines[:8]), proc.stdout
+    assert lines[8] == "ok torch.Size([1, 8])", proc.stdout
 
 
 @pytest.mark.parametrize("version", [1, 2])
@@ -278,7 +281,7 @@ def test_cuda_gemv_pdl_chain_in_graph(version):
 
     def chain(x, pdl):
         for i, (_, scale, words) in enumerate(layers):
-            y = ext._C_cuda.ternary_gemv_a8(x, words, scale / 64, k, None, version=version, pdl=pdl)  # |y| ~ |x|
+            y = ext.ternary_gemv_a8(x, words, scale / 64, k, None, version=version, pdl=pdl)  # |y| ~ |x|
             x = y if i % 2 == 0 else torch.tanh(y) + x
         return x
 

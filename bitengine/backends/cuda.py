@@ -79,6 +79,60 @@ def rows_per_warp(n: int) -> int:
     return 1 if n <= 8192 else 2
 
 
+_X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None,
+                      version=2, rows_per_warp=1) -> None:
+    """Raise ValueError (one line: what is wrong) unless the C++ GEMV takes these inputs; the same rules as
+    csrc/cuda/bindings.cpp, checked here first because on the GPU machine an exception thrown inside the extension
+    (a failing TORCH_CHECK) crashed the process (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). Shapes and
+    dtypes first, the device last, so the rules can be tested on a machine without CUDA."""
+    if not all(isinstance(t, torch.Tensor) for t in (x, w, scale)):
+        raise ValueError("ternary_gemv_a8: x, w and scale must be tensors")
+    if x.dtype not in _X_DTYPES:
+        raise ValueError(f"ternary_gemv_a8: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.numel() != in_features or not x.is_contiguous():
+        raise ValueError(f"ternary_gemv_a8: x must be a contiguous [1, {in_features}] tensor, got {tuple(x.shape)}")
+    if (w.dtype != torch.int32 or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] % 16 or
+            w.shape[1] * 16 < in_features or w.stride(0) % 4):
+        raise ValueError(f"ternary_gemv_a8: w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= "
+                         f"in_features ({in_features}), got {w.dtype} {tuple(w.shape)}")
+    n = w.shape[0]
+    if scale.dtype != torch.float32 or scale.numel() not in (1, n):
+        raise ValueError(f"ternary_gemv_a8: scale must be float32 [1] or [N] (N = {n}), got {scale.dtype} "
+                         f"{tuple(scale.shape)}")
+    if (w.shape[1] + 127) // 128 * 128 * 16 > MAX_CUDA_K:
+        raise ValueError(f"ternary_gemv_a8: in_features {in_features} too large for the CUDA GEMV (max {MAX_CUDA_K})")
+    if version not in (1, 2) or rows_per_warp not in (1, 2, 4):
+        raise ValueError(f"ternary_gemv_a8: version must be 1 or 2 and rows_per_warp 1, 2 or 4, got {version}, "
+                         f"{rows_per_warp}")
+    if not norm_eps >= 0:
+        raise ValueError(f"ternary_gemv_a8: norm_eps must be >= 0, got {norm_eps}")
+    vectors = (("bias", bias, n), ("norm_weight", norm_weight, in_features), ("residual", residual, n))
+    for name, t, size in vectors:
+        if t is not None and (t.numel() != size or t.dtype != x.dtype or not t.is_contiguous()):
+            raise ValueError(f"ternary_gemv_a8: {name} must be a contiguous [{size}] tensor in x's dtype ({x.dtype}), "
+                             f"got {t.dtype} {tuple(t.shape)}")
+    tensors = [x, w, scale] + [t for _, t, _ in vectors if t is not None]
+    if not all(t.is_cuda and t.device == x.device for t in tensors):
+        raise ValueError(f"ternary_gemv_a8: every tensor must be on one CUDA device, got "
+                         f"{sorted({str(t.device) for t in tensors})}")
+
+
+def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
+                    version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
+    """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
+    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1 or 2
+    (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
+    launch (sm_90+). Every version and setting gives the same bits."""
+    if _C_cuda is None:
+        raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
+    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp)
+    return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual,
+                                   version=version, rows_per_warp=rows_per_warp, pdl=pdl)
+
+
 if _C_cuda is not None:
     @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
@@ -87,10 +141,10 @@ if _C_cuda is not None:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
         norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
         norm only with a norm_weight)."""
-        return _C_cuda.ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
-                                       None if residual is None else residual.reshape(-1).contiguous(),
-                                       version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
-                                       pdl=pdl_supported(x.device))
+        return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
+                               None if residual is None else residual.reshape(-1).contiguous(),
+                               version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
+                               pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None):

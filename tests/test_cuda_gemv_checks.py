@@ -1,0 +1,53 @@
+"""The Python input checks in front of the C++ GEMV (backends/cuda.py check_gemv_inputs), on any machine: every
+rule raises ValueError with one line naming the input, and valid inputs fail only on the device rule here (CPU
+tensors). The GPU side (tests/test_gpu_kernels.py::test_cuda_gemv_bad_input_raises) runs them through the real
+extension."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitengine.backends.cuda import check_gemv_inputs
+
+K, N = 64, 8
+
+
+def _inputs(**change):
+    kw = dict(x=torch.randn(1, K, dtype=torch.half), w=torch.zeros(N, 16, dtype=torch.int32),
+              scale=torch.ones(1), in_features=K)
+    kw.update(change)
+    return kw
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(x=torch.randn(1, K, dtype=torch.float64)), "x must be float16"),
+    (dict(x=torch.randn(1, K + 1, dtype=torch.half)), "x must be a contiguous [1, 64]"),
+    (dict(x=torch.randn(K, 2, dtype=torch.half).t()[:1]), "x must be a contiguous"),
+    (dict(w=torch.zeros(N, 16, dtype=torch.int64)), "w must be i2w int32"),
+    (dict(w=torch.zeros(N, 8, dtype=torch.int32)), "w must be i2w int32"),
+    (dict(in_features=300, x=torch.randn(1, 300, dtype=torch.half)), "KW * 16 >= in_features (300)"),
+    (dict(scale=torch.ones(3)), "scale must be float32 [1] or [N] (N = 8)"),
+    (dict(scale=torch.ones(1, dtype=torch.float64)), "scale must be float32"),
+    (dict(version=3), "version must be 1 or 2"),
+    (dict(rows_per_warp=3), "rows_per_warp 1, 2 or 4"),
+    (dict(norm_eps=-1.0), "norm_eps must be >= 0"),
+    (dict(bias=torch.ones(N)), "bias must be a contiguous [8] tensor in x's dtype"),
+    (dict(bias=torch.ones(N - 1, dtype=torch.half)), "bias must be a contiguous [8]"),
+    (dict(norm_weight=torch.ones(K - 1, dtype=torch.half)), "norm_weight must be a contiguous [64]"),
+    (dict(residual=torch.ones(N, dtype=torch.bfloat16)), "residual must be a contiguous [8] tensor in x's dtype"),
+    (dict(w=torch.zeros(N, 17, dtype=torch.int32)[:, :16]), "w must be i2w int32"),  # row stride not 16-byte
+    (dict(w=torch.zeros(N, 12816, dtype=torch.int32), x=torch.randn(1, 205056, dtype=torch.half),
+          in_features=205056), "too large for the CUDA GEMV"),
+])
+def test_each_rule_raises_one_line(change, words):
+    with pytest.raises(ValueError) as e:
+        check_gemv_inputs(**_inputs(**change))
+    msg = str(e.value)
+    assert words in msg and "\n" not in msg and msg.startswith("ternary_gemv_a8: "), msg
+
+
+def test_valid_inputs_fail_only_on_the_device():
+    with pytest.raises(ValueError, match="every tensor must be on one CUDA device"):
+        check_gemv_inputs(**_inputs(bias=torch.ones(N, dtype=torch.half), norm_weight=torch.ones(K, dtype=torch.half),
+                                    residual=torch.ones(N, dtype=torch.half)))
