@@ -1,9 +1,10 @@
 // pybind11 bindings of bitengine._C_cuda (built by setup.py when torch has CUDA and nvcc exists).
 //
-// Every input check lives here and runs before any kernel code; the nvcc-compiled side only returns CUDA errors.
-// On the GPU machine a failing check crashed the process (segmentation fault) instead of raising RuntimeError, with
-// the checks in the .cu file and, at git 737f2b3, here too: the likely cause is the C++ ABI (see setup.py's `abi`).
-// tests/test_gpu_kernels.py::test_cuda_gemv_bad_input_raises checks that bad inputs raise.
+// Call these through bitengine.backends.cuda.ternary_gemv_a8, which checks every input in Python first
+// (check_gemv_inputs): on the GPU machine an exception thrown here (a failing TORCH_CHECK) crashed the process
+// with a segmentation fault instead of raising RuntimeError, with the ABI flag set (setup.py) and without;
+// cause not found (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). The checks below stay as the last line
+// (same rules); the nvcc-compiled side only returns CUDA errors.
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
