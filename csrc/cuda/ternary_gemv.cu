@@ -2,19 +2,20 @@
 // RMSNorm(x) * norm_weight (the layer's input norm, fused), quantized to int8.
 //
 // Weights: i2w layout (bitengine/kernels/layout.py): int32 [N, KW], KW % 16 == 0, 16 weights per
-// word, weight 16w + 4j + b at bits 8b + 2j, code = w + 1. So (word >> 2j) & 0x03030303 holds the
-// codes of 4 consecutive weights as bytes, and one dp4a against 4 int8 activations sums x_q * code.
+// word, weight 16w + 4j + b at bits 8b + 2j, code = w + 1. So word & (0x03030303 << 2j) holds the
+// codes of 4 consecutive weights, each times 4^j, as bytes, and one dp4a against 4 int8 activations sums
+// 4^j * x_q * code (DotAcc in gemv_common.cuh keeps one sum per j and scales it back at the end).
 // The code offset is removed once: sum x_q (c - 1) = sum x_q c - sum x_q.
 //
-// One persistent launch does everything (no separate quantization kernel):
+// One persistent launch does everything (no separate quantization or norm kernel):
 //   0. each warp issues the loads of its first weight rows;
 //   1. every block quantizes x (per-token absmax, exactly quant.quantize_activations: IEEE reciprocal,
 //      rint half-to-even, clamp) into shared memory, with sum(x_q); x is read once, with 16-byte
-//      loads all in flight together, and kept in registers between the two passes; with a norm weight,
+//      loads all in flight together, and kept in registers between the passes; with a norm weight,
 //      the block first applies the RMSNorm (one more block reduction), so the decode step needs no norm kernel;
-//   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given.
 //   2. each warp streams R weight rows with 16-byte non-caching loads, U of them in flight per row,
-//      and reduces with shuffles; blocks stride over row groups.
+//      and reduces with shuffles; blocks stride over row groups;
+//   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given.
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
 // read conflict-free (see xq_slot).
 
@@ -126,7 +127,8 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   if (row0 < N) load_tile(buf[0], row0, 0);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);  // x words in registers: 1 per thread (register cap)
+  // x words in registers: 1 per thread (register cap)
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   DotAcc acc[R];
