@@ -48,6 +48,8 @@ def time_variants(q, k, v, mask, pos, n_sm):
         for nw in (4, 8):
             fns[f"triton_b{bs}_w{nw}"] = (
                 lambda bs=bs, nw=nw: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, num_warps=nw))
+    for bs in (64, 128):  # the opt-in grouped variant (tl.dot per kv head), 4 warps
+        fns[f"grouped_b{bs}"] = lambda bs=bs: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, variant="grouped")
     out = {}
     for name, fn in fns.items():
         err = ((fn().double() - ref).norm() / ref.norm()).item()
@@ -79,11 +81,12 @@ def main():
                 row.update(time_variants(q, k, v, mask, p, n_sm))
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    names = [k for k in rows[0] if k.startswith(("sdpa", "triton"))]
+    names = [k for k in rows[0] if k.startswith(("sdpa", "triton", "grouped"))]
     lines = [f"# One-token decode attention on {env['card']} ({env['date']})", "",
              f"torch {env['torch']}, commit `{env['git_commit'][:12]}`. fp16, head_dim {D}; median us per call "
              "(CUDA-graph replays). `triton_b{block}_w{warps}`: the split-key kernel (default b64_w4, plus its merge "
-             "kernel when the slots are split); sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
+             "kernel when the slots are split); `grouped_b{block}`: the grouped variant (one program per kv head and "
+             "slice, tl.dot; opt-in); sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
              "", "| model | heads / kv | batch | S | pos | " + " | ".join(names) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for r in rows:

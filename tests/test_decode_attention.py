@@ -56,30 +56,37 @@ CASES = [  # b, h, hkv, s, d, shared_pos
 ]
 
 
+VARIANTS = ("split", "grouped")
+
+
 def check_cases(device, dtypes, n_sms):
+    """Both kernel variants (decode_attention.VARIANT): the grouped one rounds p to the cache dtype for its p.V
+    product on the tensor cores (as flash attention does), within the same tolerances."""
     from bitengine.kernels.decode_attention import decode_attention
 
     tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-    for dtype in dtypes:
-        for ci, (b, h, hkv, s, d, shared) in enumerate(CASES):
-            for n_sm in n_sms:  # 1: one slice per head; large: many slices, some empty
-                q, k, v, mask, pos = make_case(b, h, hkv, s, d, dtype, device, seed=ci, shared_pos=shared)
-                y = decode_attention(q, k, v, mask, pos, n_sm=n_sm)
-                ref = reference64(q, k, v, mask, pos)
-                assert y.shape == (b, h, 1, d) and y.dtype == dtype
-                assert torch.isfinite(y).all(), f"case {ci} n_sm={n_sm}: non-finite output"
-                err = ((y.double() - ref).norm() / ref.norm()).item()
-                assert err < tol[dtype], f"case {ci} {dtype} n_sm={n_sm}: rel.err {err:.2e}"
-    # a whole slice masked out (slots 64..127 hidden) while others are visible
-    q, k, v, mask, pos = make_case(1, 2, 1, 200, 16, torch.float32, device, seed=9, shared_pos=True)
-    pos.fill_(190)
-    k[:, :, :191] = k[:, :, :191].nan_to_num()
-    v[:, :, :191] = v[:, :, :191].nan_to_num()
-    mask[..., :] = True
-    mask[..., 64:128] = False
-    y = decode_attention(q, k, v, mask, pos, n_sm=64)
-    ref = reference64(q, k, v, mask, pos)
-    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5
+    for variant in VARIANTS:
+        for dtype in dtypes:
+            for ci, (b, h, hkv, s, d, shared) in enumerate(CASES):
+                for n_sm in n_sms:  # 1: one slice per head; large: many slices, some empty
+                    q, k, v, mask, pos = make_case(b, h, hkv, s, d, dtype, device, seed=ci, shared_pos=shared)
+                    y = decode_attention(q, k, v, mask, pos, n_sm=n_sm, variant=variant)
+                    ref = reference64(q, k, v, mask, pos)
+                    what = f"{variant} case {ci} {dtype} n_sm={n_sm}"
+                    assert y.shape == (b, h, 1, d) and y.dtype == dtype, what
+                    assert torch.isfinite(y).all(), f"{what}: non-finite output"
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    assert err < tol[dtype], f"{what}: rel.err {err:.2e}"
+        # a whole slice masked out (slots 64..127 hidden) while others are visible
+        q, k, v, mask, pos = make_case(1, 2, 1, 200, 16, torch.float32, device, seed=9, shared_pos=True)
+        pos.fill_(190)
+        k[:, :, :191] = k[:, :, :191].nan_to_num()
+        v[:, :, :191] = v[:, :, :191].nan_to_num()
+        mask[..., :] = True
+        mask[..., 64:128] = False
+        y = decode_attention(q, k, v, mask, pos, n_sm=64, variant=variant)
+        ref = reference64(q, k, v, mask, pos)
+        assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5, variant
 
 
 def test_decode_attention_under_interpreter():
@@ -135,9 +142,10 @@ def test_decode_attention_gpu():
 
     for b, h, hkv, s, d in [(1, 32, 32, 192, 128), (1, 20, 5, 4096, 128), (8, 32, 8, 1000, 128)]:
         q, k, v, mask, pos = make_case(b, h, hkv, s, d, torch.float16, "cuda", seed=s)
-        y = decode_attention(q, k, v, mask, pos, n_sm=132)
         ref = reference64(q, k, v, mask, pos)
-        assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3
+        for variant in VARIANTS:
+            y = decode_attention(q, k, v, mask, pos, n_sm=132, variant=variant)
+            assert ((y.double() - ref).norm() / ref.norm()).item() < 2e-3, variant
 
 
 @pytest.mark.gpu
@@ -157,19 +165,20 @@ def test_model_decode_with_kernel_matches_sdpa(tmp_path):
     prompt = torch.randint(3, 512, (2, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     nxt = torch.randint(3, 512, (2, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     logits = {}
-    for enabled in (True, False):
-        dec.ENABLED = enabled
+    for setting in ("split", "grouped", "sdpa"):
+        dec.ENABLED, dec.VARIANT = setting != "sdpa", "grouped" if setting == "grouped" else "split"
         try:
             with torch.no_grad():
                 cache = model.new_cache(batch=2, max_seq=64)
                 model(prompt, cache=cache, input_pos=torch.arange(11, device="cuda"))
                 shared = model(nxt, cache=cache, input_pos=torch.tensor([11], device="cuda"))
                 rows = model(nxt, cache=cache, input_pos=torch.tensor([[12], [12]], device="cuda"))
-            logits[enabled] = (shared.float(), rows.float())
+            logits[setting] = (shared.float(), rows.float())
         finally:
-            dec.ENABLED = True
-    for a, b in zip(logits[True], logits[False]):
-        assert ((a - b).norm() / b.norm()).item() < 2e-3
+            dec.ENABLED, dec.VARIANT = True, "split"
+    for setting in ("split", "grouped"):
+        for a, b in zip(logits[setting], logits["sdpa"]):
+            assert ((a - b).norm() / b.norm()).item() < 2e-3, setting
 
 
 if __name__ == "__main__":  # the interpreter child of test_decode_attention_under_interpreter

@@ -6,6 +6,7 @@ additive one: ~8 us per layer on an H200 (bench/results/gpu_decode_profile.md), 
 cache slot, written or not. Here each program takes one query head and one slice of the slots, reads
 only slots up to the token's own position (the causal bound: a decode token sees no later slot), and
 keeps an online softmax; a second small kernel merges the slices. One slice = one kernel.
+A second, opt-in variant ("grouped", see VARIANT) runs one program per kv head and slice with tl.dot.
 
 decode_attention(q, k, v, mask, input_pos) -> y
     q: (B, H, 1, D); k, v: (B, Hkv, S, D) (any strides along B, Hkv, S; D contiguous), H % Hkv == 0
@@ -30,6 +31,11 @@ BLOCK_S = 64
 # or setting ENABLED to False, sends it back to scaled_dot_product_attention (read at each call, so at each CUDA-graph
 # capture).
 ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
+# Which kernel: "split" (the default, measured) or "grouped" (tl.dot over a kv head's query group; correct on the
+# CPU interpreter and the GPU tests' shapes, NOT yet timed on a GPU, so opt-in: BITENGINE_DECODE_ATTENTION_KERNEL=grouped,
+# bench_e2e's "+grouped"). With "grouped" the op uses the kernel at every cache length (kernel_pays is the split
+# kernel's rule), so an A/B shows where it pays.
+VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "split")
 # finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
 NEG = tl.constexpr(-1.0e30)
 
@@ -105,6 +111,70 @@ def _merge_kernel(part_ptr, o_ptr, stride_ob, stride_oh, H, N_SLICES, D: tl.cons
              mask=offs_d < D)
 
 
+@triton.jit
+def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
+                                stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
+                                stride_mb, stride_ms, stride_pb, stride_ob, stride_oh,
+                                H, HKV, S, GROUP, SLICE, N_SLICES, sm_scale,
+                                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
+                                SINGLE: tl.constexpr, IEEE: tl.constexpr):
+    """The `grouped` variant: one program per (kv head, slice) takes all GROUP query heads of that kv head as the rows
+    of a BLOCK_H x D tile (padded to 16 for tl.dot), so q.K^T and p.V run as matrix products on the tensor cores
+    (fewer instructions per slot than the split kernel's reductions, and loads Triton can pipeline) and each K/V
+    block is read once per kv head instead of once per query head. Same inputs, outputs and partials layout."""
+    bk = tl.program_id(0)
+    sl = tl.program_id(1)
+    b = bk // HKV
+    kvh = bk % HKV
+    offs_h = tl.arange(0, BLOCK_H)
+    h_mask = offs_h < GROUP
+    heads = kvh * GROUP + offs_h
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < D
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    q = q.to(k_ptr.dtype.element_ty)
+    end = tl.minimum(tl.load(pos_ptr + b * stride_pb) + 1, S)  # slots after the token's own are never visible
+    start = sl * SLICE
+    stop = tl.minimum(start + SLICE, end)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    m_i = tl.full([BLOCK_H], NEG, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for s0 in range(start, stop, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        s_mask = offs_s < stop
+        visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
+        kv_mask = s_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        if IEEE:
+            scores = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            scores = tl.dot(q, tl.trans(k))
+        scores = tl.where(visible[None, :], scores * sm_scale, float("-inf"))  # (BLOCK_H, BLOCK_S)
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(scores - m_new[:, None])  # 0 where not visible
+        if IEEE:
+            pv = tl.dot(p, v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    if SINGLE:
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=h_mask[:, None] & d_mask[None, :])
+    else:  # per query head, the split kernel's partials layout, merged by _merge_kernel
+        base = part_ptr + ((b.to(tl.int64) * H + heads) * N_SLICES + sl) * (BLOCK_D + 2)  # (BLOCK_H,)
+        tl.store(base, m_i, mask=h_mask)
+        tl.store(base + 1, l_i, mask=h_mask)
+        tl.store(base[:, None] + 2 + offs_d[None, :], acc, mask=h_mask[:, None] & d_mask[None, :])
+
+
 def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tuple[int, int]:
     """(slots per slice, slices): enough programs for ~2 per SM, slices a multiple of block_s, at most 64."""
     blocks = triton.cdiv(s, block_s)
@@ -126,8 +196,13 @@ def kernel_pays(batch_heads: int, s: int, n_sm: int) -> bool:
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,
                      input_pos: torch.Tensor, n_sm: int = 132, block_s: int = BLOCK_S,
-                     num_warps: int = 4) -> torch.Tensor:
-    """See the module docstring; n_sm sizes the split (programs ~ 2 per SM), block_s / num_warps the tiles."""
+                     num_warps: int = 4, variant: str | None = None) -> torch.Tensor:
+    """See the module docstring; n_sm sizes the split (programs ~ 2 per SM), block_s / num_warps the tiles;
+    variant "split" (one program per query head and slice) or "grouped" (per kv head and slice, tl.dot;
+    _decode_attn_grouped_kernel), default VARIANT."""
+    variant = variant or VARIANT
+    if variant not in ("split", "grouped"):
+        raise ValueError(f"decode attention variant must be 'split' or 'grouped', got {variant!r}")
     if q.dim() != 4 or q.shape[2] != 1:
         raise ValueError(f"decode attention takes one query token: q (B, H, 1, D), got {tuple(q.shape)}")
     b, h, _, d = q.shape
@@ -142,16 +217,26 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if pos.numel() not in (1, b):
         raise ValueError(f"input_pos must hold 1 or B = {b} positions, got {tuple(input_pos.shape)}")
     y = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    slice_s, n_slices = slicing(b * h, s, n_sm, block_s)
-    block_d = triton.next_power_of_2(d)
+    hkv = k.shape[1]
+    grouped = variant == "grouped"
+    # the grouped kernel's programs are per kv head; tl.dot wants every tile dimension >= 16
+    slice_s, n_slices = slicing(b * (hkv if grouped else h), s, n_sm, block_s)
+    block_d = triton.next_power_of_2(d) if not grouped else max(16, triton.next_power_of_2(d))
     single = n_slices == 1
     part = y if single else torch.empty(b * h * n_slices * (block_d + 2), dtype=torch.float32, device=q.device)
-    _decode_attn_kernel[(b * h, n_slices)](
-        q, k, v, m, pos, y, part,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        m.stride(0), m.stride(1), 0 if pos.numel() == 1 else pos.stride(0), y.stride(0), y.stride(1),
-        h, s, h // k.shape[1], slice_s, n_slices, 1.0 / math.sqrt(d),
-        D=d, BLOCK_D=block_d, BLOCK_S=block_s, SINGLE=single, num_warps=num_warps)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+               m.stride(0), m.stride(1), 0 if pos.numel() == 1 else pos.stride(0), y.stride(0), y.stride(1))
+    if grouped:
+        if k.dtype != v.dtype:
+            raise ValueError(f"the grouped decode attention needs one K/V dtype, got {k.dtype} and {v.dtype}")
+        _decode_attn_grouped_kernel[(b * hkv, n_slices)](
+            q, k, v, m, pos, y, part, *strides, h, hkv, s, h // hkv, slice_s, n_slices, 1.0 / math.sqrt(d),
+            D=d, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_H=max(16, triton.next_power_of_2(h // hkv)),
+            SINGLE=single, IEEE=k.dtype == torch.float32, num_warps=num_warps)
+    else:
+        _decode_attn_kernel[(b * h, n_slices)](
+            q, k, v, m, pos, y, part, *strides, h, s, h // hkv, slice_s, n_slices, 1.0 / math.sqrt(d),
+            D=d, BLOCK_D=block_d, BLOCK_S=block_s, SINGLE=single, num_warps=num_warps)
     if not single:
         _merge_kernel[(b * h,)](part, y, y.stride(0), y.stride(1), h, n_slices, D=d, BLOCK_D=block_d,
                                 BLOCK_N=max(2, triton.next_power_of_2(n_slices)), num_warps=4)
