@@ -132,6 +132,9 @@ def test_decode_attention_bad_input():
     with pytest.raises(ValueError, match="H % Hkv"):
         decode_attention(q[:, :3, :1], k, k, torch.ones(1, 1, 1, 10, dtype=torch.bool),
                          torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match="variant must be 'split' or 'grouped'"):
+        decode_attention(q[:, :, :1], k.repeat(1, 2, 1, 1), k.repeat(1, 2, 1, 1),
+                         torch.ones(1, 1, 1, 10, dtype=torch.bool), torch.zeros(1, dtype=torch.long), variant="fast")
 
 
 @pytest.mark.gpu
