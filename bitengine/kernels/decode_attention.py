@@ -41,6 +41,32 @@ NEG = tl.constexpr(-1.0e30)
 
 
 @triton.jit
+def _slice_bounds(pos_ptr, k_ptr, v_ptr, b, kvh, sl, stride_pb, stride_kb, stride_kh, stride_vb, stride_vh, S, SLICE):
+    """Slots [start, stop) of slice sl that row b's token may see (never one after its own position), and the
+    K / V base pointers of (b, kv head)."""
+    end = tl.minimum(tl.load(pos_ptr + b * stride_pb) + 1, S)
+    start = sl * SLICE
+    stop = tl.minimum(start + SLICE, end)
+    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
+    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    return start, stop, k_base, v_base
+
+
+@triton.jit
+def _load_block(m_ptr, k_base, v_base, b, s0, stop, offs_d, d_mask, stride_mb, stride_ms, stride_ks, stride_vs,
+                BLOCK_S: tl.constexpr):
+    """Slots s0 .. s0 + BLOCK_S (none at or past stop): their mask bits, K and V rows (K and V requested together,
+    so V does not wait for the scores)."""
+    offs_s = s0 + tl.arange(0, BLOCK_S)
+    s_mask = offs_s < stop
+    visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
+    kv_mask = s_mask[:, None] & d_mask[None, :]
+    k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
+    v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    return visible, k, v
+
+
+@triton.jit
 def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
                         stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                         stride_mb, stride_ms, stride_pb, stride_ob, stride_oh,
@@ -55,22 +81,14 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
     d_mask = offs_d < D
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + h * stride_qh + offs_d, mask=d_mask, other=0.0).to(tl.float32)
     q = q * sm_scale
-    end = tl.minimum(tl.load(pos_ptr + b * stride_pb) + 1, S)  # slots after the token's own are never visible
-    start = sl * SLICE
-    stop = tl.minimum(start + SLICE, end)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    start, stop, k_base, v_base = _slice_bounds(pos_ptr, k_ptr, v_ptr, b, kvh, sl, stride_pb, stride_kb, stride_kh,
+                                                stride_vb, stride_vh, S, SLICE)
     m_i = tl.full([1], NEG, tl.float32)
     l_i = tl.zeros([1], tl.float32)
     acc = tl.zeros([BLOCK_D], tl.float32)
     for s0 in range(start, stop, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < stop
-        visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
-        kv_mask = s_mask[:, None] & d_mask[None, :]
-        # K and V requested together: V does not wait for the scores
-        k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        visible, k, v = _load_block(m_ptr, k_base, v_base, b, s0, stop, offs_d, d_mask, stride_mb, stride_ms,
+                                    stride_ks, stride_vs, BLOCK_S)
         scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1)  # (BLOCK_S,)
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
@@ -134,21 +152,14 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
     q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=h_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
-    end = tl.minimum(tl.load(pos_ptr + b * stride_pb) + 1, S)  # slots after the token's own are never visible
-    start = sl * SLICE
-    stop = tl.minimum(start + SLICE, end)
-    k_base = k_ptr + b.to(tl.int64) * stride_kb + kvh.to(tl.int64) * stride_kh
-    v_base = v_ptr + b.to(tl.int64) * stride_vb + kvh.to(tl.int64) * stride_vh
+    start, stop, k_base, v_base = _slice_bounds(pos_ptr, k_ptr, v_ptr, b, kvh, sl, stride_pb, stride_kb, stride_kh,
+                                                stride_vb, stride_vh, S, SLICE)
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
     for s0 in range(start, stop, BLOCK_S):
-        offs_s = s0 + tl.arange(0, BLOCK_S)
-        s_mask = offs_s < stop
-        visible = tl.load(m_ptr + b.to(tl.int64) * stride_mb + offs_s * stride_ms, mask=s_mask, other=0) != 0
-        kv_mask = s_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_s[:, None].to(tl.int64) * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_s[:, None].to(tl.int64) * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+        visible, k, v = _load_block(m_ptr, k_base, v_base, b, s0, stop, offs_d, d_mask, stride_mb, stride_ms,
+                                    stride_ks, stride_vs, BLOCK_S)
         if IEEE:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
