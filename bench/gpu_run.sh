@@ -45,8 +45,9 @@ for step in $STEPS; do
     tests)
       T=$(left); [ "$T" -gt "${TEST_TIMEOUT:-170}" ] && T=${TEST_TIMEOUT:-170}
       if [ "$T" -gt 20 ]; then
-        # TEST_K: one -k expression (may hold spaces); TEST_ARGS is split on spaces
-        timeout "$T" python -m pytest -q -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_kernels.py tests/test_gpu_model.py \
+        # TEST_K: one -k expression (may hold spaces); TEST_ARGS is split on spaces ("-v" prints each result as it
+        # comes, so a step cut by its timeout still shows which tests failed)
+        timeout "$T" python -m pytest -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_kernels.py tests/test_gpu_model.py \
           tests/test_decode_attention.py} ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
         grep -E "^FAILED|^ERROR|passed|failed" "$OUT/tests.log" | tail -20
       fi ;;
