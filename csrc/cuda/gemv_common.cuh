@@ -69,6 +69,20 @@ struct DotAcc {
   __device__ __forceinline__ int total() const { return s[0] + (s[1] >> 2) + (s[2] >> 4) + (s[3] >> 6); }
 };
 
+// R rows' 16-byte weight vectors w[r] at vector index v (64 weights each) against the 4 x_q words there.
+template <int R>
+__device__ __forceinline__ void accumulate_vector(DotAcc (&acc)[R], const uint4 (&w)[R], const int4* xq, int v) {
+  const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
+  const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    acc[r].add(w[r].x, x0);
+    acc[r].add(w[r].y, x1);
+    acc[r].add(w[r].z, x2);
+    acc[r].add(w[r].w, x3);
+  }
+}
+
 // One word of x: its 16 values in x's own type, packed (8 registers for 16-bit types), so the prologue holds x
 // between its passes at half the registers of floats.
 template <typename T>

@@ -70,17 +70,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int v = v0 + 32 * u;
-        if (v < kw4) {
-          const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
-          const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
-#pragma unroll
-          for (int r = 0; r < R; ++r) {
-            acc[r].add(wv[u][r].x, x0);
-            acc[r].add(wv[u][r].y, x1);
-            acc[r].add(wv[u][r].z, x2);
-            acc[r].add(wv[u][r].w, x3);
-          }
-        }
+        if (v < kw4) accumulate_vector(acc, wv[u], xq, v);
       }
     }
 #pragma unroll
@@ -142,17 +132,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int v = v0 + 32 * u;
-      if (v < kw4) {
-        const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
-        const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
-#pragma unroll
-        for (int r = 0; r < R; ++r) {
-          acc[r].add(cur[u][r].x, x0);
-          acc[r].add(cur[u][r].y, x1);
-          acc[r].add(cur[u][r].z, x2);
-          acc[r].add(cur[u][r].w, x3);
-        }
-      }
+      if (v < kw4) accumulate_vector(acc, cur[u], xq, v);
     }
     if (chunk == chunks - 1) {
 #pragma unroll
