@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .act_quant import quantize_activations_int8
 from .gemv import INTERPRET, _scale_epilogue, lora_operands
+from .tiling import grouped_tile
 
 
 @triton.jit
@@ -65,18 +66,7 @@ def _gemm_dense_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, b_ptr, 
                        h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KP, M_BUCKET,
                        A8: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     if A8:

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .gemv import INTERPRET
+from .tiling import grouped_tile
 
 GEMV_MAX_M = 4  # not yet swept on a GPU: beyond a few rows the tensor-core GEMM should win
 
@@ -78,18 +79,7 @@ def _int8_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, s
 def _int8_gemm_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, stride_ym, M, N, K,
                       HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % size_m
-    pid_n = (pid % per_group) // size_m
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
