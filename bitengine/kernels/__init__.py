@@ -6,7 +6,7 @@ gemv.py       decode GEMV, M <= 16: dp4a on 2-bit codes (A8) or exponent-trick F
 gemm.py       prefill GEMM, M > 16: codes decoded in registers, int8 / fp16 tensor cores
 gemm_decoded.py  large-M GEMM over a decoded int8 / fp16 scratch copy of the weight (autotuned)
 int8_linear.py   the int8 head (per-row int8 weights x 16-bit activations): GEMV and tensor-core GEMM
-tiling.py     the program -> output tile order the tensor-core GEMMs share
+tiling.py     how programs map to output tiles (the GEMVs share one order, the tensor-core GEMMs another)
 decode_attention.py  one-token attention over the KV cache, split along the slots (the CUDA decode step)
 ops.py        torch.library custom ops (bitengine::ternary_linear, bitengine::decode_attention ...) with fake
               implementations

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from .act_quant import quant_scale, quantize_activations_int8, round_half_even
+from .tiling import column_tile
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -103,11 +104,7 @@ def _gemv_a8_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn,
                     SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                     FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_KW: tl.constexpr, USE_ASM: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = column_tile(M, N, BLOCK_M, BLOCK_N)
     rows_x = offs_m.to(tl.int64) * stride_xm
     rows_w = offs_n.to(tl.int64) * stride_wn
     i16 = tl.arange(0, 16)
@@ -183,11 +180,7 @@ def _gemv_a16_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr
                      h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KW,
                      SCALE_MODE: tl.constexpr, GROUP_W: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = column_tile(M, N, BLOCK_M, BLOCK_N)
     rows_x = offs_m.to(tl.int64) * stride_xm
     rows_w = offs_n.to(tl.int64) * stride_wn
     i16 = tl.arange(0, 16)

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from .gemv import INTERPRET
-from .tiling import grouped_tile
+from .tiling import column_tile, grouped_tile
 
 GEMV_MAX_M = 4  # not yet swept on a GPU: beyond a few rows the tensor-core GEMM should win
 
@@ -50,11 +50,7 @@ def _epilogue(acc, s_ptr, b_ptr, y_ptr, stride_ym, offs_m, offs_n, M, N, HAS_BIA
 @triton.jit
 def _int8_gemv_kernel(x_ptr, stride_xm, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, stride_ym, M, N, K,
                       HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    offs_m, offs_n, m_mask, n_mask = column_tile(M, N, BLOCK_M, BLOCK_N)
     rows_x = offs_m.to(tl.int64) * stride_xm
     rows_w = offs_n.to(tl.int64) * stride_wn
     acc3 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
