@@ -100,6 +100,23 @@ def test_compiled_graph_decode_close_to_eager(world):
     assert same >= 20, (eager, compiled)
 
 
+def test_compiled_graph_decode_with_combo_kernels(world, monkeypatch):
+    """The opt-in inductor combo kernels (backends/cuda.py COMBO_KERNELS) compile the layers and decode as the
+    plain compile does: tokens agree on nearly every step with eager decoding."""
+    import torch._inductor.config as inductor_config
+
+    from bitengine.backends import cuda as cuda_backend
+
+    assert hasattr(inductor_config, "combo_kernels")  # the option still exists in this torch
+    monkeypatch.setattr(cuda_backend, "COMBO_KERNELS", True)
+    assert cuda_backend.inductor_options(torch.device("cuda")).get("combo_kernels") is True
+    model = bitengine.load(world["root"] / "a8", device="cuda")
+    kw = dict(input_ids=list(range(5, 30)), max_new_tokens=24, ignore_eos=True)
+    eager = model.generate(cuda_graph=False, **kw)
+    compiled = model.generate(cuda_graph=True, compile=True, **kw)
+    assert sum(a == b for a, b in zip(eager, compiled)) >= 20, (eager, compiled)
+
+
 def test_adapters_fused_merge_remove(world):
     r, ids = world["root"], world["ids"]
     ref = bitengine.load(r / "a8", backend="reference", dtype=torch.float32, adapters=[r / "lora"])

@@ -64,13 +64,22 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(device)[0] >= 9
 
 
+# Inductor's combo kernels (one launch for independent kernels, e.g. a decode layer's K and V cache writes), opt-in
+# (BITENGINE_COMBO_KERNELS=1, bench_e2e's "+combo"): inductor marks them experimental and they are not yet timed here.
+COMBO_KERNELS = os.environ.get("BITENGINE_COMBO_KERNELS", "0") == "1"
+
+
 def inductor_options(device: torch.device) -> dict:
-    """torch.compile options for compiled layers on `device`: inductor's PDL codegen where it exists."""
+    """torch.compile options for compiled layers on `device`: inductor's PDL codegen where it exists, and combo
+    kernels when COMBO_KERNELS is set (both read at compile time)."""
     import torch._inductor.config as inductor_config
 
+    options = {}
     if pdl_supported(device) and hasattr(inductor_config.triton, "enable_pdl"):
-        return {"triton.enable_pdl": True}
-    return {}
+        options["triton.enable_pdl"] = True
+    if COMBO_KERNELS and device.type == "cuda" and hasattr(inductor_config, "combo_kernels"):
+        options["combo_kernels"] = True
+    return options
 
 
 def rows_per_warp(n: int) -> int:
