@@ -111,15 +111,28 @@ def test_decode_attention_op_falls_back_to_sdpa_off_gpu():
     assert ((y.double() - reference64(q, k, v, mask, pos)).norm()).item() < 1e-5
 
 
-def test_kernel_pays_only_with_one_block_per_program():
-    """The model's dispatch rule (decode_attention.kernel_pays), on an H200's 132 SMs: the measured cases."""
+def test_kernel_pays_where_measured_faster():
+    """The model's dispatch rule (decode_attention.kernel_pays), on an H200's 132 SMs: the measured cases
+    (bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02). Arguments: batch, heads, kv heads, slots."""
     from bitengine.kernels.decode_attention import kernel_pays, slicing
 
-    assert slicing(32, 192, 132) == (64, 3) and kernel_pays(32, 192, 132)  # Llama-2-7B heads, batch 1
-    assert kernel_pays(20, 192, 132)  # BitNet-2B-4T, batch 1
-    assert not kernel_pays(256, 192, 132)  # batch 8: two blocks per program
-    assert not kernel_pays(32, 4096, 132)  # a long cache: 8 blocks per program
-    assert kernel_pays(32, 576, 132) and not kernel_pays(32, 577, 132)  # 9 slices of one block at most
+    def split(b, h, hkv, s):
+        return kernel_pays(b, h, hkv, s, 132, variant="split")
+
+    def grouped(b, h, hkv, s):
+        return kernel_pays(b, h, hkv, s, 132, variant="grouped")
+
+    # split: only where every program reads one block of slots
+    assert slicing(32, 192, 132) == (64, 3) and split(1, 32, 32, 192)  # Llama-2-7B heads, batch 1
+    assert split(1, 20, 5, 192)  # BitNet-2B-4T, batch 1
+    assert not split(8, 32, 32, 192)  # batch 8: two blocks per program
+    assert not split(1, 32, 32, 4096)  # a long cache: 8 blocks per program
+    assert split(1, 32, 32, 576) and not split(1, 32, 32, 577)  # 9 slices of one block at most
+    # grouped: up to 16 blocks per program (measured faster than SDPA with up to 13, slower with 32)
+    for b, h, hkv, s in [(1, 32, 32, 192), (1, 32, 32, 4096), (8, 32, 32, 192), (1, 20, 5, 4096), (8, 20, 5, 4096),
+                         (8, 32, 8, 4096)]:
+        assert grouped(b, h, hkv, s), (b, h, hkv, s)
+    assert slicing(8 * 32, 4096, 132)[0] == 32 * 64 and not grouped(8, 32, 32, 4096)  # 7B heads, batch 8
 
 
 def test_decode_attention_bad_input():
@@ -168,6 +181,7 @@ def test_model_decode_with_kernel_matches_sdpa(tmp_path):
     prompt = torch.randint(3, 512, (2, 11), device="cuda", generator=torch.Generator("cuda").manual_seed(0))
     nxt = torch.randint(3, 512, (2, 1), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     logits = {}
+    saved = dec.ENABLED, dec.VARIANT
     for setting in ("split", "grouped", "sdpa"):
         dec.ENABLED, dec.VARIANT = setting != "sdpa", "grouped" if setting == "grouped" else "split"
         try:
@@ -178,7 +192,7 @@ def test_model_decode_with_kernel_matches_sdpa(tmp_path):
                 rows = model(nxt, cache=cache, input_pos=torch.tensor([[12], [12]], device="cuda"))
             logits[setting] = (shared.float(), rows.float())
         finally:
-            dec.ENABLED, dec.VARIANT = True, "split"
+            dec.ENABLED, dec.VARIANT = saved
     for setting in ("split", "grouped"):
         for a, b in zip(logits[setting], logits["sdpa"]):
             assert ((a - b).norm() / b.norm()).item() < 2e-3, setting

@@ -6,7 +6,8 @@ additive one: ~8 us per layer on an H200 (bench/results/gpu_decode_profile.md), 
 cache slot, written or not. Here each program takes one query head and one slice of the slots, reads
 only slots up to the token's own position (the causal bound: a decode token sees no later slot), and
 keeps an online softmax; a second small kernel merges the slices. One slice = one kernel.
-A second, opt-in variant ("grouped", see VARIANT) runs one program per kv head and slice with tl.dot.
+The default variant ("grouped", see VARIANT) runs one program per kv head and slice instead: the query group
+padded to 16 rows, q.K^T and p.V with tl.dot, so K/V are read once per kv head and the loads are pipelined.
 
 decode_attention(q, k, v, mask, input_pos) -> y
     q: (B, H, 1, D); k, v: (B, Hkv, S, D) (any strides along B, Hkv, S; D contiguous), H % Hkv == 0
@@ -31,11 +32,17 @@ BLOCK_S = 64
 # or setting ENABLED to False, sends it back to scaled_dot_product_attention (read at each call, so at each CUDA-graph
 # capture).
 ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
-# Which kernel: "split" (the default, measured) or "grouped" (tl.dot over a kv head's query group; correct on the
-# CPU interpreter and the GPU tests' shapes, NOT yet timed on a GPU, so opt-in: BITENGINE_DECODE_ATTENTION_KERNEL=grouped,
-# bench_e2e's "+grouped"). With "grouped" the op uses the kernel at every cache length (kernel_pays is the split
-# kernel's rule), so an A/B shows where it pays.
-VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "split")
+# Which kernel: "grouped" (the default: tl.dot over a kv head's query group) or "split" (one program per query head;
+# BITENGINE_DECODE_ATTENTION_KERNEL=split, bench_e2e's "+split"). bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02
+# (H200, fp16, head_dim 128, commit b962aa4): the grouped kernel (grouped_b64) is faster than the split one in all 18
+# cases (5.0 vs 5.9 us for Llama-2-7B at 192 slots, batch 1; 8.5 vs 19.6 us for BitNet-2B-4T at 4096 slots), and end to
+# end (gpu_e2e_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
+VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "grouped")
+# The grouped kernel's limit (kernel_pays): at most this many key blocks per program. Measured: faster than
+# scaled_dot_product_attention with up to 13 blocks per program (Llama-3-8B shape, batch 8, 4096 slots: 40 vs 44 us),
+# slower with 32 (Llama-2-7B shape, batch 8, 4096 slots all visible: 157 vs 130 us, where cuDNN reads the cache at
+# ~4 TB/s).
+GROUPED_MAX_BLOCKS = 16
 # finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
 NEG = tl.constexpr(-1.0e30)
 
@@ -194,15 +201,18 @@ def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tupl
     return per * block_s, triton.cdiv(blocks, per)
 
 
-def kernel_pays(batch_heads: int, s: int, n_sm: int) -> bool:
-    """Whether the model's decode step should use this kernel: when the split leaves every program one block of
-    slots. bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128): there, at 192 slots
+def kernel_pays(batch: int, heads: int, kv_heads: int, s: int, n_sm: int, variant: str | None = None) -> bool:
+    """Whether the model's decode step should use the kernel `variant` (default VARIANT) for a cache of s slots, or
+    scaled_dot_product_attention. Grouped: up to GROUPED_MAX_BLOCKS key blocks per program (see there). Split: when
+    the split leaves every program one block of slots. bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128): there, at 192 slots
     and batch 1, 5.7-5.9 us vs 9.3-10.1 us for scaled_dot_product_attention; with 8 and more blocks per program
     (4096 slots, all visible) 1.4-4.8x slower than it (the loop over blocks is latency-bound); at batch 8 and 192
     slots (two blocks per program) from 7% faster to 18% slower. Programs that read one block measured faster in every
     case; the other cases go to scaled_dot_product_attention until the loop is faster. Static per shape, so a
     CUDA graph captures one choice."""
-    return slicing(batch_heads, s, n_sm)[0] == BLOCK_S
+    if (variant or VARIANT) == "grouped":
+        return slicing(batch * kv_heads, s, n_sm)[0] <= GROUPED_MAX_BLOCKS * BLOCK_S
+    return slicing(batch * heads, s, n_sm)[0] == BLOCK_S
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor,

@@ -68,13 +68,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                      input_pos: torch.Tensor) -> torch.Tensor:
     """One-token attention over the cache (decode_attention.py): q (B, H, 1, D), k/v (B, Hkv, S, D), bool mask
     broadcastable to (B, 1, 1, S), input_pos (1,) or (B, 1) -> (B, H, 1, D). The Triton kernel on CUDA where it
-    pays (decode_attention.kernel_pays; unless decode_attention.ENABLED is False, read at each call; with
-    decode_attention.VARIANT "grouped", its grouped kernel at every length), else scaled_dot_product_attention on
-    the same inputs."""
+    pays for decode_attention.VARIANT (decode_attention.kernel_pays; unless decode_attention.ENABLED is False; both
+    read at each call), else scaled_dot_product_attention on the same inputs."""
     if _decode.ENABLED and q.is_cuda:
         n_sm = _decode.sm_count(q.device)
-        # the opt-in grouped kernel everywhere (for A/B runs); the split kernel where its measured rule says it pays
-        if _decode.VARIANT == "grouped" or _decode.kernel_pays(q.shape[0] * q.shape[1], k.shape[2], n_sm):
+        if _decode.kernel_pays(q.shape[0], q.shape[1], k.shape[1], k.shape[2], n_sm):
             return _decode.decode_attention(q, k, v, mask, input_pos, n_sm)
     return torch.nn.functional.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1]).contiguous()
