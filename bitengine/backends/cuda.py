@@ -134,8 +134,8 @@ def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_
                     version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
     y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1, 2
-    (version 2 up to K = 4096, version 1 beyond) or 3 (as 2, both tiles preloaded), rows_per_warp for version 1, pdl: programmatic dependent
-    launch (sm_90+). Every version and setting gives the same bits."""
+    (version 2 up to K = 4096, version 1 beyond) or 3 (as 2, both tiles preloaded), rows_per_warp for version 1,
+    pdl: programmatic dependent launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
     check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp)

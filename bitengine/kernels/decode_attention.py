@@ -33,10 +33,10 @@ BLOCK_S = 64
 # capture).
 ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
 # Which kernel: "grouped" (the default: tl.dot over a kv head's query group) or "split" (one program per query head;
-# BITENGINE_DECODE_ATTENTION_KERNEL=split, bench_e2e's "+split"). bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02
-# (H200, fp16, head_dim 128, commit b962aa4): the grouped kernel (grouped_b64) is faster than the split one in all 18
+# BITENGINE_DECODE_ATTENTION_KERNEL=split, bench_e2e's "+split").
+# bench/results/gpu_decode_attention_grouped_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128, commit b962aa4): the grouped kernel (grouped_b64) is faster than the split one in all 18
 # cases (5.0 vs 5.9 us for Llama-2-7B at 192 slots, batch 1; 8.5 vs 19.6 us for BitNet-2B-4T at 4096 slots), and end to
-# end (gpu_e2e_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
+# end (gpu_e2e_grouped_combo_ab_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
 VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "grouped")
 # The grouped kernel's limit (kernel_pays): at most this many key blocks per program. Measured: faster than
 # scaled_dot_product_attention with up to 13 blocks per program (Llama-3-8B shape, batch 8, 4096 slots: 40 vs 44 us),
@@ -203,13 +203,12 @@ def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tupl
 
 def kernel_pays(batch: int, heads: int, kv_heads: int, s: int, n_sm: int, variant: str | None = None) -> bool:
     """Whether the model's decode step should use the kernel `variant` (default VARIANT) for a cache of s slots, or
-    scaled_dot_product_attention. Grouped: up to GROUPED_MAX_BLOCKS key blocks per program (see there). Split: when
-    the split leaves every program one block of slots. bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128): there, at 192 slots
-    and batch 1, 5.7-5.9 us vs 9.3-10.1 us for scaled_dot_product_attention; with 8 and more blocks per program
+    scaled_dot_product_attention. Grouped: up to GROUPED_MAX_BLOCKS key blocks per program (see there; measured in
+    bench/results/gpu_decode_attention_grouped_NVIDIA_H200_2026-12-02). Split: when the split leaves every program one
+    block of slots: bench/results/gpu_decode_attention_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128), at 192
+    slots and batch 1, 5.7-5.9 us vs 9.3-10.1 us for scaled_dot_product_attention; with 8 and more blocks per program
     (4096 slots, all visible) 1.4-4.8x slower than it (the loop over blocks is latency-bound); at batch 8 and 192
-    slots (two blocks per program) from 7% faster to 18% slower. Programs that read one block measured faster in every
-    case; the other cases go to scaled_dot_product_attention until the loop is faster. Static per shape, so a
-    CUDA graph captures one choice."""
+    slots (two blocks per program) from 7% faster to 18% slower. Static per shape, so a CUDA graph captures one choice."""
     if (variant or VARIANT) == "grouped":
         return slicing(batch * kv_heads, s, n_sm)[0] <= GROUPED_MAX_BLOCKS * BLOCK_S
     return slicing(batch * heads, s, n_sm)[0] == BLOCK_S
