@@ -33,10 +33,10 @@ BLOCK_S = 64
 # capture).
 ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
 # Which kernel: "grouped" (the default: tl.dot over a kv head's query group) or "split" (one program per query head;
-# BITENGINE_DECODE_ATTENTION_KERNEL=split, bench_e2e's "+split").
-# bench/results/gpu_decode_attention_grouped_NVIDIA_H200_2026-12-02 (H200, fp16, head_dim 128, commit b962aa4): the grouped kernel (grouped_b64) is faster than the split one in all 18
-# cases (5.0 vs 5.9 us for Llama-2-7B at 192 slots, batch 1; 8.5 vs 19.6 us for BitNet-2B-4T at 4096 slots), and end to
-# end (gpu_e2e_grouped_combo_ab_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
+# BITENGINE_DECODE_ATTENTION_KERNEL=split, bench_e2e's "+split"). bench/results/gpu_decode_attention_grouped_NVIDIA_H200_
+# 2026-12-02 (H200, fp16, head_dim 128, commit b962aa4): the grouped kernel (grouped_b64) is faster than the split one
+# in all 18 cases (5.0 vs 5.9 us for Llama-2-7B at 192 slots, batch 1; 8.5 vs 19.6 us for BitNet-2B-4T at 4096 slots),
+# and end to end (gpu_e2e_grouped_combo_ab_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
 VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "grouped")
 # The grouped kernel's limit (kernel_pays): at most this many key blocks per program. Measured: faster than
 # scaled_dot_product_attention with up to 13 blocks per program (Llama-3-8B shape, batch 8, 4096 slots: 40 vs 44 us),
