@@ -145,10 +145,6 @@ def variants(m, ext):
             v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
-            # version 3: both weight tiles requested before the prologue (plain, and with the fused norm/residual)
-            v["cuda_a8_v3"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=3, pdl=True)
-            v["cuda_a8_v3_norm_res"] = lambda x, w, s, k: gemv(
-                x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=3, pdl=True)
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)

@@ -89,15 +89,8 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
 // tile t + 1's loads before it computes tile t (two register buffers), so the memory system always has
 // two tiles per warp to work on; register use is capped for 4 blocks (32 warps) per SM; rows are split
 // so that every block gets the same number of row groups (no tail round for a few blocks).
-// Preload2 (version 3): both buffers' tiles are requested before the activation prologue, not only the first, so
-// the prologue (x read from L2, one or two block reductions) overlaps twice the weight bytes. Why: on the decode
-// shapes a warp walks only ~3 tiles (7B gate/up: 22016 rows / 459 blocks / 8 warps / 2 rows), so the fixed cost in
-// front of the stream weighs: the kernels' times grow 1.3 us per 4 MB above a ~2 us intercept (bench/results/
-// gpu_kernels_masked_dot_NVIDIA_H200_2026-12-02, 4096 x 4096 vs 22016 x 4096). The second buffer live through the
-// prologue does not fit the 64-register cap of 4 blocks per SM (ptxas: 180-412 bytes of spills), so version 3 caps
-// registers for 3 blocks (80 registers): a quarter fewer warps per SM, each with both tiles in flight from its start.
-template <typename T, int R, int U, bool Preload2>
-__global__ void __launch_bounds__(kThreads, Preload2 ? 3 : 4) ternary_gemv_a8_v2_kernel(
+template <typename T, int R, int U>
+__global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
     T* __restrict__ y, int N, int K, int KW) {
@@ -121,22 +114,7 @@ __global__ void __launch_bounds__(kThreads, Preload2 ? 3 : 4) ternary_gemv_a8_v2
         if (v0 + 32 * u < kw4) b[u][r] = load_stream(row + v0 + 32 * u);
     }
   };
-  // the tile after (r, c) in this warp's walk
-  auto next_tile = [&](int r, int c, int& nr, int& nc) {
-    nr = r;
-    nc = c + 1;
-    if (nc == chunks) { nc = 0; nr += row_step; }
-  };
-  bool preloaded = false;  // the second tile is already in buf[1]
-  if (row0 < N) {
-    load_tile(buf[0], row0, 0);
-    if (Preload2) {
-      int nr, nc;
-      next_tile(row0, 0, nr, nc);
-      if (nr < N) load_tile(buf[1], nr, nc);
-      preloaded = true;
-    }
-  }
+  if (row0 < N) load_tile(buf[0], row0, 0);
   wait_for_previous_grid();
   allow_next_grid();
   // x words in registers: 1 per thread (register cap)
@@ -147,10 +125,9 @@ __global__ void __launch_bounds__(kThreads, Preload2 ? 3 : 4) ternary_gemv_a8_v2
   // one tile: accumulate, and at the end of a row group write its outputs; returns false when done
   auto step = [&](uint4 (&cur)[U][R], uint4 (&nxt)[U][R]) -> bool {
     if (row0 >= N) return false;
-    int nrow, nchunk;
-    next_tile(row0, chunk, nrow, nchunk);
-    if (nrow < N && !preloaded) load_tile(nxt, nrow, nchunk);  // in flight while this tile is computed
-    preloaded = false;
+    int nrow = row0, nchunk = chunk + 1;
+    if (nchunk == chunks) { nchunk = 0; nrow += row_step; }
+    if (nrow < N) load_tile(nxt, nrow, nchunk);  // in flight while this tile is computed
     const int v0 = chunk * 32 * U + lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -231,27 +208,22 @@ cudaError_t launch(const torch::Tensor& x, const torch::Tensor& w, const torch::
   return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
-template <typename T, int R, int U, bool Preload2>
+template <typename T, int R, int U>
 cudaError_t launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
                       torch::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U, Preload2>, kWarps * R, true, x, w, scale, e, y, K, pdl);
+  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T>
 cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                              const Extras<T>& e, torch::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
-  if (version >= 2) {  // auto: version 2 (3: with Preload2) up to K = 4096, version 1 beyond
+  if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
     // (K = 6912 .. 14336: x read twice, and two K chunks per row above K = 8192), where version 1 keeps x in registers.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
-    if (version == 3) {
-      if (kw4 <= 32) return launch_v2<T, 4, 1, true>(x, w, scale, e, y, K, pdl);
-      if (kw4 <= 64) return launch_v2<T, 2, 2, true>(x, w, scale, e, y, K, pdl);
-    } else {
-      if (kw4 <= 32) return launch_v2<T, 4, 1, false>(x, w, scale, e, y, K, pdl);
-      if (kw4 <= 64) return launch_v2<T, 2, 2, false>(x, w, scale, e, y, K, pdl);
-    }
+    if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);
+    if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, e, y, K, pdl);
     if (w.size(0) <= 8192) return launch<T, 1, 8>(x, w, scale, e, y, K, pdl);
     return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
   }
@@ -283,7 +255,7 @@ cudaError_t run(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
 // bfloat16 / float32 [1, K] contiguous, 16-byte aligned; w: int32 [N, KW] i2w; scale: float32 [1] or [N]; bias: [N] in
 // x's dtype or None; norm_weight: [K] in x's dtype, 16-byte aligned, or None (then x is quantized as given; else
 // RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); version 1 (rows_per_warp
-// 1, 2, 4 rows per warp), 2 (version 2 up to K = 4096, version 1 beyond) or 3 (as 2, with Preload2); pdl: launch as a programmatic dependent
+// 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1 beyond); pdl: launch as a programmatic dependent
 // launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give bit-identical outputs. Returns y [1, N] in x's
 // dtype; *err: the launch's CUDA status.
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
