@@ -1,4 +1,4 @@
-"""One-token decode attention: the Triton split-key kernel (bitengine/kernels/decode_attention.py) against
+"""One-token decode attention: the Triton kernels (bitengine/kernels/decode_attention.py) against
 scaled_dot_product_attention with the model's boolean mask (cuDNN / flash / efficient, as torch picks), one run.
 
 Head shapes of Llama-2-7B (32 / 32 heads), BitNet-2B-4T (20 / 5) and Llama-3-8B (32 / 8), head_dim 128, fp16;
@@ -48,8 +48,12 @@ def time_variants(q, k, v, mask, pos, n_sm):
         for nw in (4, 8):
             fns[f"triton_b{bs}_w{nw}"] = (
                 lambda bs=bs, nw=nw: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, num_warps=nw))
-    for bs in (64, 128):  # the opt-in grouped variant (tl.dot per kv head), 4 warps
+    for bs in (64, 128):  # the grouped variant (tl.dot per kv head; the default), 4 warps
         fns[f"grouped_b{bs}"] = lambda bs=bs: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, variant="grouped")
+    # the grouped variant with one slice per kv head (no merge kernel; n_sm = 1 sizes the split to one slice) and with
+    # twice the slices (more programs, shorter loops)
+    fns["grouped_b64_1slice"] = lambda: decode_attention(q, k, v, mask, pos, 1, variant="grouped")
+    fns["grouped_b64_2x"] = lambda: decode_attention(q, k, v, mask, pos, 2 * n_sm, variant="grouped")
     out = {}
     for name, fn in fns.items():
         err = ((fn().double() - ref).norm() / ref.norm()).item()
@@ -86,7 +90,7 @@ def main():
              f"torch {env['torch']}, commit `{env['git_commit'][:12]}`. fp16, head_dim {D}; median us per call "
              "(CUDA-graph replays). `triton_b{block}_w{warps}`: the split-key kernel (default b64_w4, plus its merge "
              "kernel when the slots are split); `grouped_b{block}`: the grouped variant (one program per kv head and "
-             "slice, tl.dot; opt-in); sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
+             "slice, tl.dot; the default, b64), `_1slice`: one slice per kv head (no merge), `_2x`: twice the slices; sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
              "", "| model | heads / kv | batch | S | pos | " + " | ".join(names) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for r in rows:
