@@ -90,7 +90,8 @@ def main():
              f"torch {env['torch']}, commit `{env['git_commit'][:12]}`. fp16, head_dim {D}; median us per call "
              "(CUDA-graph replays). `triton_b{block}_w{warps}`: the split-key kernel (default b64_w4, plus its merge "
              "kernel when the slots are split); `grouped_b{block}`: the grouped variant (one program per kv head and "
-             "slice, tl.dot; the default, b64), `_1slice`: one slice per kv head (no merge), `_2x`: twice the slices; sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
+             "slice, tl.dot; the default, b64), `_1slice`: one slice per kv head (no merge), `_2x`: twice the "
+             "slices; sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",
              "", "| model | heads / kv | batch | S | pos | " + " | ".join(names) + " |",
              "| --- | --- | --- | --- | --- | " + " | ".join("---" for _ in names) + " |"]
     for r in rows:
