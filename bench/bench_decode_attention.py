@@ -44,11 +44,11 @@ def time_variants(q, k, v, mask, pos, n_sm):
     """name -> us per call, every output first checked against the float64 reference."""
     ref = reference64(q, k, v, mask)
     fns = {"sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])}
-    for bs in (64, 32):
+    for bs in (64, 32):  # the split variant (one program per query head), named so since the first runs
         for nw in (4, 8):
-            fns[f"triton_b{bs}_w{nw}"] = (
-                lambda bs=bs, nw=nw: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, num_warps=nw))
-    for bs in (64, 128):  # the grouped variant (tl.dot per kv head; the default), 4 warps
+            fns[f"triton_b{bs}_w{nw}"] = (lambda bs=bs, nw=nw: decode_attention(
+                q, k, v, mask, pos, n_sm, block_s=bs, num_warps=nw, variant="split"))
+    for bs in (64, 128, 32):  # the grouped variant (tl.dot per kv head; the default), 4 warps
         fns[f"grouped_b{bs}"] = lambda bs=bs: decode_attention(q, k, v, mask, pos, n_sm, block_s=bs, variant="grouped")
     # the grouped variant with one slice per kv head (no merge kernel; n_sm = 1 sizes the split to one slice) and with
     # twice the slices (more programs, shorter loops)
@@ -88,7 +88,7 @@ def main():
     names = [k for k in rows[0] if k.startswith(("sdpa", "triton", "grouped"))]
     lines = [f"# One-token decode attention on {env['card']} ({env['date']})", "",
              f"torch {env['torch']}, commit `{env['git_commit'][:12]}`. fp16, head_dim {D}; median us per call "
-             "(CUDA-graph replays). `triton_b{block}_w{warps}`: the split-key kernel (default b64_w4, plus its merge "
+             "(CUDA-graph replays). `triton_b{block}_w{warps}`: the split-key kernel (b64_w4 was the default, plus its merge "
              "kernel when the slots are split); `grouped_b{block}`: the grouped variant (one program per kv head and "
              "slice, tl.dot; the default, b64), `_1slice`: one slice per kv head (no merge), `_2x`: twice the "
              "slices; sdpa: scaled_dot_product_attention with the boolean mask over all S slots.",

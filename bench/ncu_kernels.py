@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_kernels import cuda_ext, random_ternary  # noqa: E402
 
-from bitengine.kernels.decode_attention import decode_attention, sm_count  # noqa: E402
+from bitengine.kernels.decode_attention import VARIANT, decode_attention, sm_count  # noqa: E402
 
 SHAPES = {"qkv": (12288, 4096), "o": (4096, 4096), "gate_up": (22016, 4096), "down": (4096, 11008)}
 HEADS = {"llama-2-7b": (32, 32), "bitnet-2b-4t": (20, 5)}
@@ -52,7 +52,7 @@ def launches():
         vc = torch.randn(1, hkv, s, 128, device="cuda", dtype=torch.float16, generator=g)
         mask = (torch.arange(s, device="cuda") <= pos).view(1, 1, 1, s)
         p = torch.full((1,), pos, dtype=torch.long, device="cuda")
-        out.append((f"{model} attention triton (+merge)",
+        out.append((f"{model} attention triton, {VARIANT} (+merge)",
                     lambda q=q, kc=kc, vc=vc, m=mask, p=p: decode_attention(q, kc, vc, m, p, n_sm)))
         out.append((f"{model} attention sdpa", lambda q=q, kc=kc, vc=vc, m=mask, g=h != hkv:
                     torch.nn.functional.scaled_dot_product_attention(q, kc, vc, attn_mask=m, enable_gqa=g)))
