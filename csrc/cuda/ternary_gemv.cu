@@ -34,12 +34,13 @@ namespace {
 using namespace bitengine_cuda;
 
 // R rows per warp, U 16-byte loads per row in flight per lane. The first row group's loads are issued
-// before the activation quantization, so its latency overlaps the weight stream.
-template <typename T, int R, int U>
+// before the activation quantization, so its latency overlaps the weight stream. Gated: x is the MLP's fused
+// gate/up output and the prologue applies act(g) * u first (load_input; the down projection's input).
+template <typename T, int R, int U, bool Gated = false>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW) {
+    int act, T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -60,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   if (row0 < N) load_rows(row0, lane);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
+  quantize_to_shared<T, kRegWords, Gated>(x, norm_w, eps, K, KW, act, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   for (; row0 < N; row0 += row_step) {
@@ -93,7 +94,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW) {
+    int /*act: version 2 is never gated*/, T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -118,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   wait_for_previous_grid();
   allow_next_grid();
   // x words in registers: 1 per thread (register cap)
-  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, 0, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   DotAcc acc[R];
@@ -153,13 +154,14 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
 }
 
 // The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output.
+// the residual [N] added to the output; act: the gated activation (kActSilu, kActRelu2) or 0.
 template <typename T>
 struct Extras {
   const T* bias;
   const T* norm_w;
   float eps;
   const T* residual;
+  int act;
 };
 
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
@@ -199,13 +201,13 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
   return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                             static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
                             static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
-                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+                            e.norm_w, e.eps, e.residual, e.act, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
 }
 
-template <typename T, int R, int U>
+template <typename T, int R, int U, bool Gated = false>
 cudaError_t launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
                    torch::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, e, y, K, pdl);
+  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U, Gated>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T, int R, int U>
@@ -217,6 +219,10 @@ cudaError_t launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torc
 template <typename T>
 cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                              const Extras<T>& e, torch::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
+  if (e.act != 0) {  // gated (the down projection, K = the MLP's width): version 1 only, rows per warp as version 2's rule
+    if (w.size(0) <= 8192) return launch<T, 1, 8, true>(x, w, scale, e, y, K, pdl);
+    return launch<T, 2, 4, true>(x, w, scale, e, y, K, pdl);
+  }
   if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
@@ -242,10 +248,10 @@ const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
 template <typename T>
 cudaError_t run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int K,
                 const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& norm_weight, double eps,
-                const c10::optional<torch::Tensor>& residual, int version, int rows_per_warp, bool pdl,
+                const c10::optional<torch::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
                 torch::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
-                    ptr_or_null<T>(residual)};
+                    ptr_or_null<T>(residual), act};
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
@@ -254,28 +260,29 @@ cudaError_t run(const torch::Tensor& x, const torch::Tensor& w, const torch::Ten
 // Inputs validated by the caller (bindings.cpp: its checks throw from host-compiled code; see there). x: float16 /
 // bfloat16 / float32 [1, K] contiguous, 16-byte aligned; w: int32 [N, KW] i2w; scale: float32 [1] or [N]; bias: [N] in
 // x's dtype or None; norm_weight: [K] in x's dtype, 16-byte aligned, or None (then x is quantized as given; else
-// RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); version 1 (rows_per_warp
-// 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1 beyond); pdl: launch as a programmatic dependent
-// launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give bit-identical outputs. Returns y [1, N] in x's
-// dtype; *err: the launch's CUDA status.
+// RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); act: 0, or kActSilu /
+// kActRelu2 with x [1, 2K] = [gate | up], K * sizeof(T) a multiple of 16 (the input is then act(gate) * up; version
+// 1 always); version 1 (rows_per_warp 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1 beyond); pdl:
+// launch as a programmatic dependent launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give
+// bit-identical outputs. Returns y [1, N] in x's dtype; *err: the launch's CUDA status.
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& norm_weight, double eps,
-                                           const c10::optional<torch::Tensor>& residual, int64_t version,
+                                           const c10::optional<torch::Tensor>& residual, int64_t act, int64_t version,
                                            int64_t rows_per_warp, bool pdl, cudaError_t* err) {
   c10::cuda::CUDAGuard guard(x.device());
   auto y = torch::empty({1, w.size(0)}, x.options());
-  const int K = static_cast<int>(in_features);
+  const int K = static_cast<int>(in_features), a = static_cast<int>(act);
   const int v = static_cast<int>(version), r = static_cast<int>(rows_per_warp);
   switch (x.scalar_type()) {
     case at::kHalf:
-      *err = run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
+      *err = run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
       break;
     case at::kBFloat16:
-      *err = run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
+      *err = run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
       break;
     default:
-      *err = run<float>(x, w, scale, K, bias, norm_weight, eps, residual, v, r, pdl, y);
+      *err = run<float>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
       break;
   }
   return y;
