@@ -58,8 +58,9 @@ PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
 # this to False before a step is traced or captured) leaves them to separate kernels, for A/B runs.
 FUSE_NORM_RESIDUAL = os.environ.get("BITENGINE_FUSE_NORM", "1") != "0"
 # The MLP's act(gate) * up in the down projection's C++ GEMV prologue (x = the fused gate/up output), one glue kernel
-# less per layer. Opt-in (BITENGINE_FUSE_ACT=1, bench_e2e's "+fuseact"): built and compiled for sm_90 here, not yet
-# run on a GPU.
+# less per layer. Opt-in (BITENGINE_FUSE_ACT=1, bench_e2e's "+fuseact"): its kernel tests passed on an H200
+# (bench/results/gpu_tests_session7_NVIDIA_H200_2026-12-02.log, b7b6fb7), but it is not yet timed and its model test
+# (test_decode_step_fuses_gated_activation) has not run.
 FUSE_GATED_ACT = os.environ.get("BITENGINE_FUSE_ACT", "0") == "1"
 # gate_act names -> the kernel's act codes (csrc/cuda/gemv_common.cuh kActSilu, kActRelu2)
 GATE_ACT_CODES = {"silu": 1, "relu2": 2}
