@@ -151,6 +151,11 @@ def variants(m, ext):
             gemv = ext.ternary_gemv_a8
             v["cuda_a8_v1"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=1, rows_per_warp=ext.rows_per_warp(
                 w.shape[0]), pdl=True)
+            # version 1's other tiles (R rows x U vectors per lane: 2 x 4, 4 x 2): on long rows (the down projections,
+            # K > 4096, where the backend runs version 1 with 1 x 8) a row of K / 64 vectors fills 1 x 8's 256 lane
+            # slots only partly (BitNet-2B down: 108, 7B down: 172)
+            v["cuda_a8_v1_r2"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=1, rows_per_warp=2, pdl=True)
+            v["cuda_a8_v1_r4"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=1, rows_per_warp=4, pdl=True)
             # with the decode step's fused input RMSNorm and residual add (what linear_fused runs)
             v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
