@@ -64,6 +64,7 @@ FUSE_NORM_RESIDUAL = os.environ.get("BITENGINE_FUSE_NORM", "1") != "0"
 FUSE_GATED_ACT = os.environ.get("BITENGINE_FUSE_ACT", "0") == "1"
 # gate_act names -> the kernel's act codes (csrc/cuda/gemv_common.cuh kActSilu, kActRelu2)
 GATE_ACT_CODES = {"silu": 1, "relu2": 2}
+_GATE_ACT_NAMES = {code: name for name, code in GATE_ACT_CODES.items()}
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -168,11 +169,10 @@ if _C_cuda is not None:
         norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
         norm only with a norm_weight). gate_act: 0, or a GATE_ACT_CODES value with x [1, 2K] = [gate | up] (the
         input is then act(gate) * up)."""
-        act = {code: name for name, code in GATE_ACT_CODES.items()}.get(gate_act)
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(),
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
-                               pdl=pdl_supported(x.device), gate_act=act)
+                               pdl=pdl_supported(x.device), gate_act=_GATE_ACT_NAMES.get(gate_act))
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, gate_act=0):
