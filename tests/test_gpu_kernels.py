@@ -62,6 +62,15 @@ def reference64(x, packed, scale, k, act_bits, bias=None):
     return y if bias is None else y + bias.double()
 
 
+def _random_norm(k, dtype, g):
+    """An RMSNorm over k inputs with weights in [0.5, 1.5) (drawn from the CUDA generator g)."""
+    from bitengine.nn import RMSNorm
+
+    norm = RMSNorm(k, 1e-5, dtype=dtype, device="cuda")
+    norm.weight.copy_(torch.rand(k, device="cuda", generator=g) + 0.5)
+    return norm
+
+
 def check(y, ref, dtype, what, tol=None):
     assert y.dtype == dtype and y.shape == ref.shape, f"{what}: {y.dtype} {tuple(y.shape)}"
     assert torch.isfinite(y).all(), f"{what}: non-finite output"
@@ -199,13 +208,10 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
-    from bitengine.nn import RMSNorm
-
     gemv = ext.ternary_gemv_a8
     g = torch.Generator(device="cuda").manual_seed(n + k)
     packed, scale, words = make_weight(n, k, "channel", seed=7)
-    norm = RMSNorm(k, 1e-5, dtype=dtype, device="cuda")
-    norm.weight.copy_(torch.rand(k, device="cuda", generator=g) + 0.5)
+    norm = _random_norm(k, dtype, g)
     x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
     bias = torch.randn(n, device="cuda", generator=g).to(dtype)
     res = torch.randn(1, n, device="cuda", generator=g).to(dtype)
@@ -277,14 +283,13 @@ def test_cuda_gemv_gated(n, k, dtype):
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
-    from bitengine.nn import RMSNorm, gated
+    from bitengine.nn import gated
 
     gemv = ext.ternary_gemv_a8
     g = torch.Generator(device="cuda").manual_seed(n + k)
     packed, scale, words = make_weight(n, k, "channel", seed=5)
     gu = (torch.randn(1, 2 * k, device="cuda", generator=g) * 2).to(dtype)
-    norm = RMSNorm(k, 1e-5, dtype=dtype, device="cuda")
-    norm.weight.copy_(torch.rand(k, device="cuda", generator=g) + 0.5)
+    norm = _random_norm(k, dtype, g)
     res = torch.randn(n, device="cuda", generator=g).to(dtype)
     tol = max(TOL[dtype], TOL[torch.float16])  # one x_q may move by a step where an input rounds differently
     for act in ("relu2", "silu"):
