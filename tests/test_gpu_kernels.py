@@ -168,7 +168,7 @@ def test_gemv_fused_and_unfused(fused):
               torch.float16, f"fused={fused} m={m}")
 
 
-# Every C++ GEMV version (csrc/cuda/ternary_gemv.cu) with its settings: version 1 with 1, 2, 4 rows per warp; version 2.
+# Every C++ GEMV version (csrc/cuda/ternary_gemv_kernels.cuh) with its settings: version 1 with 1, 2, 4 rows per warp; version 2.
 CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {})]
 
 

@@ -34,7 +34,7 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 CUDA_MIN_NK = 4_000_000
 
 
-# Kernel version (csrc/cuda/ternary_gemv.cu): 2 (default) = two weight tiles in flight per warp up to K = 4096,
+# Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 2 (default) = two weight tiles in flight per warp up to K = 4096,
 # version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp).
 # BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); both give the same bits.
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))

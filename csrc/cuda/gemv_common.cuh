@@ -1,4 +1,4 @@
-// Device helpers of the CUDA decode GEMVs (ternary_gemv.cu; read_probe.cu uses the streaming load): dtype conversion,
+// Device helpers of the CUDA decode GEMVs (ternary_gemv_kernels.cuh; read_probe.cu uses the streaming load): dtype conversion,
 // streaming loads, programmatic dependent launch, the dp4a word dot product and the fused int8 quantization of x.
 #pragma once
 

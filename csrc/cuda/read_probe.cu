@@ -2,9 +2,10 @@
 // flight per thread, over a grid that fills the card, and writes nothing but one word (only if a magic value
 // comes out, so the compiler keeps the loads). Timed exactly like the GEMVs (graph replays over rotating copies),
 // it gives the read ceiling at each weight size, fixed launch and ramp-up costs included.
+#include <ATen/core/Tensor.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <algorithm>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/extension.h>
 
 #include "gemv_common.cuh"
 
@@ -29,7 +30,7 @@ __global__ void __launch_bounds__(256) read_probe_kernel(const uint4* __restrict
 }  // namespace
 
 // Validated by bindings.cpp: buf contiguous on CUDA, 16-byte aligned, a multiple of 16 bytes; out: 4 bytes (scratch).
-cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out) {
+cudaError_t read_probe_cuda(at::Tensor buf, at::Tensor out) {
   const long long bytes = buf.numel() * buf.element_size();
   c10::cuda::CUDAGuard guard(buf.device());
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();

@@ -18,16 +18,21 @@
 //   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given.
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
 // read conflict-free (see xq_slot).
+//
+// This header holds the kernels and their launchers; each of ternary_gemv_{f16,bf16,f32}.cu includes it once and
+// instantiates one dtype (anonymous namespace: each translation unit has its own copy), so the three compile in
+// parallel; ternary_gemv.cpp picks one by x's dtype. Only ATen's tensor and CUDA-context headers here, not
+// torch/extension.h: parsing that costs nvcc ~45 s per translation unit.
+#pragma once
 
 #include <ATen/cuda/CUDAContext.h>
 #include <algorithm>
 #include <cstdint>
-#include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <torch/extension.h>
 
 #include "gemv_common.cuh"
+#include "ternary_gemv.h"
 
 namespace {
 
@@ -168,8 +173,8 @@ struct Extras {
 // (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
 // Returns the first CUDA error (the caller, bindings.cpp, raises it; see there why not here).
 template <typename T, typename Kernel>
-cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const torch::Tensor& x, const torch::Tensor& w,
-                        const torch::Tensor& scale, const Extras<T>& e, torch::Tensor& y, int K, bool pdl) {
+cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const at::Tensor& x, const at::Tensor& w,
+                        const at::Tensor& scale, const Extras<T>& e, at::Tensor& y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1);
   const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
   cudaError_t err = cudaSuccess;
@@ -205,20 +210,20 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
 }
 
 template <typename T, int R, int U, bool Gated = false>
-cudaError_t launch(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
-                   torch::Tensor& y, int K, bool pdl) {
+cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
+                   at::Tensor& y, int K, bool pdl) {
   return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U, Gated>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T, int R, int U>
-cudaError_t launch_v2(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, const Extras<T>& e,
-                      torch::Tensor& y, int K, bool pdl) {
+cudaError_t launch_v2(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
+                      at::Tensor& y, int K, bool pdl) {
   return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T>
-cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                             const Extras<T>& e, torch::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
+cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                             const Extras<T>& e, at::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
   if (e.act != 0) {  // gated (the down projection, K = the MLP's width): version 1 only, rows per warp as version 2's rule
     if (w.size(0) <= 8192) return launch<T, 1, 8, true>(x, w, scale, e, y, K, pdl);
     return launch<T, 2, 4, true>(x, w, scale, e, y, K, pdl);
@@ -241,49 +246,18 @@ cudaError_t dispatch_version(const torch::Tensor& x, const torch::Tensor& w, con
 }
 
 template <typename T>
-const T* ptr_or_null(const c10::optional<torch::Tensor>& t) {
+const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
   return t ? reinterpret_cast<const T*>(t->data_ptr()) : nullptr;
 }
 
 template <typename T>
-cudaError_t run(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale, int K,
-                const c10::optional<torch::Tensor>& bias, const c10::optional<torch::Tensor>& norm_weight, double eps,
-                const c10::optional<torch::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
-                torch::Tensor& y) {
+cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int K,
+                const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm_weight, double eps,
+                const c10::optional<at::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
+                at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
                     ptr_or_null<T>(residual), act};
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
 }  // namespace
-
-// Inputs validated by the caller (bindings.cpp: its checks throw from host-compiled code; see there). x: float16 /
-// bfloat16 / float32 [1, K] contiguous, 16-byte aligned; w: int32 [N, KW] i2w; scale: float32 [1] or [N]; bias: [N] in
-// x's dtype or None; norm_weight: [K] in x's dtype, 16-byte aligned, or None (then x is quantized as given; else
-// RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); act: 0, or kActSilu /
-// kActRelu2 with x [1, 2K] = [gate | up], K * sizeof(T) a multiple of 16 (the input is then act(gate) * up; version
-// 1 always); version 1 (rows_per_warp 1, 2, 4 rows per warp) or 2 (version 2 up to K = 4096, version 1 beyond); pdl:
-// launch as a programmatic dependent launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give
-// bit-identical outputs. Returns y [1, N] in x's dtype; *err: the launch's CUDA status.
-torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                                           int64_t in_features, const c10::optional<torch::Tensor>& bias,
-                                           const c10::optional<torch::Tensor>& norm_weight, double eps,
-                                           const c10::optional<torch::Tensor>& residual, int64_t act, int64_t version,
-                                           int64_t rows_per_warp, bool pdl, cudaError_t* err) {
-  c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({1, w.size(0)}, x.options());
-  const int K = static_cast<int>(in_features), a = static_cast<int>(act);
-  const int v = static_cast<int>(version), r = static_cast<int>(rows_per_warp);
-  switch (x.scalar_type()) {
-    case at::kHalf:
-      *err = run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
-      break;
-    case at::kBFloat16:
-      *err = run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
-      break;
-    default:
-      *err = run<float>(x, w, scale, K, bias, norm_weight, eps, residual, a, v, r, pdl, y);
-      break;
-  }
-  return y;
-}
