@@ -35,7 +35,9 @@ def _extensions():
     # it, so a compiler whose default differs (the GPU machine builds with its own /opt/gcc) would lay out
     # std::string differently from libtorch. Only the error path passes strings into torch (a failing TORCH_CHECK
     # hands its message to c10), and there the _C_cuda build on that machine crashed (segmentation fault) instead
-    # of raising; this flag is the fix we expect, not yet confirmed on that machine.
+    # of raising. The flag did not cure that crash (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log; cause not
+    # found, so bitengine.backends.cuda checks every input before the extension); it stays because it states what
+    # the build must match either way.
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}"
     cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp"))
     if cpu_sources and shutil.which(os.environ.get("CXX", "c++")):

@@ -124,7 +124,7 @@ class Attention(nn.Module):
                 kc[rows, :, input_pos] = k.transpose(1, 2).to(kc.dtype)  # indexed view is (B, T, n_kv, hd)
                 vc[rows, :, input_pos] = v.transpose(1, 2).to(vc.dtype)
             k, v = (kc, vc) if kv_len is None else (kc[:, :, :kv_len], vc[:, :, :kv_len])
-        if t == 1 and kv is not None and q.is_cuda:  # decode: split-key Triton kernel (kernels/decode_attention.py)
+        if t == 1 and kv is not None and q.is_cuda:  # decode: the Triton kernel where it pays (kernels/decode_attention.py)
             y = torch.ops.bitengine.decode_attention(q, k, v, mask, input_pos)
         else:
             k, v = k.to(q.dtype), v.to(q.dtype)

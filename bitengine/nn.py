@@ -109,13 +109,11 @@ class BitLinear(nn.Module, _AdapterPath):
         gated(x, gate_act) (the down projection). A backend with `linear_fused` (CUDA) may run all of it in one
         kernel; it returns None where it does not apply, and the steps run one by one."""
         eager_adapter = self.lora_A is not None and not self.backend.fuses_adapter(self)
-        if self.rms_norm is None and not eager_adapter:
-            fused = getattr(self.backend, "linear_fused", None)
-            y = None
-            if fused is not None and gate_act is not None:
-                y = fused(x, self, norm, residual, gate_act)
-            elif fused is not None and (norm is not None or residual is not None):
-                y = fused(x, self, norm, residual)
+        extras = gate_act is not None or norm is not None or residual is not None
+        fused = getattr(self.backend, "linear_fused", None) if extras and self.rms_norm is None and not eager_adapter \
+            else None
+        if fused is not None:
+            y = fused(x, self, norm, residual, gate_act) if gate_act is not None else fused(x, self, norm, residual)
             if y is not None:
                 return y
         if gate_act is not None:

@@ -22,7 +22,7 @@
 // This header holds the kernels and their launchers; each of ternary_gemv_{f16,bf16,f32}.cu includes it once and
 // instantiates one dtype (anonymous namespace: each translation unit has its own copy), so the three compile in
 // parallel; ternary_gemv.cpp picks one by x's dtype. Only ATen's tensor and CUDA-context headers here, not
-// torch/extension.h: parsing that costs nvcc ~45 s per translation unit.
+// torch/extension.h: its parse dominated the compile time (bench/results/cuda_build_units_2026-12-02.txt).
 #pragma once
 
 #include <ATen/cuda/CUDAContext.h>
