@@ -64,8 +64,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'combo' (inductor combo kernels in
-    the compiled layers), 'fuseact' (the MLP's act(gate) * up in the down GEMV, FUSE_GATED_ACT) and 'v3' (the C++
-    GEMV's version 3); handled by bench_model. Ternary
+    the compiled layers) and 'fuseact' (the MLP's act(gate) * up in the down GEMV, FUSE_GATED_ACT); handled by
+    bench_model. Ternary
     models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout (k4) on
     the host, projections fused."""
     base, *mods = variant.split("+")
@@ -198,7 +198,6 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+combo" in variant  # inductor combo kernels in the compiled layers (opt-in)
     cuda_backend.FUSE_GATED_ACT = "+fuseact" in variant  # act(gate) * up in the down GEMV's prologue (opt-in)
-    cuda_backend.GEMV_VERSION = 3 if "+v3" in variant else 2  # the C++ GEMV's version (3: staged x on long rows)
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers()

@@ -160,11 +160,6 @@ def variants(m, ext):
             v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
-            # version 3: version 2's tile walk on long rows too, x staged in shared memory (plain, and with the fused
-            # norm / residual)
-            v["cuda_a8_v3"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=3, pdl=True)
-            v["cuda_a8_v3_norm_res"] = lambda x, w, s, k: gemv(
-                x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=3, pdl=True)
             # the down projection with the MLP's silu(gate) * up in the prologue too (opt-in FUSE_GATED_ACT)
             v["cuda_a8_gated_norm_res"] = lambda x, w, s, k: gemv(
                 _gate_up(x), w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), pdl=True, gate_act="silu")

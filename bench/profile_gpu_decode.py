@@ -55,7 +55,6 @@ def profile(name: str, variant: str, steps: int) -> dict:
     bench_e2e.cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the GEMV or apart
     bench_e2e.cuda_backend.COMBO_KERNELS = "+combo" in variant
     bench_e2e.cuda_backend.FUSE_GATED_ACT = "+fuseact" in variant
-    bench_e2e.cuda_backend.GEMV_VERSION = 3 if "+v3" in variant else 2
     model = bench_e2e.build(cfg, variant, max_seq=bench_e2e.PROMPT + steps + 16)
     if "+compile" in variant:
         model.compile_layers()

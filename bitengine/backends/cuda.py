@@ -35,9 +35,8 @@ CUDA_MIN_NK = 4_000_000
 
 
 # Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 2 (default) = two weight tiles in flight per warp up to K = 4096,
-# version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp); 3 = version 2's
-# tile walk at every K, beyond 4096 with x staged whole in shared memory (built, compiled for sm_90 and checked here,
-# not yet run on a GPU). BITENGINE_CUDA_GEMV=1/2/3 picks one (for comparison); all give the same bits.
+# version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp).
+# BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); both give the same bits.
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
 
 
@@ -129,8 +128,8 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
                          f"{tuple(scale.shape)}")
     if (w.shape[1] + 127) // 128 * 128 * 16 > MAX_CUDA_K:
         raise ValueError(f"ternary_gemv_a8: in_features {in_features} too large for the CUDA GEMV (max {MAX_CUDA_K})")
-    if version not in (1, 2, 3) or rows_per_warp not in (1, 2, 4):
-        raise ValueError(f"ternary_gemv_a8: version must be 1, 2 or 3 and rows_per_warp 1, 2 or 4, got {version}, "
+    if version not in (1, 2) or rows_per_warp not in (1, 2, 4):
+        raise ValueError(f"ternary_gemv_a8: version must be 1 or 2 and rows_per_warp 1, 2 or 4, got {version}, "
                          f"{rows_per_warp}")
     if not norm_eps >= 0:
         raise ValueError(f"ternary_gemv_a8: norm_eps must be >= 0, got {norm_eps}")
@@ -148,11 +147,10 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
                     version=2, rows_per_warp=1, pdl=False, gate_act=None) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
-    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1, 2
-    (version 2 up to K = 4096, version 1 beyond) or 3 (version 2 everywhere, x staged beyond 4096), rows_per_warp
-    for version 1, pdl: programmatic dependent launch (sm_90+). Every version and setting gives the same bits.
-    gate_act "silu" / "relu2": x is [1, 2K] = [gate | up] and the input is nn.gated(x, gate_act) (then the norm), in
-    the prologue; version 1 always."""
+    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1 or 2
+    (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
+    launch (sm_90+). Every version and setting gives the same bits. gate_act "silu" / "relu2": x is [1, 2K] =
+    [gate | up] and the input is nn.gated(x, gate_act) (then the norm), in the prologue; version 1 always."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
     check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp,

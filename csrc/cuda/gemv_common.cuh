@@ -197,33 +197,6 @@ __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
   return acc;
 }
 
-// The block's absmax (every thread gets it) and the activation scale from it: 127 * (1 / amax), as torch.
-__device__ __forceinline__ float block_scale(float amax, float* red, int lane, int warp) {
-  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (lane == 0) red[warp] = amax;
-  __syncthreads();
-  amax = red[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red[i]);
-  return __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);
-}
-
-// The block's sum of x_q and the scale a to *xsum_out / *a_out (shared), visible to every thread on return.
-__device__ __forceinline__ void publish_quantization(int sum, float a, int* red, float* a_out, int* xsum_out, int tid,
-                                                    int lane, int warp) {
-  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) red[warp] = sum;
-  __syncthreads();
-  if (tid == 0) {
-    int total = 0;
-#pragma unroll
-    for (int i = 0; i < kWarps; ++i) total += red[i];
-    *xsum_out = total;
-    *a_out = a;
-  }
-  __syncthreads();
-}
-
 // x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
 // quant.quantize_activations does on those values; *a_out the scale, *xsum_out sum(x_q). Gated: x is the fused
 // gate/up output [g | u] (2K values) and the input is act(g) * u (load_input), before the norm.
@@ -268,7 +241,13 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     amax = abs_max(t, amax);
   }
-  const float a = block_scale(amax, red_f, lane, warp);
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  if (lane == 0) red_f[warp] = amax;
+  __syncthreads();
+  amax = red_f[0];
+#pragma unroll
+  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red_f[i]);
+  const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
   int sum = 0;
 #pragma unroll
   for (int i = 0; i < RegWords; ++i) {
@@ -280,65 +259,17 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     xq[xq_slot(wi)] = pack_word(t, a, sum);
   }
-  publish_quantization(sum, a, red_i, a_out, xsum_out, tid, lane, warp);
-}
-
-// Asynchronous copy of one 16-byte chunk from global to shared memory that reads its first src_bytes (0..16;
-// 16-byte aligned source) and zero-fills the rest; cp_async_wait_all waits for this thread's copies.
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(s), "l"(gmem), "r"(src_bytes) : "memory");
-#else
-  unsigned char* d = static_cast<unsigned char*>(smem);
-  const unsigned char* g = static_cast<const unsigned char*>(gmem);
-  for (int i = 0; i < 16; ++i) d[i] = i < src_bytes ? g[i] : 0;
-#endif
-}
-__device__ __forceinline__ void cp_async_wait_all() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-}
-
-// quantize_to_shared for long rows under a register cap (version 3): x is first copied whole into shared memory
-// (xs, KW words, zero past K) with cp.async, all copies in flight at once and no registers held, so no pass reads x
-// from L2 again; the norm pass writes the normalized words back in place. Same arithmetic in the same order per
-// thread as quantize_to_shared (words tid, tid + kThreads, ...), so the same bits.
-template <typename T>
-__device__ void quantize_staged(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
-                                XWord<T>* xs, int4* xq, float* a_out, int* xsum_out) {
-  __shared__ float red_f[kWarps];
-  __shared__ int red_i[kWarps];
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int bytes = K * static_cast<int>(sizeof(T));
-  for (int c = tid; c < KW * static_cast<int>(sizeof(T)); c += kThreads) {  // 16-byte chunks, sizeof(T) per word
-    const int off = c * 16;
-    const int n = min(max(bytes - off, 0), 16);
-    cp_async_16(reinterpret_cast<char*>(xs) + off, reinterpret_cast<const char*>(x) + (n > 0 ? off : 0), n);
-  }
-  cp_async_wait_all();
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) red_i[warp] = sum;
   __syncthreads();
-  float r = 0.f;  // the RMSNorm factor
-  if (norm_w != nullptr) {
-    float ss = 0.f;
-    for (int wi = tid; wi < KW; wi += kThreads) ss = sum_squares(xs[wi], ss);
-    ss = block_sum(ss, red_f);
-    r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
+  if (tid == 0) {
+    int total = 0;
+#pragma unroll
+    for (int i = 0; i < kWarps; ++i) total += red_i[i];
+    *xsum_out = total;
+    *a_out = a;
   }
-  float amax = 0.f;
-  for (int wi = tid; wi < KW; wi += kThreads) {
-    XWord<T> t = xs[wi];
-    if (norm_w != nullptr) {
-      norm_word(load_word(norm_w, wi, K), r, t);
-      xs[wi] = t;  // read back by this thread only
-    }
-    amax = abs_max(t, amax);
-  }
-  const float a = block_scale(amax, red_f, lane, warp);
-  int sum = 0;
-  for (int wi = tid; wi < KW; wi += kThreads) xq[xq_slot(wi)] = pack_word(xs[wi], a, sum);
-  publish_quantization(sum, a, red_i, a_out, xsum_out, tid, lane, warp);
+  __syncthreads();
 }
 
 // One output: s * (dot - sum x_q) / a (+ bias), rounded to T, (+ residual, rounded again: as y + residual in torch).

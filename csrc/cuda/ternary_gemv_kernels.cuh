@@ -38,14 +38,6 @@ namespace {
 
 using namespace bitengine_cuda;
 
-// x_q's shared-memory slots for KW words (whole chunks of 128, see xq_slot) and a staged x's bytes.
-__host__ __device__ constexpr int xq_words(int KW) { return (KW + 127) / 128 * 128; }
-template <typename T>
-constexpr size_t staged_x_bytes(int KW) { return static_cast<size_t>(KW) * 16 * sizeof(T); }
-// Version 3 stages x only while a block's shared memory stays under this (4 blocks per SM fit in 228 KB with room):
-// up to K ~ 16000 for 16-bit x, ~ 9000 for float32.
-constexpr size_t kMaxStagedSmem = 56 * 1024;
-
 // R rows per warp, U 16-byte loads per row in flight per lane. The first row group's loads are issued
 // before the activation quantization, so its latency overlaps the weight stream. Gated: x is the MLP's fused
 // gate/up output and the prologue applies act(g) * u first (load_input; the down projection's input).
@@ -103,9 +95,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
 // tile t + 1's loads before it computes tile t (two register buffers), so the memory system always has
 // two tiles per warp to work on; register use is capped for 4 blocks (32 warps) per SM; rows are split
 // so that every block gets the same number of row groups (no tail round for a few blocks).
-// Staged (version 3, rows longer than 4096): x is staged whole in shared memory behind x_q (quantize_staged), since
-// one x word per thread in registers (the cap) would make the prologue read the rest of x from L2 twice more.
-template <typename T, int R, int U, bool Staged = false>
+template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
@@ -133,11 +123,8 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   if (row0 < N) load_tile(buf[0], row0, 0);
   wait_for_previous_grid();
   allow_next_grid();
-  if constexpr (Staged) {
-    quantize_staged<T>(x, norm_w, eps, K, KW, reinterpret_cast<XWord<T>*>(xq + xq_words(KW)), xq, &a_s, &xsum_s);
-  } else {  // x words in registers: 1 per thread (register cap)
-    quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, 0, xq, &a_s, &xsum_s);
-  }
+  // x words in registers: 1 per thread (register cap)
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, 0, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   DotAcc acc[R];
@@ -185,13 +172,11 @@ struct Extras {
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
 // (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
 // Returns the first CUDA error (the caller, bindings.cpp, raises it; see there why not here).
-// Dynamic shared memory: x_q (xq_words(KW) 16-byte slots), then for Staged kernels x itself (KW words of T).
 template <typename T, typename Kernel>
 cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const at::Tensor& x, const at::Tensor& w,
-                        const at::Tensor& scale, const Extras<T>& e, at::Tensor& y, int K, bool pdl,
-                        bool staged = false) {
+                        const at::Tensor& scale, const Extras<T>& e, at::Tensor& y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1);
-  const size_t smem = static_cast<size_t>(xq_words(KW)) * sizeof(int4) + (staged ? staged_x_bytes<T>(KW) : 0);
+  const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
   cudaError_t err = cudaSuccess;
   if (smem > 48 * 1024) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
@@ -230,11 +215,10 @@ cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U, Gated>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
-template <typename T, int R, int U, bool Staged = false>
+template <typename T, int R, int U>
 cudaError_t launch_v2(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
                       at::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U, Staged>, kWarps * R, true, x, w, scale, e, y, K, pdl,
-                        Staged);
+  return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T>
@@ -243,14 +227,6 @@ cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at:
   if (e.act != 0) {  // gated (the down projection, K = the MLP's width): version 1 only, rows per warp as version 2's rule
     if (w.size(0) <= 8192) return launch<T, 1, 8, true>(x, w, scale, e, y, K, pdl);
     return launch<T, 2, 4, true>(x, w, scale, e, y, K, pdl);
-  }
-  if (version == 3) {  // version 2 at every K: staged x beyond K = 4096 (version 1 where x does not fit)
-    const int kw4 = static_cast<int>(w.size(1)) / 4;
-    if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);
-    if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, e, y, K, pdl);
-    const size_t smem = xq_words(w.size(1)) * sizeof(int4) + staged_x_bytes<T>(w.size(1));
-    if (smem <= kMaxStagedSmem) return launch_v2<T, 2, 2, true>(x, w, scale, e, y, K, pdl);
-    version = 2;
   }
   if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
