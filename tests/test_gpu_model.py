@@ -112,7 +112,7 @@ def test_compiled_graph_decode_close_to_eager(world):
 
 
 def test_compiled_graph_decode_with_combo_kernels(world, monkeypatch):
-    """The opt-in inductor combo kernels (backends/cuda.py COMBO_KERNELS) compile the layers and decode as the
+    """Inductor combo kernels (backends/cuda.py COMBO_KERNELS, the default) compile the layers and decode as the
     plain compile does: tokens agree on nearly every step with eager decoding."""
     import torch._inductor.config as inductor_config
 

@@ -73,14 +73,16 @@ def pdl_supported(device: torch.device) -> bool:
     return _capability(device)[0] >= 9
 
 
-# Inductor's combo kernels (one launch for independent kernels, e.g. a decode layer's K and V cache writes), opt-in
-# (BITENGINE_COMBO_KERNELS=1, bench_e2e's "+combo"): inductor marks them experimental and they are not yet timed here.
-COMBO_KERNELS = os.environ.get("BITENGINE_COMBO_KERNELS", "0") == "1"
+# Inductor's combo kernels (one launch for independent kernels, e.g. a decode layer's K and V cache writes), on by
+# default where inductor has them (BITENGINE_COMBO_KERNELS=0 or bench_e2e's "+nocombo" turns them off): with the
+# grouped decode attention, 7B batch 1 681 -> 711 tok/s, batch 8 1069 -> 1076 (gpu_e2e_v3_fuseact_combo_ab_NVIDIA_H200_
+# 2026-12-02, fee83a9). Inductor still calls them experimental; the GPU model tests run with them.
+COMBO_KERNELS = os.environ.get("BITENGINE_COMBO_KERNELS", "1") != "0"
 
 
 def inductor_options(device: torch.device) -> dict:
     """torch.compile options for compiled layers on `device`: inductor's PDL codegen where it exists, and combo
-    kernels when COMBO_KERNELS is set (both read at compile time)."""
+    kernels unless COMBO_KERNELS is off (both read at compile time)."""
     import torch._inductor.config as inductor_config
 
     options = {}

@@ -235,7 +235,9 @@ cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at:
     const int kw4 = static_cast<int>(w.size(1)) / 4;
     if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);
     if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, e, y, K, pdl);
-    if (w.size(0) <= 8192) return launch<T, 1, 8>(x, w, scale, e, y, K, pdl);
+    // Beyond K = 4096 two rows per warp at every N (gpu_kernels_NVIDIA_H200_2026-12-02, fee83a9, cuda_a8_v1_r2 vs
+    // the former 1 row per warp for N <= 8192): 2560x6912 4.74 vs 5.41 us, 4096x11008 7.29 vs 7.71, 4096x14336 8.15
+    // vs 8.75, 3200x10240 6.53 vs 6.89 (four rows: 5.00, 7.33, 8.54, 6.55).
     return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
   }
   switch (rows_per_warp) {  // version 1
