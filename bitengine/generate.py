@@ -14,11 +14,21 @@ from collections.abc import Iterator
 import torch
 
 
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax over the vocabulary, (B, V) -> (B,). On CUDA the split-row Triton kernel (kernels/argmax.py: torch's
+    argmax reduces a row on one SM, 34 us for a 128k vocabulary on an H200); same indices, ties to the first."""
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1:
+        from .kernels.argmax import argmax_rows
+
+        return argmax_rows(logits)
+    return logits.argmax(dim=-1)
+
+
 def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
            generator: torch.Generator | None = None) -> torch.Tensor:
     """Next tokens (B,) from logits (B, V). temperature 0 means greedy (argmax)."""
     if temperature <= 0:
-        return logits.argmax(dim=-1)
+        return greedy(logits)
     logits = logits.float() / temperature
     if top_k and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]

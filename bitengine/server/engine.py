@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..generate import eos_ids, sample
+from ..generate import eos_ids, greedy, sample
 
 log = logging.getLogger("bitengine.server")
 
@@ -278,7 +278,7 @@ class Engine:
 
     def _sample(self, reqs: list[Request], logits: torch.Tensor) -> list[int]:
         """One token per request from logits (len(reqs), V): argmax for greedy rows, else its own generator."""
-        out = logits.argmax(dim=-1).tolist()
+        out = greedy(logits).tolist()
         for i, r in enumerate(reqs):
             p = r.params
             if p.temperature > 0:
