@@ -8,6 +8,7 @@ gemm_decoded.py  large-M GEMM over a decoded int8 / fp16 scratch copy of the wei
 int8_linear.py   the int8 head (per-row int8 weights x 16-bit activations): GEMV and tensor-core GEMM
 tiling.py     how programs map to output tiles (the GEMVs share one order, the tensor-core GEMMs another)
 decode_attention.py  one-token attention over the KV cache, split along the slots (the CUDA decode step)
+argmax.py     greedy decoding's argmax over the vocabulary, split along the row (torch's uses one SM per row)
 ops.py        torch.library custom ops (bitengine::ternary_linear, bitengine::decode_attention ...) with fake
               implementations
 All ternary kernels take an optional LoRA side path (lora_A / lora_B) added in their epilogue.
