@@ -63,11 +63,9 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense), with optional '+' modifiers:
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
-    'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
-    kernels in the compiled layers) and 'fuseact' (the MLP's act(gate) * up in the down GEMV, FUSE_GATED_ACT); handled by
-    bench_model. Ternary
-    models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout (k4) on
-    the host, projections fused."""
+    'split' (the split decode attention kernel instead of the grouped one) and 'nocombo' (no inductor combo
+    kernels in the compiled layers); handled by bench_model. Ternary models are placed as bitengine.load places
+    them: the kernel layout on the GPU, the checkpoint layout (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
 
     def make_linear(i, o, bias):
@@ -197,7 +195,6 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     decode_attention.VARIANT = "split" if "+split" in variant else "grouped"  # decode attention kernel (default grouped)
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
-    cuda_backend.FUSE_GATED_ACT = "+fuseact" in variant  # act(gate) * up in the down GEMV's prologue (opt-in)
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers()

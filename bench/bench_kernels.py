@@ -127,16 +127,6 @@ def _ones(n, like):
     return _ones_cached(n, like.dtype, like.device)
 
 
-_GATE_UP: dict = {}  # x -> [x | ones]: a gate/up input whose gated value is act(x) (made in the warm-up, not timed)
-
-
-def _gate_up(x):
-    key = (x.data_ptr(), tuple(x.shape), x.dtype)
-    if key not in _GATE_UP:
-        _GATE_UP[key] = torch.cat([x, torch.ones_like(x)], dim=-1)
-    return _GATE_UP[key]
-
-
 def variants(m, ext):
     """name -> fn(x, words, scale, k) for this M. triton_a8 / triton_a16 are what the "triton" backend
     dispatches to (ops.py), cuda_a8 what the "cuda" backend runs; the others are single kernels, for comparison."""
@@ -160,9 +150,6 @@ def variants(m, ext):
             v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
-            # the down projection with the MLP's silu(gate) * up in the prologue too (opt-in FUSE_GATED_ACT)
-            v["cuda_a8_gated_norm_res"] = lambda x, w, s, k: gemv(
-                _gate_up(x), w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), pdl=True, gate_act="silu")
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)
@@ -191,8 +178,7 @@ def bench_shape(name, n, k, ms, ext, rows):
             try:
                 y = fn(xs[0], weights[0][1], scale, k)
                 if vname.endswith("norm_res"):  # of RMSNorm(x) (unit weight), plus a residual of ones
-                    x0 = F.silu(xs[0]) if "gated" in vname else xs[0]  # gated: silu(x) * 1
-                    xn = (x0.float() * torch.rsqrt(x0.float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+                    xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
                     ref = ternary_linear_reference(xn, weights[0][0], scale, k, 8).float() + 1
                 else:
                     ref = ref8 if "a8" in vname else ref16
@@ -213,7 +199,6 @@ def bench_shape(name, n, k, ms, ext, rows):
             row["read_probe"] = {"us": us, "eff_TBps": packed_bytes / us / 1e6}
         rows.append(row)
         print(summary_line(row), flush=True)
-    _GATE_UP.clear()
     torch.cuda.empty_cache()
 
 

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-from .nn import DenseLinear, RMSNorm, activation
+from .nn import DenseLinear, RMSNorm
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -142,18 +142,19 @@ class MLP(nn.Module):
         self.gate_proj = make_linear(cfg.hidden_size, cfg.intermediate_size, bias)
         self.up_proj = make_linear(cfg.hidden_size, cfg.intermediate_size, bias)
         self.down_proj = make_linear(cfg.intermediate_size, cfg.hidden_size, bias)
-        self.act = "relu2" if cfg.hidden_act == "relu2" else "silu"
+        self.relu2 = cfg.hidden_act == "relu2"
         self.ffn_sub_norm = RMSNorm(cfg.intermediate_size, cfg.rms_norm_eps) if cfg.sub_norms else None
 
     def forward(self, x, norm=None, residual=None):
-        """residual + mlp(norm(x)), norm and residual optional (as Attention.forward). With gate/up fused, down_proj
-        gets their joint output and the activation (gate_act), so the CUDA decode GEMV can apply act(gate) * up in
-        its prologue (opt-in: backends/cuda.py FUSE_GATED_ACT); elsewhere it is nn.gated, the steps below."""
+        """residual + mlp(norm(x)), norm and residual optional (as Attention.forward)."""
         if self.fused is not None:
-            return self.down_proj(self.fused.joint(x, norm), self.ffn_sub_norm, residual, gate_act=self.act)
-        if norm is not None:
-            x = norm(x)
-        return self.down_proj(activation(self.gate_proj(x), self.act) * self.up_proj(x), self.ffn_sub_norm, residual)
+            g, u = self.fused(x, norm)
+        else:
+            if norm is not None:
+                x = norm(x)
+            g, u = self.gate_proj(x), self.up_proj(x)
+        g = F.relu(g).square() if self.relu2 else F.silu(g)
+        return self.down_proj(g * u, self.ffn_sub_norm, residual)
 
 
 class DecoderLayer(nn.Module):

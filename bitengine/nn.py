@@ -19,17 +19,6 @@ import torch.nn.functional as F
 from .quant import packed_cols
 
 
-def activation(g: torch.Tensor, act: str) -> torch.Tensor:
-    """The MLP's activation of its gate: "silu" (Llama) or "relu2" (relu squared, BitNet b1.58)."""
-    return F.relu(g).square() if act == "relu2" else F.silu(g)
-
-
-def gated(x: torch.Tensor, act: str) -> torch.Tensor:
-    """act(gate) * up for x = [gate | up] along the last dim (the fused gate/up output)."""
-    g, u = x.chunk(2, dim=-1)
-    return activation(g, act) * u
-
-
 class RMSNorm(nn.Module):
     """y = x / sqrt(mean(x^2) + eps) * weight, computed in float32 (as transformers' LlamaRMSNorm)."""
 
@@ -102,22 +91,16 @@ class BitLinear(nn.Module, _AdapterPath):
         self.backend = backend
         backend.prepare(self)
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
-                gate_act: str | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
         """residual + linear(norm(x)), norm and residual optional (the decode step passes the layer's input norm
-        and the residual stream); with gate_act, x is the MLP's fused [gate | up] and the input is
-        gated(x, gate_act) (the down projection). A backend with `linear_fused` (CUDA) may run all of it in one
-        kernel; it returns None where it does not apply, and the steps run one by one."""
+        and the residual stream). A backend with `linear_fused` (CUDA) may run all of it in one kernel; it
+        returns None where it does not apply, and the steps run one by one."""
         eager_adapter = self.lora_A is not None and not self.backend.fuses_adapter(self)
-        extras = gate_act is not None or norm is not None or residual is not None
-        fused = getattr(self.backend, "linear_fused", None) if extras and self.rms_norm is None and not eager_adapter \
-            else None
-        if fused is not None:
-            y = fused(x, self, norm, residual, gate_act) if gate_act is not None else fused(x, self, norm, residual)
+        if (norm is not None or residual is not None) and self.rms_norm is None and not eager_adapter:
+            fused = getattr(self.backend, "linear_fused", None)
+            y = fused(x, self, norm, residual) if fused is not None else None
             if y is not None:
                 return y
-        if gate_act is not None:
-            return self.forward(gated(x, gate_act), norm, residual)
         if norm is not None:
             x = norm(x)
         if self.rms_norm is not None:
@@ -152,11 +135,8 @@ class DenseLinear(nn.Module, _AdapterPath):
     def prepare(self, backend) -> None:
         pass
 
-    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None,
-                gate_act: str | None = None) -> torch.Tensor:
-        """residual + linear(norm(x)) (norm and residual optional; with gate_act, of gated(x)), as BitLinear."""
-        if gate_act is not None:
-            x = gated(x, gate_act)
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """residual + linear(norm(x)) (norm and residual optional), as BitLinear."""
         if norm is not None:
             x = norm(x)
         y = F.linear(x, self.weight, self.bias)

@@ -31,9 +31,6 @@ def _inputs(**change):
     (dict(scale=torch.ones(1, dtype=torch.float64)), "scale must be float32"),
     (dict(version=3), "version must be 1 or 2"),
     (dict(rows_per_warp=3), "rows_per_warp 1, 2 or 4"),
-    (dict(gate_act="gelu"), "gate_act must be None, 'silu' or 'relu2'"),
-    (dict(gate_act="silu"), "x must be a contiguous [1, 128]"),  # gated: x = [gate | up]
-    (dict(gate_act="silu", in_features=60, x=torch.randn(1, 120, dtype=torch.half)), "multiple of 16 bytes"),
     (dict(norm_eps=-1.0), "norm_eps must be >= 0"),
     (dict(bias=torch.ones(N)), "bias must be a contiguous [8] tensor in x's dtype"),
     (dict(bias=torch.ones(N - 1, dtype=torch.half)), "bias must be a contiguous [8]"),
@@ -54,8 +51,3 @@ def test_valid_inputs_fail_only_on_the_device():
     with pytest.raises(ValueError, match="every tensor must be on one CUDA device"):
         check_gemv_inputs(**_inputs(bias=torch.ones(N, dtype=torch.half), norm_weight=torch.ones(K, dtype=torch.half),
                                     residual=torch.ones(N, dtype=torch.half)))
-
-
-def test_valid_gated_inputs_fail_only_on_the_device():
-    with pytest.raises(ValueError, match="every tensor must be on one CUDA device"):
-        check_gemv_inputs(**_inputs(x=torch.randn(1, 2 * K, dtype=torch.half), gate_act="relu2"))

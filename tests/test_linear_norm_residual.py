@@ -2,8 +2,7 @@
 uses so that the CUDA decode GEMV can fuse the norm and the residual add (backends/cuda.py linear_fused).
 
 On backends without `linear_fused` it is the three steps, bit for bit; a backend's fused call is taken only where
-it applies (it returns a tensor) and never when an adapter's side path runs eagerly (the fused kernel has none).
-The down projection's form forward(gate_up, norm, residual, gate_act) is the same with nn.gated(gate_up) first."""
+it applies (it returns a tensor) and never when an adapter's side path runs eagerly (the fused kernel has none)."""
 
 from __future__ import annotations
 
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 from bitengine import backends
-from bitengine.nn import BitLinear, DenseLinear, RMSNorm, gated
+from bitengine.nn import BitLinear, DenseLinear, RMSNorm
 from bitengine.quant import absmean_quantize, pack_ternary
 
 K, N = 64, 48
@@ -65,7 +64,6 @@ class _FusingBackend:
 
     def __init__(self, applies):
         self.inner, self.applies, self.calls = backends.get("reference"), applies, 0
-        self.gate_acts = []
         self.name = "fusing"
 
     def prepare(self, layer):
@@ -77,9 +75,8 @@ class _FusingBackend:
     def linear(self, x, layer):
         return self.inner.linear(x, layer)
 
-    def linear_fused(self, x, layer, norm, residual, gate_act=None):
+    def linear_fused(self, x, layer, norm, residual):
         self.calls += 1
-        self.gate_acts.append(gate_act)
         return torch.full((*x.shape[:-1], layer.out_features), 7.0, dtype=x.dtype) if self.applies else None
 
 
@@ -100,45 +97,3 @@ def test_fused_call_taken_only_where_it_applies():
             assert not (layer(x, norm, r) == 7).all() and fusing.calls == 1
         finally:
             layer.lora_A = layer.lora_B = None
-
-
-def _gate_up():
-    g = torch.Generator().manual_seed(4)
-    return torch.randn(1, 3, 2 * K, generator=g).half() * 2
-
-
-@pytest.mark.parametrize("act", ["silu", "relu2"])
-@pytest.mark.parametrize("backend_name", ["reference", "cpu"])
-def test_gated_input_bit_for_bit(backend_name, act):
-    """forward(gate_up, norm, residual, gate_act) == the MLP's eager steps: act(gate) * up, the norm, the linear,
-    the residual add."""
-    if backends.availability("cpu")[backend_name] is not None:
-        pytest.skip(f"{backend_name} backend not available")
-    layer, norm = _bitlinear(backend_name), _norm()
-    gu, r = _gate_up(), _inputs()[1]
-    g, u = gu[..., :K], gu[..., K:]
-    h = (torch.relu(g).square() if act == "relu2" else torch.nn.functional.silu(g)) * u
-    with torch.no_grad():
-        assert torch.equal(gated(gu, act), h)
-        assert torch.equal(layer(gu, norm, r, gate_act=act), layer(norm(h)) + r)
-        assert torch.equal(layer(gu, gate_act=act), layer(h))
-        dense = DenseLinear(K, N)
-        torch.nn.init.normal_(dense.weight)
-        dense.half()
-        assert torch.equal(dense(gu, norm, r, gate_act=act), dense(norm(h)) + r)
-
-
-def test_gated_fused_call_then_fallback():
-    """A backend's linear_fused gets the gated call first (with gate_act); where it declines, the layer applies
-    gated() itself and offers the norm / residual call as before."""
-    layer, norm = _bitlinear("reference"), _norm()
-    gu, r = _gate_up(), _inputs()[1]
-    with torch.no_grad():
-        fusing = _FusingBackend(applies=True)
-        layer.backend = fusing
-        assert (layer(gu, norm, r, gate_act="silu") == 7).all() and fusing.gate_acts == ["silu"]
-        declining = _FusingBackend(applies=False)
-        layer.backend = declining
-        y = layer(gu, norm, r, gate_act="relu2")
-        assert declining.gate_acts == ["relu2", None]  # the gated call, then the plain norm / residual call
-        assert torch.equal(y, declining.inner.linear(norm(gated(gu, "relu2")), layer) + r)

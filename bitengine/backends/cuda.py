@@ -7,8 +7,7 @@ Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the sp
 dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
 with float factors always take the Triton op, whose epilogue adds the side path (the C++ GEMV has none).
 At decode, the C++ kernel also takes the layer's input RMSNorm (prologue) and the residual add (epilogue):
-`linear_fused`, called by BitLinear.forward when the model passes them; opt-in (FUSE_GATED_ACT), the down
-projection's also takes the MLP's act(gate) * up.
+`linear_fused`, called by BitLinear.forward when the model passes them.
 """
 
 from __future__ import annotations
@@ -57,14 +56,6 @@ PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
 # The decode step's input norms and residual adds in the C++ GEMV (linear_fused); BITENGINE_FUSE_NORM=0 (or setting
 # this to False before a step is traced or captured) leaves them to separate kernels, for A/B runs.
 FUSE_NORM_RESIDUAL = os.environ.get("BITENGINE_FUSE_NORM", "1") != "0"
-# The MLP's act(gate) * up in the down projection's C++ GEMV prologue (x = the fused gate/up output), one glue kernel
-# less per layer. Opt-in (BITENGINE_FUSE_ACT=1, bench_e2e's "+fuseact"): its kernel tests passed on an H200
-# (bench/results/gpu_tests_session7_NVIDIA_H200_2026-12-02.log, b7b6fb7), but it is not yet timed and its model test
-# (test_decode_step_fuses_gated_activation) has not run.
-FUSE_GATED_ACT = os.environ.get("BITENGINE_FUSE_ACT", "0") == "1"
-# gate_act names -> the kernel's act codes (csrc/cuda/gemv_common.cuh kActSilu, kActRelu2)
-GATE_ACT_CODES = {"silu": 1, "relu2": 2}
-_GATE_ACT_NAMES = {code: name for name, code in GATE_ACT_CODES.items()}
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -103,7 +94,7 @@ _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None,
-                      version=2, rows_per_warp=1, gate_act=None) -> None:
+                      version=2, rows_per_warp=1) -> None:
     """Raise ValueError (one line: what is wrong) unless the C++ GEMV takes these inputs; the same rules as
     csrc/cuda/bindings.cpp, checked here first because on the GPU machine an exception thrown inside the extension
     (a failing TORCH_CHECK) crashed the process (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). Shapes and
@@ -112,14 +103,8 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
         raise ValueError("ternary_gemv_a8: x, w and scale must be tensors")
     if x.dtype not in _X_DTYPES:
         raise ValueError(f"ternary_gemv_a8: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if gate_act is not None and gate_act not in GATE_ACT_CODES:
-        raise ValueError(f"ternary_gemv_a8: gate_act must be None, 'silu' or 'relu2', got {gate_act!r}")
-    x_len = in_features * (2 if gate_act else 1)  # gated: x = [gate | up]
-    if x.numel() != x_len or not x.is_contiguous():
-        raise ValueError(f"ternary_gemv_a8: x must be a contiguous [1, {x_len}] tensor, got {tuple(x.shape)}")
-    if gate_act and in_features * x.element_size() % 16:
-        raise ValueError(f"ternary_gemv_a8: a gated x needs in_features * element size a multiple of 16 bytes "
-                         f"(the up half is read with 16-byte loads), got {in_features} x {x.element_size()}")
+    if x.numel() != in_features or not x.is_contiguous():
+        raise ValueError(f"ternary_gemv_a8: x must be a contiguous [1, {in_features}] tensor, got {tuple(x.shape)}")
     if (w.dtype != torch.int32 or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] % 16 or
             w.shape[1] * 16 < in_features or w.stride(0) % 4):
         raise ValueError(f"ternary_gemv_a8: w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= "
@@ -147,37 +132,33 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
 
 
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
-                    version=2, rows_per_warp=1, pdl=False, gate_act=None) -> torch.Tensor:
+                    version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
     y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1 or 2
     (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
-    launch (sm_90+). Every version and setting gives the same bits. gate_act "silu" / "relu2": x is [1, 2K] =
-    [gate | up] and the input is nn.gated(x, gate_act) (then the norm), in the prologue; version 1 always."""
+    launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
-    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp,
-                      gate_act)
+    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp)
     return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual,
-                                   version=version, rows_per_warp=rows_per_warp, pdl=pdl,
-                                   act=GATE_ACT_CODES.get(gate_act, 0))
+                                   version=version, rows_per_warp=rows_per_warp, pdl=pdl)
 
 
 if _C_cuda is not None:
     @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                          norm_eps: float = 0.0, residual: torch.Tensor | None = None, gate_act: int = 0) -> torch.Tensor:
+                          norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
         norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
-        norm only with a norm_weight). gate_act: 0, or a GATE_ACT_CODES value with x [1, 2K] = [gate | up] (the
-        input is then act(gate) * up)."""
+        norm only with a norm_weight)."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(),
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
-                               pdl=pdl_supported(x.device), gate_act=_GATE_ACT_NAMES.get(gate_act))
+                               pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
-    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, gate_act=0):
+    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None):
         return x.new_empty(1, words.shape[0])
 
 
@@ -213,18 +194,12 @@ class CudaBackend(TritonBackend):
             return y.reshape(*x.shape[:-1], -1)
         return super().linear(x, layer)
 
-    def linear_fused(self, x: torch.Tensor, layer, norm, residual: torch.Tensor | None,
-                     gate_act: str | None = None) -> torch.Tensor | None:
+    def linear_fused(self, x: torch.Tensor, layer, norm, residual: torch.Tensor | None) -> torch.Tensor | None:
         """residual + linear(norm(x)) in one C++ GEMV (norm: an nn.RMSNorm or None; residual: x's shape with
-        out_features last, or None; gate_act: x is [gate | up] and the input nn.gated(x, gate_act)), or None where
-        that kernel does not take this call (see BitLinear.forward). Decided from shapes and dtypes only, so a
-        traced or captured step takes one path."""
+        out_features last, or None), or None where that kernel does not take this call (see BitLinear.forward).
+        Decided from shapes and dtypes only, so a traced or captured step takes one path."""
         if not (FUSE_NORM_RESIDUAL and layer._kernel_ok and cuda_gemv_applies(x, layer)
                 and not self.fuses_adapter(layer)):
-            return None
-        if gate_act is not None and not (FUSE_GATED_ACT and gate_act in GATE_ACT_CODES
-                                         and x.shape[-1] == 2 * layer.in_features
-                                         and layer.in_features * x.element_size() % 16 == 0):
             return None
         if norm is not None and not (isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
                                      and norm.weight.numel() == layer.in_features):
@@ -233,8 +208,7 @@ class CudaBackend(TritonBackend):
             return None
         y = torch.ops.bitengine.ternary_gemv_cuda(
             x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
-            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual,
-            GATE_ACT_CODES.get(gate_act, 0))
+            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual)
         return y.reshape(*x.shape[:-1], -1)
 
 

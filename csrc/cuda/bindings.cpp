@@ -12,7 +12,7 @@
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& norm_weight, double eps,
-                                           const c10::optional<torch::Tensor>& residual, int64_t act, int64_t version,
+                                           const c10::optional<torch::Tensor>& residual, int64_t version,
                                            int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 
@@ -30,17 +30,13 @@ void check_vector(const c10::optional<torch::Tensor>& t, const torch::Tensor& x,
 torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                               c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight,
                               double norm_eps, c10::optional<torch::Tensor> residual, int64_t version,
-                              int64_t rows_per_warp, bool pdl, int64_t act) {
+                              int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "ternary_gemv_a8: x must be float16, bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK(act >= 0 && act <= 2, "ternary_gemv_a8: act must be 0 (none), 1 (silu) or 2 (relu2), got ", act);
-  const int64_t x_len = act ? 2 * in_features : in_features;  // gated: [gate | up]
-  TORCH_CHECK(x.numel() == x_len && x.is_contiguous(), "x must be a contiguous [1, ", x_len, "] tensor, got ",
-              x.sizes());
-  TORCH_CHECK(!act || (in_features * x.element_size()) % 16 == 0,
-              "ternary_gemv_a8: a gated x needs in_features * element size a multiple of 16 bytes");
+  TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "x must be a contiguous [1, ", in_features,
+              "] tensor, got ", x.sizes());
   TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 2 && w.stride(1) == 1 && w.size(1) % 16 == 0 &&
                   w.size(1) * 16 >= in_features && w.stride(0) % 4 == 0,
               "w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= in_features, got ", w.sizes());
@@ -59,8 +55,8 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
   if (norm_weight && reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16) norm_weight = norm_weight->clone();
   cudaError_t err = cudaSuccess;
-  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, act,
-                                        version, rows_per_warp, pdl, &err);
+  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version,
+                                        rows_per_warp, pdl, &err);
   TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -80,11 +76,10 @@ void read_probe(torch::Tensor buf, torch::Tensor out) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout";
   m.def("ternary_gemv_a8", &ternary_gemv_a8,
-        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight; act: of act(gate) * up for x = [gate | up]) "
-        "(+ bias) (+ residual); fused quantization",
+        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual); fused quantization",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
-        py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false, py::arg("act") = 0);
+        py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
         py::arg("buf"), py::arg("out"));
 }

@@ -110,38 +110,6 @@ __device__ __forceinline__ XWord<T> load_word(const T* __restrict__ x, int wi, i
 }
 
 template <typename T>
-__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
-
-// Gated activations the prologue can apply (the MLP's act(gate) * up in front of down_proj): the codes of the
-// `act` argument (0 = none).
-constexpr int kActSilu = 1;   // F.silu(g) * u (Llama)
-constexpr int kActRelu2 = 2;  // F.relu(g).square() * u (BitNet-2B-4T)
-
-// Word wi of the input x. Plain: x itself. Gated (x holds the fused gate/up output [g (K) | u (K)]): act(g) * u,
-// rounded as PyTorch rounds the MLP's eager steps in T: the activation to T, its square (relu2) to T, the product to
-// T. silu uses expf (fast-math exp2 in this build) and an IEEE division: within an ulp of torch's, not bit-exact.
-template <typename T, bool Gated>
-__device__ __forceinline__ XWord<T> load_input(const T* __restrict__ x, int wi, int K, int act) {
-  XWord<T> v = load_word(x, wi, K);
-  if constexpr (Gated) {
-    const XWord<T> u = load_word(x + K, wi, K);
-#pragma unroll
-    for (int j = 0; j < 16; ++j) {
-      const float g = v.get(j);
-      float a;
-      if (act == kActRelu2) {
-        const float r = fmaxf(g, 0.f);
-        a = round_to<T>(__fmul_rn(r, r));
-      } else {
-        a = round_to<T>(__fdiv_rn(g, __fadd_rn(1.f, expf(-g))));
-      }
-      v.set(j, __fmul_rn(a, u.get(j)));
-    }
-  }
-  return v;
-}
-
-template <typename T>
 __device__ __forceinline__ int4 pack_word(const XWord<T>& v, float a, int& sum) {
   int packed[4];
 #pragma unroll
@@ -161,6 +129,9 @@ __device__ __forceinline__ int4 pack_word(const XWord<T>& v, float a, int& sum) 
 // Words of x each thread keeps in registers between the absmax and the quantization (version 1: K <= 16384;
 // version 2 keeps 1, K <= 4096); words beyond that are loaded twice (from L2).
 constexpr int kRegWords = 4;
+
+template <typename T>
+__device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
 // The optional input RMSNorm, as bitengine.nn.RMSNorm computes it: n = T(x * rsqrt(mean(x^2) + eps)) in float32,
 // then T(weight * n) (a float32 x and weight round nowhere, as F.rms_norm). The result is a T again: it replaces
@@ -198,11 +169,10 @@ __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
 }
 
 // x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
-// quant.quantize_activations does on those values; *a_out the scale, *xsum_out sum(x_q). Gated: x is the fused
-// gate/up output [g | u] (2K values) and the input is act(g) * u (load_input), before the norm.
-template <typename T, int RegWords = kRegWords, bool Gated = false>
+// quant.quantize_activations does on those values; *a_out the scale, *xsum_out sum(x_q).
+template <typename T, int RegWords = kRegWords>
 __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
-                                   int act, int4* xq, float* a_out, int* xsum_out) {
+                                   int4* xq, float* a_out, int* xsum_out) {
   __shared__ float red_f[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -211,7 +181,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
   for (int i = 0; i < RegWords; ++i) {  // all loads issued before any use
     const int wi = tid + i * kThreads;
     if (wi < KW) {
-      v[i] = load_input<T, Gated>(x, wi, K, act);
+      v[i] = load_word(x, wi, K);
     } else {
 #pragma unroll
       for (int j = 0; j < static_cast<int>(sizeof(T)); ++j) v[i].raw[j] = make_uint4(0, 0, 0, 0);
@@ -225,8 +195,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     float ss = 0.f;
 #pragma unroll
     for (int i = 0; i < RegWords; ++i) ss = sum_squares(v[i], ss);
-    for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads)
-      ss = sum_squares(load_input<T, Gated>(x, wi, K, act), ss);
+    for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) ss = sum_squares(load_word(x, wi, K), ss);
     ss = block_sum(ss, red_f);
     r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
 #pragma unroll
@@ -237,7 +206,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
 #pragma unroll
   for (int i = 0; i < RegWords; ++i) amax = abs_max(v[i], amax);
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
-    XWord<T> t = load_input<T, Gated>(x, wi, K, act);
+    XWord<T> t = load_word(x, wi, K);
     if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     amax = abs_max(t, amax);
   }
@@ -255,7 +224,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     if (wi < KW) xq[xq_slot(wi)] = pack_word(v[i], a, sum);
   }
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
-    XWord<T> t = load_input<T, Gated>(x, wi, K, act);
+    XWord<T> t = load_word(x, wi, K);
     if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
     xq[xq_slot(wi)] = pack_word(t, a, sum);
   }

@@ -39,13 +39,12 @@ namespace {
 using namespace bitengine_cuda;
 
 // R rows per warp, U 16-byte loads per row in flight per lane. The first row group's loads are issued
-// before the activation quantization, so its latency overlaps the weight stream. Gated: x is the MLP's fused
-// gate/up output and the prologue applies act(g) * u first (load_input; the down projection's input).
-template <typename T, int R, int U, bool Gated = false>
+// before the activation quantization, so its latency overlaps the weight stream.
+template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    int act, T* __restrict__ y, int N, int K, int KW) {
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -66,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   if (row0 < N) load_rows(row0, lane);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared<T, kRegWords, Gated>(x, norm_w, eps, K, KW, act, xq, &a_s, &xsum_s);
+  quantize_to_shared(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   for (; row0 < N; row0 += row_step) {
@@ -99,7 +98,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    int /*act: version 2 is never gated*/, T* __restrict__ y, int N, int K, int KW) {
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -124,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   wait_for_previous_grid();
   allow_next_grid();
   // x words in registers: 1 per thread (register cap)
-  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, 0, xq, &a_s, &xsum_s);
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
   const float a = a_s;
   const int xsum = xsum_s;
   DotAcc acc[R];
@@ -159,14 +158,13 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
 }
 
 // The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output; act: the gated activation (kActSilu, kActRelu2) or 0.
+// the residual [N] added to the output.
 template <typename T>
 struct Extras {
   const T* bias;
   const T* norm_w;
   float eps;
   const T* residual;
-  int act;
 };
 
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
@@ -206,13 +204,13 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
   return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                             static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
                             static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
-                            e.norm_w, e.eps, e.residual, e.act, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
 }
 
-template <typename T, int R, int U, bool Gated = false>
+template <typename T, int R, int U>
 cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
                    at::Tensor& y, int K, bool pdl) {
-  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U, Gated>, kWarps * R, false, x, w, scale, e, y, K, pdl);
+  return launch_gemv<T>(ternary_gemv_a8_kernel<T, R, U>, kWarps * R, false, x, w, scale, e, y, K, pdl);
 }
 
 template <typename T, int R, int U>
@@ -224,10 +222,6 @@ cudaError_t launch_v2(const at::Tensor& x, const at::Tensor& w, const at::Tensor
 template <typename T>
 cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                              const Extras<T>& e, at::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
-  if (e.act != 0) {  // gated (the down projection, K = the MLP's width): version 1 only, rows per warp as version 2's rule
-    if (w.size(0) <= 8192) return launch<T, 1, 8, true>(x, w, scale, e, y, K, pdl);
-    return launch<T, 2, 4, true>(x, w, scale, e, y, K, pdl);
-  }
   if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
@@ -255,10 +249,10 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 template <typename T>
 cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int K,
                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm_weight, double eps,
-                const c10::optional<at::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
+                const c10::optional<at::Tensor>& residual, int version, int rows_per_warp, bool pdl,
                 at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
-                    ptr_or_null<T>(residual), act};
+                    ptr_or_null<T>(residual)};
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
