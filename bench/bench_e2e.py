@@ -39,6 +39,7 @@ from bitengine import backends  # noqa: E402
 from bitengine.backends import cuda as cuda_backend  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
+from bitengine.generate import greedy  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
 from bitengine.kernels import decode_attention  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
@@ -57,15 +58,22 @@ MODELS = {
 }
 PROMPT, NEW = 64, 128
 DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
+TORCH_ARGMAX = False  # '+torchargmax': the step's argmax by torch.argmax instead of the engine's (generate.greedy)
+
+
+def next_token(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B, 1) greedy tokens, as generate() picks them (or by torch.argmax for the A/B)."""
+    return (logits.argmax(-1) if TORCH_ARGMAX else greedy(logits))[:, None]
 
 
 def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> CausalLM:
     """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense), with optional '+' modifiers:
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
-    'split' (the split decode attention kernel instead of the grouped one) and 'nocombo' (no inductor combo
-    kernels in the compiled layers); handled by bench_model. Ternary models are placed as bitengine.load places
-    them: the kernel layout on the GPU, the checkpoint layout (k4) on the host, projections fused."""
+    'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
+    kernels in the compiled layers) and 'torchargmax' (torch.argmax picks the token); handled by bench_model.
+    Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
+    (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
 
     def make_linear(i, o, bias):
@@ -165,12 +173,12 @@ class GraphDecoder:
     def prefill(self, prompt):  # (B, T) -> first new token in self.tok, position after the prompt
         t = prompt.shape[1]
         logits = self.model(prompt, cache=self.cache, input_pos=torch.arange(t, device=DEVICE), last_only=True)
-        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.tok.copy_(next_token(logits[:, -1]))
         self.pos.fill_(t)
 
     def step(self):
         logits = self.model(self.tok, cache=self.cache, input_pos=self.pos, position_ids=self.pos.expand(self.batch, 1))
-        self.tok.copy_(logits[:, -1].argmax(-1, keepdim=True))
+        self.tok.copy_(next_token(logits[:, -1]))
         self.pos.add_(1)
 
     def capture(self):
@@ -195,6 +203,8 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     decode_attention.VARIANT = "split" if "+split" in variant else "grouped"  # decode attention kernel (default grouped)
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
+    global TORCH_ARGMAX
+    TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers()

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build the CUDA extension, then the steps named in STEPS (default: kernels e2e tests; also
-# "adapters", "profile", "attention", "ncu"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
+# "adapters", "profile", "attention", "head", "ncu"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
 #   BITENGINE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh
 # Everything worth keeping lands in $OUT (at most 8 files come back). DEADLINE_S bounds the whole call;
 # the e2e step gets what is left of it (minus E2E_RESERVE_S) unless E2E_TIMEOUT is smaller.
@@ -30,6 +30,8 @@ for step in $STEPS; do
     e2e)
       T=$(( $(left) - ${E2E_RESERVE_S:-0} )); [ "$T" -gt "${E2E_TIMEOUT:-170}" ] && T=${E2E_TIMEOUT:-170}
       timeout "$T" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | grep -v '^{' | tail -60 ;;
+    head)  # LM head (cuBLAS fp16 vs the int8 head's configs) and greedy argmax at real vocabularies
+      timeout "${HEAD_TIMEOUT:-150}" python bench/bench_head.py --out "$OUT" ${HEAD_ARGS:-} 2>&1 | grep -v '^{' | tail -30 ;;
     attention)
       timeout "${ATTN_TIMEOUT:-90}" python bench/bench_decode_attention.py --out "$OUT" 2>&1 | tail -22 ;;
     profile)

@@ -36,7 +36,8 @@ def kind(name: str) -> str:
     n = name.lower()
     if n.startswith("triton_"):
         return "fused glue (inductor: norms, rotary, cache writes, gating, residuals)"
-    for key, label in (("ternary_gemv", "ternary GEMV (CUDA C++)"), ("gemv", "ternary GEMV (Triton)"),
+    for key, label in (("_argmax_", "argmax (Triton)"), ("ternary_gemv", "ternary GEMV (CUDA C++)"),
+                       ("gemv", "ternary GEMV (Triton)"),
                        ("int8_linear", "int8 head (Triton)"), ("decode_attn", "attention (Triton decode)"),
                        ("_merge_kernel", "attention (Triton decode)"), ("sdpa", "attention (cuDNN)"), ("flash", "attention"),
                        ("nvjet", "head (cuBLAS)"), ("gemm", "dense matmul (cuBLAS)"), ("reduce_kernel", "argmax"),
@@ -54,6 +55,7 @@ def profile(name: str, variant: str, steps: int) -> dict:
     bench_e2e.decode_attention.VARIANT = "split" if "+split" in variant else "grouped"
     bench_e2e.cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the GEMV or apart
     bench_e2e.cuda_backend.COMBO_KERNELS = "+nocombo" not in variant
+    bench_e2e.TORCH_ARGMAX = "+torchargmax" in variant
     model = bench_e2e.build(cfg, variant, max_seq=bench_e2e.PROMPT + steps + 16)
     if "+compile" in variant:
         model.compile_layers()
