@@ -1,10 +1,11 @@
 """The end of a decode step at real vocabularies, one run, one card: the LM head and the greedy argmax.
 
-    python bench/bench_head.py --out bench/results [--budget-s 120]
+    python bench/bench_head.py --out bench/results [--budget-s 120] [--sweep]
 
-Head (M = 1 and 8): cuBLAS FP16 (F.linear) against the int8 head's Triton kernel the engine runs
-(kernels/int8_linear.py: the GEMV at M = 1, with a sweep of its configs, BLOCK_N x BLOCK_K x warps x stages; the
-GEMM at M = 8), plus the C++ read probe on the int8 bytes (a plain streaming read: the ceiling).
+Head (M = 1 and 8): cuBLAS FP16 (F.linear) against the int8 head: the op the engine runs
+(torch.ops.bitengine.int8_linear), the C++ GEMV (csrc/cuda/int8_gemv.cu, M = 1) and the Triton kernels
+(kernels/int8_linear.py: the GEMV at M = 1, with --sweep a sweep of its configs, BLOCK_N x BLOCK_K x warps x stages;
+the GEMM at M = 8), plus the C++ read probe on the int8 bytes (a plain streaming read: the ceiling).
 Argmax over (B, V) logits: torch.argmax against kernels/argmax.py.
 Median us of CUDA-graph replays (bench_kernels.time_calls); every head weight is larger than L2, so no rotation.
 Results: bench_head_<card>_<date>.json and .md.
@@ -31,7 +32,7 @@ SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
          if bn * bk <= 16384]
 
 
-def bench_head(name, n, k, ext, budget_end):
+def bench_head(name, n, k, ext, budget_end, sweep=False):
     row = {"shape": name, "N": n, "K": k}
     g = torch.Generator(device="cuda").manual_seed(n + k)
     w16 = torch.randn(n, k, device="cuda", generator=g).half()
@@ -41,7 +42,8 @@ def bench_head(name, n, k, ext, budget_end):
         x = torch.randn(m, k, device="cuda", generator=g).half()
         ref = (x.double() @ w8.double().t() * scale.double()).float()
         r = {"cublas_fp16": time_calls([functools.partial(F.linear, x, w16)])}
-        # the engine's kernel for this M (the int8 head's op: the GEMV up to GEMV_MAX_M rows, else the GEMM)
+        # the Triton kernel for this M (the GEMV up to GEMV_MAX_M rows, else the GEMM); int8_op: what the engine runs
+        # (torch.ops.bitengine.int8_linear: at M = 1 the C++ GEMV where built, cuda_int8_gemv)
         kernel = int8_linear.int8_gemv if m <= int8_linear.GEMV_MAX_M else int8_linear.int8_gemm
 
         def run(cfg=None, x=x, kernel=kernel, w=w8):
@@ -51,8 +53,14 @@ def bench_head(name, n, k, ext, budget_end):
         r["int8_engine_err"] = float(((y.float() - ref).norm() / ref.norm()).item())
         r["int8_engine"] = time_calls([run])
         r["int8_engine_kernel"] = kernel.__name__
+        r["int8_op"] = time_calls([lambda x=x, w=w8: torch.ops.bitengine.int8_linear(x, w, scale, None, k)])
+        if m == 1 and ext is not None and int8_linear.cuda_gemv_ext(x, w8, None) is not None:
+            y = ext._C_cuda.int8_gemv(x, w8, scale, k)
+            r["cuda_int8_gemv_err"] = float(((y.float() - ref).norm() / ref.norm()).item())
+            assert r["cuda_int8_gemv_err"] < 2e-3, r["cuda_int8_gemv_err"]
+            r["cuda_int8_gemv"] = time_calls([lambda x=x, w=w8: ext._C_cuda.int8_gemv(x, w, scale, k)])
         best = None
-        for cfg in SWEEP if kernel is int8_linear.int8_gemv else []:
+        for cfg in SWEEP if sweep and kernel is int8_linear.int8_gemv else []:
             if time.time() > budget_end:
                 break
             cfg = {**cfg, "BLOCK_M": max(1, m)}
@@ -93,10 +101,10 @@ def bench_argmax(v):
 def markdown(env, heads, argmaxes):
     lines = [f"# LM head and greedy argmax on {env['card']} ({env['date']})", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`; "
-             "median us of CUDA-graph replays. int8 = the int8 head's Triton GEMV (half the bytes of fp16).", "",
-             ("| head | N x K | M | cuBLAS FP16 us | int8 engine kernel | us | int8 GEMV best of sweep us | its config |"
-              " int8 read probe us |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "median us of CUDA-graph replays. int8 weights: half the bytes of fp16.", "",
+             ("| head | N x K | M | cuBLAS FP16 us | int8 op (engine) us | C++ int8 GEMV us | Triton kernel | us |"
+             " Triton GEMV best of sweep us | its config | int8 read probe us |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in heads:
         for m in (1, 8):
             r = h.get(f"M{m}")
@@ -105,7 +113,9 @@ def markdown(env, heads, argmaxes):
             best = r.get("int8_best") or {}
             cfg = ", ".join(f"{a}={b}" for a, b in (best.get("cfg") or {}).items())
             probe = f"{r['read_probe_int8']:.2f}" if "read_probe_int8" in r else "-"
-            lines.append(f"| {h['shape']} | {h['N']}x{h['K']} | {m} | {r['cublas_fp16']:.2f} | {r['int8_engine_kernel']} | "
+            cpp = f"{r['cuda_int8_gemv']:.2f}" if "cuda_int8_gemv" in r else "-"
+            lines.append(f"| {h['shape']} | {h['N']}x{h['K']} | {m} | {r['cublas_fp16']:.2f} | {r['int8_op']:.2f} | {cpp} | "
+                         f"{r['int8_engine_kernel']} | "
                          f"{r['int8_engine']:.2f} | "
                          f"{best.get('us', float('nan')):.2f} | {cfg} | {probe} |")
     lines += ["", "| vocabulary | batch | torch.argmax us | kernels/argmax.py us |", "| --- | --- | --- | --- |"]
@@ -119,11 +129,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--budget-s", type=float, default=120)
+    ap.add_argument("--sweep", action="store_true", help="also sweep the Triton int8 GEMV's configs at M = 1")
     args = ap.parse_args()
     budget_end = time.time() + args.budget_s
     env = environment()
     argmaxes = [bench_argmax(v) for v in (32000, 128256)]
-    heads = [bench_head(name, n, k, cuda_ext(), budget_end) for name, (n, k) in HEADS.items()]
+    heads = [bench_head(name, n, k, cuda_ext(), budget_end, args.sweep) for name, (n, k) in HEADS.items()]
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"bench_head_{env['card'].replace(' ', '_')}_{env['date'][:10]}")
     with open(stem + ".json", "w") as f:

@@ -462,6 +462,32 @@ def test_int8_linear_kernels(n, k, dtype):
         check(int8_gemm(x, w, s, None, k), ref - b.double(), dtype, f"int8 gemm {n}x{k} m={m}")
 
 
+@pytest.mark.parametrize("n,k", [(128256, 2560), (32000, 4096), (77, 1000), (1000, 333), (130, 64), (33, 12288),
+                                 (5, 12300)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_int8_head_cuda_gemv(n, k, dtype):
+    """The C++ int8 GEMV (csrc/cuda/int8_gemv.cu) == float64 reference, with and without bias, at real heads and
+    awkward widths; the op takes it at M = 1 where it applies (K_pad <= CUDA_MAX_K, aligned), the Triton GEMV
+    elsewhere (K = 12300, a misaligned weight view)."""
+    from bitengine.kernels import int8_linear
+
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    for bias in (True, False):
+        head = int8_weight(n, k, seed=n + k, bias=bias)
+        w, s, b = head.weight_int8, head.weight_scale, head.bias
+        x = torch.randn(1, k, device="cuda").to(dtype)
+        ref = int8_reference64(x, head)
+        use = int8_linear.cuda_gemv_ext(x, w, b)
+        assert (use is not None) == (w.shape[1] <= int8_linear.CUDA_MAX_K), (n, k)
+        if use is not None:
+            check(ext._C_cuda.int8_gemv(x, w, s, k, b), ref, dtype, f"cuda int8 gemv {n}x{k} bias={bias}")
+        check(torch.ops.bitengine.int8_linear(x, w, s, b, k), ref, dtype, f"int8 op {n}x{k} bias={bias}")
+    shifted = torch.empty(w.numel() + 16, dtype=torch.int8, device="cuda")[1:1 + w.numel()].view_as(w)
+    assert int8_linear.cuda_gemv_ext(x, shifted, b) is None  # not 16-byte aligned: the Triton GEMV
+
+
 def test_int8_head_module_graph_compile_and_memory():
     """Int8Linear on CUDA runs the kernel (no float copy of the weight: peak memory grows by far less than
     the 0.6 GB an fp16 dequantization of a 128k x 2560 head would take), in a CUDA graph and compiled."""

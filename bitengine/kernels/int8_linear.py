@@ -2,7 +2,8 @@
 
 W_q: int8 [N, K_pad] per-row weights (int8_head.int8_rows: W ~= scale[n] * W_q[n, :], scale multiplies,
 |W_q| <= 127, columns past K zero), scale float32 [N], bias float32 [N] or None; x float16/bfloat16/float32
-[M, K] used as given (no activation quantization). Two kernels, chosen by M only:
+[M, K] used as given (no activation quantization). At M = 1 the op runs the C++ GEMV (csrc/cuda/int8_gemv.cu)
+where the extension is built and it applies (cuda_gemv_ext); otherwise two Triton kernels, chosen by M only:
   `int8_gemv` (M <= GEMV_MAX_M, decode): a bandwidth kernel. Each program streams BLOCK_N weight rows
       in BLOCK_K-byte runs (wide, coalesced int8 loads), converts them to float32 in registers and does
       one FMA per weight against the float32 activations; at M = 1 the products are kept per (row, k
@@ -16,6 +17,8 @@ PyTorch twin `int8_linear_reference` up to float32 summation order. The fp16 wei
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -24,6 +27,11 @@ from .gemv import INTERPRET
 from .tiling import column_tile, grouped_tile
 
 GEMV_MAX_M = 4  # not yet swept on a GPU: beyond a few rows the tensor-core GEMM should win
+# At M = 1 the C++ GEMV (csrc/cuda/int8_gemv.cu, bitengine._C_cuda.int8_gemv) where it is built and applies: this
+# Triton GEMV reads a head at about half the read probe's speed (bench/results/bench_head_sweep_NVIDIA_H200_2026-12-02).
+# BITENGINE_CUDA_INT8_HEAD=0 keeps the Triton GEMV (for comparison).
+CUDA_GEMV = os.environ.get("BITENGINE_CUDA_INT8_HEAD", "1") != "0"
+CUDA_MAX_K = 12288  # int8_gemv.cu keeps x as float in 48 KB of shared memory
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -159,13 +167,35 @@ def int8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: 
     return y
 
 
+def cuda_gemv_ext(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """bitengine._C_cuda when its int8 GEMV applies to this call (M = 1 on CUDA, the extension built with it,
+    a 16-byte aligned int8 weight with Kp % 16 == 0 and Kp <= CUDA_MAX_K, a float32 bias or none), else None."""
+    if not (CUDA_GEMV and x.is_cuda and x.dim() == 2 and x.shape[0] == 1):
+        return None
+    if bias is not None and bias.dtype != torch.float32:
+        return None
+    from ..backends import cuda as cuda_backend
+
+    ext = cuda_backend._C_cuda
+    if ext is None or not hasattr(ext, "int8_gemv"):
+        return None
+    kp = weight.shape[1] if weight.dim() == 2 else 0
+    aligned = weight.stride(-1) == 1 and weight.stride(0) % 16 == 0 and weight.data_ptr() % 16 == 0
+    return ext if weight.dtype == torch.int8 and aligned and kp % 16 == 0 and 0 < kp <= CUDA_MAX_K else None
+
+
 @torch.library.custom_op("bitengine::int8_linear", mutates_args=())
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 in_features: int) -> torch.Tensor:
     """bitengine::int8_linear(x [..., K], weight int8 [N, K_pad], scale f32 [N], bias [N]?, in_features) -> [..., N]
-    in x's dtype; the GEMV for M <= GEMV_MAX_M rows, the tensor-core GEMM beyond (by shape only)."""
+    in x's dtype; at M = 1 the C++ GEMV where it applies (cuda_gemv_ext), else the Triton GEMV for M <= GEMV_MAX_M
+    rows and the tensor-core GEMM beyond (by shape only)."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
+    ext = cuda_gemv_ext(x2, weight, bias)
+    if ext is not None:
+        _check(x2, weight, scale, bias, in_features)
+        return ext.int8_gemv(x2, weight, scale, in_features, bias).reshape(*lead, weight.shape[0])
     kernel = int8_gemv if x2.shape[0] <= GEMV_MAX_M else int8_gemm
     return kernel(x2, weight, scale, bias, in_features).reshape(*lead, weight.shape[0])
 

@@ -15,6 +15,9 @@ torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::
                                            const c10::optional<torch::Tensor>& residual, int64_t version,
                                            int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
+cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                           const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
+constexpr int64_t kInt8GemvMaxK = 12288;  // int8_gemv.cu: x as float in 48 KB of shared memory
 
 namespace {
 
@@ -71,15 +74,43 @@ void read_probe(torch::Tensor buf, torch::Tensor out) {
   TORCH_CHECK(err == cudaSuccess, "read_probe: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
+// The int8 head's GEMV (int8_gemv.cu); kernels/int8_linear.py checks the same rules first.
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
+                        c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
+              "int8_gemv: x, w and scale must be on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "int8_gemv: x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "int8_gemv: x must be a contiguous [1, ", in_features,
+              "] tensor, got ", x.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.stride(1) == 1 && w.size(1) % 16 == 0 &&
+                  w.stride(0) % 16 == 0 && w.size(1) >= in_features && w.size(1) <= kInt8GemvMaxK &&
+                  reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "int8_gemv: w must be 16-byte aligned row-major int8 [N, Kp], Kp % 16 == 0, in_features <= Kp <= ",
+              kInt8GemvMaxK, ", got ", w.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == w.size(0) && scale.is_contiguous(),
+              "int8_gemv: scale must be contiguous float32 [", w.size(0), "]");
+  TORCH_CHECK(!bias || (bias->is_cuda() && bias->device() == x.device() && bias->scalar_type() == at::kFloat &&
+                        bias->numel() == w.size(0) && bias->is_contiguous()),
+              "int8_gemv: bias must be contiguous float32 [", w.size(0), "] on x's device");
+  auto y = torch::empty({1, w.size(0)}, x.options());
+  if (w.size(0) == 0) return y;
+  const cudaError_t err = int8_gemv_cuda(x, w, scale, bias, static_cast<int>(in_features), y);
+  TORCH_CHECK(err == cudaSuccess, "int8_gemv: CUDA launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout";
+  m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout, the int8 head's GEMV";
   m.def("ternary_gemv_a8", &ternary_gemv_a8,
         "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual); fused quantization",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
         py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
+  m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
         py::arg("buf"), py::arg("out"));
 }
