@@ -35,16 +35,60 @@ __device__ __forceinline__ float dot4(unsigned w, float4 x, float acc) {
   return acc;
 }
 
-// Grid-stride over groups of kWarps * kRows rows; x staged once per block in shared memory as float (zero past K).
+// x staged once per block in shared memory as float, zero past K (chunks * 16 floats).
+template <typename T>
+__device__ __forceinline__ void stage_x(const T* __restrict__ x, float* xs, int K, int chunks) {
+  for (int k = threadIdx.x; k < chunks * 16; k += kThreads) xs[k] = k < K ? to_float(x[k]) : 0.0f;
+  __syncthreads();
+}
+
+// One lane's part of a pass over a row: chunks c0 + u * 32 + lane (u < kLoads), 16 bytes each.
+__device__ __forceinline__ void load_pass(uint4 (&v)[kLoads], const int8_t* __restrict__ row, int c0, int chunks,
+                                          int lane, bool valid) {
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int c = c0 + u * 32 + lane;
+    v[u] = (valid && c < chunks) ? load_stream(reinterpret_cast<const uint4*>(row) + c) : make_uint4(0, 0, 0, 0);
+  }
+}
+
+__device__ __forceinline__ float dot_pass(const uint4 (&v)[kLoads], const float4* xs4, int c0, int chunks, int lane,
+                                          float acc) {
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const int c = c0 + u * 32 + lane;
+    if (c >= chunks) break;
+    const float4* xc = xs4 + c * 4;
+    acc = dot4(v[u].x, xc[0], acc);
+    acc = dot4(v[u].y, xc[1], acc);
+    acc = dot4(v[u].z, xc[2], acc);
+    acc = dot4(v[u].w, xc[3], acc);
+  }
+  return acc;
+}
+
+// The warp's sum of acc, scaled (+ bias) and written by lane 0 to y[n].
+template <typename T>
+__device__ __forceinline__ void finish_row(float acc, long long n, const float* __restrict__ scale,
+                                           const float* __restrict__ bias, T* __restrict__ y, int lane) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if (lane == 0) {
+    float out = acc * scale[n];
+    if (bias != nullptr) out += bias[n];
+    y[n] = from_float<T>(out);
+  }
+}
+
+// Version 1: grid-stride over groups of kWarps * kRows rows; each warp loads all of a pass over its kRows rows,
+// then computes it (loads and arithmetic alternate per warp).
 // w: [N, Kp] int8 with row stride stride_w bytes (a multiple of 16, as Kp); chunks = Kp / 16.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(
     const T* __restrict__ x, const int8_t* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     const float* __restrict__ bias, T* __restrict__ y, int N, int K, int chunks) {
   extern __shared__ float4 xs4[];
-  float* xs = reinterpret_cast<float*>(xs4);
-  for (int k = threadIdx.x; k < chunks * 16; k += kThreads) xs[k] = k < K ? to_float(x[k]) : 0.0f;
-  __syncthreads();
+  stage_x(x, reinterpret_cast<float*>(xs4), K, chunks);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const long long step = static_cast<long long>(gridDim.x) * kWarps * kRows;
   for (long long row0 = (static_cast<long long>(blockIdx.x) * kWarps + warp) * kRows; row0 < N; row0 += step) {
@@ -54,59 +98,71 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(
     for (int c0 = 0; c0 < chunks; c0 += 32 * kLoads) {
       uint4 v[kRows][kLoads];
 #pragma unroll
-      for (int r = 0; r < kRows; ++r) {
-        const uint4* row = reinterpret_cast<const uint4*>(w + (row0 + r) * stride_w);
+      for (int r = 0; r < kRows; ++r) load_pass(v[r], w + (row0 + r) * stride_w, c0, chunks, lane, row0 + r < N);
 #pragma unroll
-        for (int u = 0; u < kLoads; ++u) {
-          const int c = c0 + u * 32 + lane;
-          v[r][u] = (c < chunks && row0 + r < N) ? load_stream(row + c) : make_uint4(0, 0, 0, 0);
-        }
-      }
-#pragma unroll
-      for (int u = 0; u < kLoads; ++u) {
-        const int c = c0 + u * 32 + lane;
-        if (c >= chunks) break;
-        const float4* xc = xs4 + c * 4;
-        const float4 x0 = xc[0], x1 = xc[1], x2 = xc[2], x3 = xc[3];
-#pragma unroll
-        for (int r = 0; r < kRows; ++r) {
-          acc[r] = dot4(v[r][u].x, x0, acc[r]);
-          acc[r] = dot4(v[r][u].y, x1, acc[r]);
-          acc[r] = dot4(v[r][u].z, x2, acc[r]);
-          acc[r] = dot4(v[r][u].w, x3, acc[r]);
-        }
-      }
+      for (int r = 0; r < kRows; ++r) acc[r] = dot_pass(v[r], xs4, c0, chunks, lane, acc[r]);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+      if (row0 + r < N) finish_row(acc[r], row0 + r, scale, bias, y, lane);  // warp-uniform condition
     }
-#pragma unroll
-    for (int r = 0; r < kRows; ++r) {  // every lane holds the sums now; lane r writes row r
-      const long long n = row0 + r;
-      if (lane == r && n < N) {
-        float out = acc[r] * scale[n];
-        if (bias != nullptr) out += bias[n];
-        y[n] = from_float<T>(out);
-      }
-    }
+  }
+}
+
+// Version 2: one row per warp at a time, software-pipelined: the next pass's loads (the row's next 4096 bytes, or
+// the warp's next row) are issued before this pass is computed, into the other of two register buffers, so a warp
+// always has a pass in flight while it does arithmetic (version 1 alternates the two).
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 2) int8_gemv_pipelined_kernel(
+    const T* __restrict__ x, const int8_t* __restrict__ w, long long stride_w, const float* __restrict__ scale,
+    const float* __restrict__ bias, T* __restrict__ y, int N, int K, int chunks) {
+  extern __shared__ float4 xs4[];
+  stage_x(x, reinterpret_cast<float*>(xs4), K, chunks);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int pass_chunks = 32 * kLoads;
+  const long long step = static_cast<long long>(gridDim.x) * kWarps;
+  long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
+  if (row >= N) return;
+  int c0 = 0;
+  float acc = 0.0f;
+  uint4 a[kLoads], b[kLoads];
+  load_pass(a, w + row * stride_w, 0, chunks, lane, true);
+  // Two tiles per trip (a then b), so each buffer stays in named registers.
+  while (true) {
+    long long next_row = row;
+    int next_c0 = c0 + pass_chunks;
+    if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
+    load_pass(b, w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
+    acc = dot_pass(a, xs4, c0, chunks, lane, acc);
+    if (next_c0 == 0) finish_row(acc, row, scale, bias, y, lane), acc = 0.0f;
+    row = next_row, c0 = next_c0;
+    if (row >= N) break;
+
+    next_row = row, next_c0 = c0 + pass_chunks;
+    if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
+    load_pass(a, w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
+    acc = dot_pass(b, xs4, c0, chunks, lane, acc);
+    if (next_c0 == 0) finish_row(acc, row, scale, bias, y, lane), acc = 0.0f;
+    row = next_row, c0 = next_c0;
+    if (row >= N) break;
   }
 }
 
 template <typename T>
 cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const float* bias, int K,
-                   at::Tensor& y) {
+                   int version, at::Tensor& y) {
   const int N = static_cast<int>(w.size(0)), chunks = static_cast<int>(w.size(1) / 16);
   const size_t smem = static_cast<size_t>(chunks) * 16 * sizeof(float);
+  auto kernel = version == 2 ? int8_gemv_pipelined_kernel<T> : int8_gemv_kernel<T>;
+  const int rows_per_block = version == 2 ? kWarps : kWarps * kRows;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   int per_sm = 0;
-  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, int8_gemv_kernel<T>, kThreads, smem);
+  cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
-  const long long groups = (static_cast<long long>(N) + kWarps * kRows - 1) / (kWarps * kRows);
+  const long long groups = (static_cast<long long>(N) + rows_per_block - 1) / rows_per_block;
   const int grid = static_cast<int>(std::max(1LL, std::min<long long>(groups, 1LL * std::max(1, per_sm) *
                                                                           prop->multiProcessorCount)));
-  int8_gemv_kernel<T><<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
+  kernel<<<grid, kThreads, smem, at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), static_cast<const int8_t*>(w.data_ptr()), w.stride(0),
       scale.data_ptr<float>(), bias, reinterpret_cast<T*>(y.data_ptr()), N, K, chunks);
   return cudaGetLastError();
@@ -117,14 +173,14 @@ cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // Validated by bindings.cpp (and before it by kernels/int8_linear.py): x [1, K] contiguous float16 / bfloat16 /
 // float32; w int8 [N, Kp] row-major, 16-byte aligned, Kp a multiple of 16 and at most kInt8GemvMaxK (its float copy of
 // x lives in 48 KB of shared memory), columns past K zero; scale float32 [N]; bias float32 [N] or None; y [1, N] in
-// x's dtype.
+// x's dtype; version 1 or 2 (the kernels above; same sums, same order within a row's lane, so the same bits).
 cudaError_t int8_gemv_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                           const c10::optional<at::Tensor>& bias, int K, at::Tensor& y) {
+                           const c10::optional<at::Tensor>& bias, int K, int version, at::Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   switch (x.scalar_type()) {
-    case at::kHalf: return launch<__half>(x, w, scale, b, K, y);
-    case at::kBFloat16: return launch<__nv_bfloat16>(x, w, scale, b, K, y);
-    default: return launch<float>(x, w, scale, b, K, y);
+    case at::kHalf: return launch<__half>(x, w, scale, b, K, version, y);
+    case at::kBFloat16: return launch<__nv_bfloat16>(x, w, scale, b, K, version, y);
+    default: return launch<float>(x, w, scale, b, K, version, y);
   }
 }
