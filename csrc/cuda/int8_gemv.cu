@@ -35,10 +35,16 @@ __device__ __forceinline__ float dot4(unsigned w, float4 x, float acc) {
   return acc;
 }
 
-// x staged once per block in shared memory as float, zero past K (chunks * 16 floats).
+// x staged once per block in shared memory as float, zero past K, in four planes of float4: plane q holds
+// x[16c + 4q .. 16c + 4q + 3] at slot c, so the lanes of a warp, which read chunks c0 + lane, read 16 consecutive
+// bytes each (no bank conflicts). x chunk by chunk (64 bytes apart per lane) was a 4-way conflict: the int8 GEMV
+// ran at ~60% of the read probe, and slower still when each row reread x (bench_head_int8v2_... vs bench_head_...).
 template <typename T>
 __device__ __forceinline__ void stage_x(const T* __restrict__ x, float* xs, int K, int chunks) {
-  for (int k = threadIdx.x; k < chunks * 16; k += kThreads) xs[k] = k < K ? to_float(x[k]) : 0.0f;
+  for (int k = threadIdx.x; k < chunks * 16; k += kThreads) {
+    const int c = k >> 4, q = (k >> 2) & 3, j = k & 3;
+    xs[(q * chunks + c) * 4 + j] = k < K ? to_float(x[k]) : 0.0f;
+  }
   __syncthreads();
 }
 
@@ -52,19 +58,23 @@ __device__ __forceinline__ void load_pass(uint4 (&v)[kLoads], const int8_t* __re
   }
 }
 
-__device__ __forceinline__ float dot_pass(const uint4 (&v)[kLoads], const float4* xs4, int c0, int chunks, int lane,
-                                          float acc) {
+// acc[r] += the lane's pass over row r; each x float4 is read from shared memory once for all R rows.
+template <int R>
+__device__ __forceinline__ void dot_pass(const uint4 (&v)[R][kLoads], const float4* xs4, int c0, int chunks, int lane,
+                                         float (&acc)[R]) {
 #pragma unroll
   for (int u = 0; u < kLoads; ++u) {
     const int c = c0 + u * 32 + lane;
     if (c >= chunks) break;
-    const float4* xc = xs4 + c * 4;
-    acc = dot4(v[u].x, xc[0], acc);
-    acc = dot4(v[u].y, xc[1], acc);
-    acc = dot4(v[u].z, xc[2], acc);
-    acc = dot4(v[u].w, xc[3], acc);
+    const float4 x0 = xs4[c], x1 = xs4[chunks + c], x2 = xs4[2 * chunks + c], x3 = xs4[3 * chunks + c];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      acc[r] = dot4(v[r][u].x, x0, acc[r]);
+      acc[r] = dot4(v[r][u].y, x1, acc[r]);
+      acc[r] = dot4(v[r][u].z, x2, acc[r]);
+      acc[r] = dot4(v[r][u].w, x3, acc[r]);
+    }
   }
-  return acc;
 }
 
 // The warp's sum of acc, scaled (+ bias) and written by lane 0 to y[n].
@@ -99,8 +109,7 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(
       uint4 v[kRows][kLoads];
 #pragma unroll
       for (int r = 0; r < kRows; ++r) load_pass(v[r], w + (row0 + r) * stride_w, c0, chunks, lane, row0 + r < N);
-#pragma unroll
-      for (int r = 0; r < kRows; ++r) acc[r] = dot_pass(v[r], xs4, c0, chunks, lane, acc[r]);
+      dot_pass<kRows>(v, xs4, c0, chunks, lane, acc);
     }
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
@@ -124,25 +133,25 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_pipelined_kernel(
   long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
   if (row >= N) return;
   int c0 = 0;
-  float acc = 0.0f;
-  uint4 a[kLoads], b[kLoads];
-  load_pass(a, w + row * stride_w, 0, chunks, lane, true);
+  float acc[1] = {0.0f};
+  uint4 a[1][kLoads], b[1][kLoads];
+  load_pass(a[0], w + row * stride_w, 0, chunks, lane, true);
   // Two tiles per trip (a then b), so each buffer stays in named registers.
   while (true) {
     long long next_row = row;
     int next_c0 = c0 + pass_chunks;
     if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
-    load_pass(b, w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
-    acc = dot_pass(a, xs4, c0, chunks, lane, acc);
-    if (next_c0 == 0) finish_row(acc, row, scale, bias, y, lane), acc = 0.0f;
+    load_pass(b[0], w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
+    dot_pass<1>(a, xs4, c0, chunks, lane, acc);
+    if (next_c0 == 0) finish_row(acc[0], row, scale, bias, y, lane), acc[0] = 0.0f;
     row = next_row, c0 = next_c0;
     if (row >= N) break;
 
     next_row = row, next_c0 = c0 + pass_chunks;
     if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
-    load_pass(a, w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
-    acc = dot_pass(b, xs4, c0, chunks, lane, acc);
-    if (next_c0 == 0) finish_row(acc, row, scale, bias, y, lane), acc = 0.0f;
+    load_pass(a[0], w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
+    dot_pass<1>(b, xs4, c0, chunks, lane, acc);
+    if (next_c0 == 0) finish_row(acc[0], row, scale, bias, y, lane), acc[0] = 0.0f;
     row = next_row, c0 = next_c0;
     if (row >= N) break;
   }
@@ -173,7 +182,8 @@ cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // Validated by bindings.cpp (and before it by kernels/int8_linear.py): x [1, K] contiguous float16 / bfloat16 /
 // float32; w int8 [N, Kp] row-major, 16-byte aligned, Kp a multiple of 16 and at most kInt8GemvMaxK (its float copy of
 // x lives in 48 KB of shared memory), columns past K zero; scale float32 [N]; bias float32 [N] or None; y [1, N] in
-// x's dtype; version 1 or 2 (the kernels above; same sums, same order within a row's lane, so the same bits).
+// x's dtype; version 1 or 2 (the kernels above; the same sums in the same order, though the compiler may round
+// them differently: not bit-identical on the H200).
 cudaError_t int8_gemv_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                            const c10::optional<at::Tensor>& bias, int K, int version, at::Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
