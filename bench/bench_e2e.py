@@ -41,7 +41,7 @@ from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
 from bitengine.generate import greedy  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
-from bitengine.kernels import decode_attention, int8_linear  # noqa: E402
+from bitengine.kernels import decode_attention  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
@@ -71,8 +71,7 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
-    kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'int8v2' (the int8 head's
-    pipelined C++ GEMV); handled by bench_model.
+    kernels in the compiled layers) and 'torchargmax' (torch.argmax picks the token); handled by bench_model.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -204,7 +203,6 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     decode_attention.VARIANT = "split" if "+split" in variant else "grouped"  # decode attention kernel (default grouped)
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
-    int8_linear.CUDA_GEMV_VERSION = 2 if "+int8v2" in variant else 1  # the C++ int8 head GEMV's kernel version
     global TORCH_ARGMAX
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
     model = build(cfg, variant, max_seq=PROMPT + NEW)

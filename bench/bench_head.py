@@ -58,8 +58,7 @@ def bench_head(name, n, k, ext, budget_end, sweep=False):
             y = ext._C_cuda.int8_gemv(x, w8, scale, k)
             r["cuda_int8_gemv_err"] = float(((y.float() - ref).norm() / ref.norm()).item())
             assert r["cuda_int8_gemv_err"] < 2e-3, r["cuda_int8_gemv_err"]
-            r["cuda_int8_gemv"] = time_calls([lambda x=x, w=w8: ext._C_cuda.int8_gemv(x, w, scale, k, version=1)])
-            r["cuda_int8_gemv_v2"] = time_calls([lambda x=x, w=w8: ext._C_cuda.int8_gemv(x, w, scale, k, version=2)])
+            r["cuda_int8_gemv"] = time_calls([lambda x=x, w=w8: ext._C_cuda.int8_gemv(x, w, scale, k)])
         best = None
         for cfg in SWEEP if sweep and kernel is int8_linear.int8_gemv else []:
             if time.time() > budget_end:
@@ -103,7 +102,7 @@ def markdown(env, heads, argmaxes):
     lines = [f"# LM head and greedy argmax on {env['card']} ({env['date']})", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`; "
              "median us of CUDA-graph replays. int8 weights: half the bytes of fp16.", "",
-             ("| head | N x K | M | cuBLAS FP16 us | int8 op (engine) us | C++ int8 GEMV v1 / v2 us | Triton kernel | us |"
+             ("| head | N x K | M | cuBLAS FP16 us | int8 op (engine) us | C++ int8 GEMV us | Triton kernel | us |"
              " Triton GEMV best of sweep us | its config | int8 read probe us |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in heads:
@@ -114,8 +113,7 @@ def markdown(env, heads, argmaxes):
             best = r.get("int8_best") or {}
             cfg = ", ".join(f"{a}={b}" for a, b in (best.get("cfg") or {}).items())
             probe = f"{r['read_probe_int8']:.2f}" if "read_probe_int8" in r else "-"
-            cpp = (f"{r['cuda_int8_gemv']:.2f} / {r['cuda_int8_gemv_v2']:.2f}" if "cuda_int8_gemv_v2" in r else
-                   f"{r['cuda_int8_gemv']:.2f}" if "cuda_int8_gemv" in r else "-")
+            cpp = f"{r['cuda_int8_gemv']:.2f}" if "cuda_int8_gemv" in r else "-"
             lines.append(f"| {h['shape']} | {h['N']}x{h['K']} | {m} | {r['cublas_fp16']:.2f} | {r['int8_op']:.2f} | {cpp} | "
                          f"{r['int8_engine_kernel']} | "
                          f"{r['int8_engine']:.2f} | "

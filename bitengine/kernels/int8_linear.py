@@ -28,13 +28,11 @@ from .tiling import column_tile, grouped_tile
 
 GEMV_MAX_M = 4  # not yet swept on a GPU: beyond a few rows the tensor-core GEMM should win
 # At M = 1 the C++ GEMV (csrc/cuda/int8_gemv.cu, bitengine._C_cuda.int8_gemv) where it is built and applies: this
-# Triton GEMV reads a head at about half the read probe's speed (bench/results/bench_head_sweep_NVIDIA_H200_2026-12-02).
+# Triton GEMV reads a head at about half the read probe's speed (bench/results/bench_head_sweep_NVIDIA_H200_2026-12-02),
+# the C++ one at 78-90% (bench_head_planes_NVIDIA_H200_2026-12-02: 43 / 102 / 134 us at the 7B / BitNet-2B / 8B heads).
 # BITENGINE_CUDA_INT8_HEAD=0 keeps the Triton GEMV (for comparison).
 CUDA_GEMV = os.environ.get("BITENGINE_CUDA_INT8_HEAD", "1") != "0"
 CUDA_MAX_K = 12288  # int8_gemv.cu keeps x as float in 48 KB of shared memory
-# int8_gemv.cu's kernel: 1 (two rows per warp, loads then arithmetic) or 2 (software-pipelined, one row per warp);
-# the same bits. BITENGINE_CUDA_INT8_GEMV=1/2.
-CUDA_GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_INT8_GEMV", "1"))
 
 
 def int8_linear_reference(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -198,8 +196,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     ext = cuda_gemv_ext(x2, weight, bias)
     if ext is not None:
         _check(x2, weight, scale, bias, in_features)
-        return ext.int8_gemv(x2, weight, scale, in_features, bias, version=CUDA_GEMV_VERSION).reshape(
-            *lead, weight.shape[0])
+        return ext.int8_gemv(x2, weight, scale, in_features, bias).reshape(*lead, weight.shape[0])
     kernel = int8_gemv if x2.shape[0] <= GEMV_MAX_M else int8_gemm
     return kernel(x2, weight, scale, bias, in_features).reshape(*lead, weight.shape[0])
 

@@ -16,7 +16,7 @@ torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::
                                            int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
-                           const c10::optional<torch::Tensor>& bias, int K, int version, torch::Tensor& y);
+                           const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
 constexpr int64_t kInt8GemvMaxK = 12288;  // int8_gemv.cu: x as float in 48 KB of shared memory
 
 namespace {
@@ -76,8 +76,7 @@ void read_probe(torch::Tensor buf, torch::Tensor out) {
 
 // The int8 head's GEMV (int8_gemv.cu); kernels/int8_linear.py checks the same rules first.
 torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
-                        c10::optional<torch::Tensor> bias, int64_t version) {
-  TORCH_CHECK(version == 1 || version == 2, "int8_gemv: version must be 1 or 2, got ", version);
+                        c10::optional<torch::Tensor> bias) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "int8_gemv: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -96,8 +95,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
               "int8_gemv: bias must be contiguous float32 [", w.size(0), "] on x's device");
   auto y = torch::empty({1, w.size(0)}, x.options());
   if (w.size(0) == 0) return y;
-  const cudaError_t err = int8_gemv_cuda(x, w, scale, bias, static_cast<int>(in_features),
-                                         static_cast<int>(version), y);
+  const cudaError_t err = int8_gemv_cuda(x, w, scale, bias, static_cast<int>(in_features), y);
   TORCH_CHECK(err == cudaSuccess, "int8_gemv: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -112,8 +110,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
         py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
-        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
-        py::arg("version") = 1);
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
         py::arg("buf"), py::arg("out"));
 }

@@ -38,7 +38,8 @@ __device__ __forceinline__ float dot4(unsigned w, float4 x, float acc) {
 // x staged once per block in shared memory as float, zero past K, in four planes of float4: plane q holds
 // x[16c + 4q .. 16c + 4q + 3] at slot c, so the lanes of a warp, which read chunks c0 + lane, read 16 consecutive
 // bytes each (no bank conflicts). x chunk by chunk (64 bytes apart per lane) was a 4-way conflict: the int8 GEMV
-// ran at ~60% of the read probe, and slower still when each row reread x (bench_head_int8v2_... vs bench_head_...).
+// ran at ~60% of the read probe (bench_head_NVIDIA_H200_2026-12-02), and slower still when each row reread x
+// (bench_head_int8v2_...); with the planes, 78-90% (bench_head_planes_...).
 template <typename T>
 __device__ __forceinline__ void stage_x(const T* __restrict__ x, float* xs, int K, int chunks) {
   for (int k = threadIdx.x; k < chunks * 16; k += kThreads) {
@@ -90,8 +91,9 @@ __device__ __forceinline__ void finish_row(float acc, long long n, const float* 
   }
 }
 
-// Version 1: grid-stride over groups of kWarps * kRows rows; each warp loads all of a pass over its kRows rows,
-// then computes it (loads and arithmetic alternate per warp).
+// Grid-stride over groups of kWarps * kRows rows; each warp loads all of a pass over its kRows rows, then computes
+// it. (A software-pipelined version, one row per warp with the next pass in flight during the arithmetic, was no
+// faster: bench_head_planes_NVIDIA_H200_2026-12-02, v2 column; removed.)
 // w: [N, Kp] int8 with row stride stride_w bytes (a multiple of 16, as Kp); chunks = Kp / 16.
 template <typename T>
 __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(
@@ -118,52 +120,13 @@ __global__ void __launch_bounds__(kThreads, 2) int8_gemv_kernel(
   }
 }
 
-// Version 2: one row per warp at a time, software-pipelined: the next pass's loads (the row's next 4096 bytes, or
-// the warp's next row) are issued before this pass is computed, into the other of two register buffers, so a warp
-// always has a pass in flight while it does arithmetic (version 1 alternates the two).
-template <typename T>
-__global__ void __launch_bounds__(kThreads, 2) int8_gemv_pipelined_kernel(
-    const T* __restrict__ x, const int8_t* __restrict__ w, long long stride_w, const float* __restrict__ scale,
-    const float* __restrict__ bias, T* __restrict__ y, int N, int K, int chunks) {
-  extern __shared__ float4 xs4[];
-  stage_x(x, reinterpret_cast<float*>(xs4), K, chunks);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int pass_chunks = 32 * kLoads;
-  const long long step = static_cast<long long>(gridDim.x) * kWarps;
-  long long row = static_cast<long long>(blockIdx.x) * kWarps + warp;
-  if (row >= N) return;
-  int c0 = 0;
-  float acc[1] = {0.0f};
-  uint4 a[1][kLoads], b[1][kLoads];
-  load_pass(a[0], w + row * stride_w, 0, chunks, lane, true);
-  // Two tiles per trip (a then b), so each buffer stays in named registers.
-  while (true) {
-    long long next_row = row;
-    int next_c0 = c0 + pass_chunks;
-    if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
-    load_pass(b[0], w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
-    dot_pass<1>(a, xs4, c0, chunks, lane, acc);
-    if (next_c0 == 0) finish_row(acc[0], row, scale, bias, y, lane), acc[0] = 0.0f;
-    row = next_row, c0 = next_c0;
-    if (row >= N) break;
-
-    next_row = row, next_c0 = c0 + pass_chunks;
-    if (next_c0 >= chunks) next_c0 = 0, next_row = row + step;
-    load_pass(a[0], w + next_row * stride_w, next_c0, chunks, lane, next_row < N);
-    dot_pass<1>(b, xs4, c0, chunks, lane, acc);
-    if (next_c0 == 0) finish_row(acc[0], row, scale, bias, y, lane), acc[0] = 0.0f;
-    row = next_row, c0 = next_c0;
-    if (row >= N) break;
-  }
-}
-
 template <typename T>
 cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const float* bias, int K,
-                   int version, at::Tensor& y) {
+                   at::Tensor& y) {
   const int N = static_cast<int>(w.size(0)), chunks = static_cast<int>(w.size(1) / 16);
   const size_t smem = static_cast<size_t>(chunks) * 16 * sizeof(float);
-  auto kernel = version == 2 ? int8_gemv_pipelined_kernel<T> : int8_gemv_kernel<T>;
-  const int rows_per_block = version == 2 ? kWarps : kWarps * kRows;
+  auto kernel = int8_gemv_kernel<T>;
+  const int rows_per_block = kWarps * kRows;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   int per_sm = 0;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
@@ -182,15 +145,14 @@ cudaError_t launch(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 // Validated by bindings.cpp (and before it by kernels/int8_linear.py): x [1, K] contiguous float16 / bfloat16 /
 // float32; w int8 [N, Kp] row-major, 16-byte aligned, Kp a multiple of 16 and at most kInt8GemvMaxK (its float copy of
 // x lives in 48 KB of shared memory), columns past K zero; scale float32 [N]; bias float32 [N] or None; y [1, N] in
-// x's dtype; version 1 or 2 (the kernels above; the same sums in the same order, though the compiler may round
-// them differently: not bit-identical on the H200).
+// x's dtype.
 cudaError_t int8_gemv_cuda(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
-                           const c10::optional<at::Tensor>& bias, int K, int version, at::Tensor& y) {
+                           const c10::optional<at::Tensor>& bias, int K, at::Tensor& y) {
   c10::cuda::CUDAGuard guard(x.device());
   const float* b = bias ? bias->data_ptr<float>() : nullptr;
   switch (x.scalar_type()) {
-    case at::kHalf: return launch<__half>(x, w, scale, b, K, version, y);
-    case at::kBFloat16: return launch<__nv_bfloat16>(x, w, scale, b, K, version, y);
-    default: return launch<float>(x, w, scale, b, K, version, y);
+    case at::kHalf: return launch<__half>(x, w, scale, b, K, y);
+    case at::kBFloat16: return launch<__nv_bfloat16>(x, w, scale, b, K, y);
+    default: return launch<float>(x, w, scale, b, K, y);
   }
 }
