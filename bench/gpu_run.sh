@@ -1,7 +1,9 @@
 #!/bin/bash
 # One device call: build the CUDA extension, then the steps named in STEPS (default: kernels e2e tests; also
 # "adapters", "profile", "attention", "head", "ncu"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
-#   BITENGINE_COMMIT=$(git rev-parse HEAD) bash bench/gpu_run.sh
+#   BITENGINE_COMMIT=<commit> bash bench/gpu_run.sh
+# with the commit taken from your local checkout: the device machine's copy of .git can be stale (one run printed an
+# older commit than the code it ran).
 # Everything worth keeping lands in $OUT (at most 8 files come back). DEADLINE_S bounds the whole call;
 # the e2e step gets what is left of it (minus E2E_RESERVE_S) unless E2E_TIMEOUT is smaller.
 set -o pipefail
