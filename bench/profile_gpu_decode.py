@@ -50,12 +50,7 @@ def kind(name: str) -> str:
 @torch.no_grad()
 def profile(name: str, variant: str, steps: int) -> dict:
     cfg = bench_e2e.MODELS[name]
-    bench_e2e.cuda_backend.PDL = "+nopdl" not in variant
-    bench_e2e.decode_attention.ENABLED = "+sdpa" not in variant  # one-token attention: Triton kernel or cuDNN
-    bench_e2e.decode_attention.VARIANT = "split" if "+split" in variant else "grouped"
-    bench_e2e.cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the GEMV or apart
-    bench_e2e.cuda_backend.COMBO_KERNELS = "+nocombo" not in variant
-    bench_e2e.TORCH_ARGMAX = "+torchargmax" in variant
+    bench_e2e.set_variant_flags(variant)
     model = bench_e2e.build(cfg, variant, max_seq=bench_e2e.PROMPT + steps + 16)
     if "+compile" in variant:
         model.compile_layers()
