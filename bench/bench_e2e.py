@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bitengine import backends, l2_prefetch  # noqa: E402
+from bitengine import backends  # noqa: E402
 from bitengine.backends import cuda as cuda_backend  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
@@ -71,9 +71,7 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
-    kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token), 'noprefetch' / 'prefetchgaps' (the
-    C++ GEMVs' L2 prefetch of the next layer's weights off, or only across glue kernels; l2_prefetch.py); handled by
-    bench_model.
+    kernels in the compiled layers) and 'torchargmax' (torch.argmax picks the token); handled by bench_model.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -114,7 +112,6 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
             checkpoint_layout_to_host(model)
         if "unfused" not in mods:
             fuse_projections(model)
-        l2_prefetch.plan(model)
     else:
         model.backend_name = "dense"
     if "int8head" in mods:
@@ -204,8 +201,6 @@ def set_variant_flags(variant: str) -> None:
     decode_attention.VARIANT = "split" if "+split" in variant else "grouped"  # decode attention kernel (default grouped)
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
-    # the C++ GEMVs' L2 prefetch of the next layer's weights: every layer, only across glue kernels, or none
-    l2_prefetch.MODE = "0" if "+noprefetch" in variant else ("gaps" if "+prefetchgaps" in variant else "next")
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
 
 

@@ -131,15 +131,7 @@ def _build(parent, members: list) -> bool:
 
 
 def refresh(model) -> None:
-    """Rebuild fused layers whose members' tensors were replaced (merged adapters) and every fused side path;
-    then the L2 prefetch plan, whose targets are the layers' current kernel buffers."""
-    from . import l2_prefetch
-
-    _refresh_fused(model)
-    l2_prefetch.plan(model)
-
-
-def _refresh_fused(model) -> None:
+    """Rebuild fused layers whose members' tensors were replaced (merged adapters) and every fused side path."""
     if not getattr(model, "fused_groups", 0):
         return
     for layer in model.model.layers:

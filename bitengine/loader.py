@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import backends, l2_prefetch
+from . import backends
 from .config import ModelConfig
 from .formats.checkpoint import CheckpointError, CheckpointReader
 from .fuse import fuse_projections
@@ -94,7 +94,6 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
             m.prepare(chosen)
     checkpoint_layout_to_host(model)  # before fusing, so the fused layers record the host tensors as their sources
     model.fused_groups = fuse_projections(model) if fuse else 0
-    l2_prefetch.plan(model)  # the CUDA decode GEMVs' L2 prefetch targets (after fusion: fused layers are targets)
     model.backend_name = chosen.name
     model.checkpoint_path = reader.path
     model.bitengine_config = block

@@ -60,9 +60,6 @@ class _AdapterPath:
 class BitLinear(nn.Module, _AdapterPath):
     """y = W1.58 linear(x) (+ bias) (+ adapter path); see quant.py for the number formats."""
 
-    # the weights the CUDA decode GEMV prefetches into L2 when done (l2_prefetch.py), a plain attribute, or None
-    l2_prefetch: torch.Tensor | None = None
-
     def __init__(self, in_features: int, out_features: int, *, act_bits: int = 8, scale_shape=(1,),
                  bias: bool = False, input_norm_eps: float | None = None, dtype=torch.float16, device=None):
         super().__init__()

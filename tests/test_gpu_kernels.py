@@ -9,7 +9,6 @@ Tolerances on ||y - ref|| / ||ref||: float32 1e-5, float16 1e-3, bfloat16 1e-2 (
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -173,13 +172,6 @@ def test_gemv_fused_and_unfused(fused):
 CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {})]
 
 
-@functools.lru_cache(maxsize=1)
-def _prefetch_buffer() -> torch.Tensor:
-    """A buffer for the GEMV's L2 prefetch: ~32 MB and not a multiple of 16 bytes (the kernel rounds down), so
-    small grids issue several bulk prefetches per warp."""
-    return torch.zeros((8 << 20) + 3, dtype=torch.int32, device="cuda")
-
-
 @pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096), (4096, 11008),
                                  (300, 14336), (130, 64), (12288, 4096), (1000, 16384)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -202,11 +194,6 @@ def test_cuda_gemv(n, k, dtype):
             assert torch.equal(y, y_op), f"v{version} {kw} differs from the op's choice"
             # a programmatic dependent launch changes when the kernel starts, never what it computes
             assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, **kw), y), f"pdl v{version}"
-            # nor does the L2 prefetch of another buffer when done
-            assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, prefetch=_prefetch_buffer(),
-                                    **kw), y), f"prefetch v{version}"
-        assert torch.equal(torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, prefetch=_prefetch_buffer()),
-                           y_op), "op with prefetch"
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (3072, 2048), (640, 2600), (4096, 11008), (33, 20000)])
@@ -287,11 +274,11 @@ print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
 
 @pytest.mark.parametrize("version", [1, 2])
 def test_cuda_gemv_pdl_chain_in_graph(version):
-    """A chain of dependent C++ GEMVs launched with programmatic dependent launch (each prefetching the next one's
-    weights into L2), replayed in a CUDA graph: bit-identical to the same chain run eagerly without either. Every
-    other GEMV reads the previous GEMV's output directly (the case where PDL lets it start before that grid ends),
-    the others a PyTorch op's output. If a kernel read x before the previous grid finished (a missing
-    griddepcontrol.wait), it would see a stale or half-written x."""
+    """A chain of dependent C++ GEMVs launched with programmatic dependent launch, replayed in a CUDA graph:
+    bit-identical to the same chain run eagerly without PDL. Every other GEMV reads the previous GEMV's
+    output directly (the case where PDL lets it start before that grid ends), the others a PyTorch op's
+    output. If a kernel read x before the previous grid finished (a missing griddepcontrol.wait), it
+    would see a stale or half-written x."""
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
@@ -300,9 +287,7 @@ def test_cuda_gemv_pdl_chain_in_graph(version):
 
     def chain(x, pdl):
         for i, (_, scale, words) in enumerate(layers):
-            # in the graph, each GEMV prefetches the next one's weights into L2 as the decode step does
-            pf = layers[i + 1][2] if pdl and i + 1 < len(layers) else None
-            y = ext.ternary_gemv_a8(x, words, scale / 64, k, None, version=version, pdl=pdl, prefetch=pf)  # |y| ~ |x|
+            y = ext.ternary_gemv_a8(x, words, scale / 64, k, None, version=version, pdl=pdl)  # |y| ~ |x|
             x = y if i % 2 == 0 else torch.tanh(y) + x
         return x
 

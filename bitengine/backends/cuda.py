@@ -94,7 +94,7 @@ _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None,
-                      version=2, rows_per_warp=1, prefetch=None) -> None:
+                      version=2, rows_per_warp=1) -> None:
     """Raise ValueError (one line: what is wrong) unless the C++ GEMV takes these inputs; the same rules as
     csrc/cuda/bindings.cpp, checked here first because on the GPU machine an exception thrown inside the extension
     (a failing TORCH_CHECK) crashed the process (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). Shapes and
@@ -125,27 +125,22 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
         if t is not None and (t.numel() != size or t.dtype != x.dtype or not t.is_contiguous()):
             raise ValueError(f"ternary_gemv_a8: {name} must be a contiguous [{size}] tensor in x's dtype ({x.dtype}), "
                              f"got {t.dtype} {tuple(t.shape)}")
-    if prefetch is not None and not (isinstance(prefetch, torch.Tensor) and prefetch.is_contiguous()
-                                     and prefetch.data_ptr() % 16 == 0):
-        raise ValueError("ternary_gemv_a8: prefetch must be a contiguous 16-byte aligned tensor")
-    tensors = [x, w, scale] + [t for _, t, _ in vectors if t is not None] + [t for t in (prefetch,) if t is not None]
+    tensors = [x, w, scale] + [t for _, t, _ in vectors if t is not None]
     if not all(t.is_cuda and t.device == x.device for t in tensors):
         raise ValueError(f"ternary_gemv_a8: every tensor must be on one CUDA device, got "
                          f"{sorted({str(t.device) for t in tensors})}")
 
 
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
-                    version=2, rows_per_warp=1, pdl=False, prefetch=None) -> torch.Tensor:
+                    version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
     y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1 or 2
     (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
-    launch (sm_90+), prefetch: a buffer (the next layer's weights) to prefetch into L2 when done (l2_prefetch.py).
-    Every version and setting gives the same bits."""
+    launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
-    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp,
-                      prefetch)
-    return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, prefetch,
+    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp)
+    return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual,
                                    version=version, rows_per_warp=rows_per_warp, pdl=pdl)
 
 
@@ -153,18 +148,17 @@ if _C_cuda is not None:
     @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                          norm_eps: float = 0.0, residual: torch.Tensor | None = None,
-                          prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                          norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
-        norm_weight: [K] in x's dtype, or None; prefetch: weights to prefetch into L2 when done, or None. Returns
-        [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the norm only with a norm_weight)."""
+        norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
+        norm only with a norm_weight)."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(),
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
-                               pdl=pdl_supported(x.device), prefetch=prefetch)
+                               pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
-    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, prefetch=None):
+    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None):
         return x.new_empty(1, words.shape[0])
 
 
@@ -196,7 +190,7 @@ class CudaBackend(TritonBackend):
         # goes to the Triton op (int8 factors: fuses_adapter is False, BitLinear adds them eagerly).
         if cuda_gemv_applies(x, layer) and not self.fuses_adapter(layer):
             y = torch.ops.bitengine.ternary_gemv_cuda(x.reshape(1, -1), layer.weight_i2w, layer.weight_scale,
-                                                      layer.in_features, layer.bias, prefetch=layer.l2_prefetch)
+                                                      layer.in_features, layer.bias)
             return y.reshape(*x.shape[:-1], -1)
         return super().linear(x, layer)
 
@@ -214,8 +208,7 @@ class CudaBackend(TritonBackend):
             return None
         y = torch.ops.bitengine.ternary_gemv_cuda(
             x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
-            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual,
-            layer.l2_prefetch)
+            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual)
         return y.reshape(*x.shape[:-1], -1)
 
 

@@ -12,8 +12,7 @@
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& norm_weight, double eps,
-                                           const c10::optional<torch::Tensor>& residual,
-                                           const c10::optional<torch::Tensor>& prefetch, int64_t version,
+                                           const c10::optional<torch::Tensor>& residual, int64_t version,
                                            int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
@@ -33,8 +32,8 @@ void check_vector(const c10::optional<torch::Tensor>& t, const torch::Tensor& x,
 
 torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                               c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight,
-                              double norm_eps, c10::optional<torch::Tensor> residual,
-                              c10::optional<torch::Tensor> prefetch, int64_t version, int64_t rows_per_warp, bool pdl) {
+                              double norm_eps, c10::optional<torch::Tensor> residual, int64_t version,
+                              int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -55,15 +54,12 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   check_vector(norm_weight, x, in_features, "norm_weight");
   check_vector(residual, x, w.size(0), "residual");
   TORCH_CHECK(norm_eps >= 0, "ternary_gemv_a8: norm_eps must be >= 0, got ", norm_eps);
-  TORCH_CHECK(!prefetch || (prefetch->is_cuda() && prefetch->device() == x.device() && prefetch->is_contiguous() &&
-                            reinterpret_cast<uintptr_t>(prefetch->data_ptr()) % 16 == 0),
-              "ternary_gemv_a8: prefetch must be a contiguous 16-byte aligned tensor on x's device");
   // the kernels read x and the norm weight with 16-byte loads
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
   if (norm_weight && reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16) norm_weight = norm_weight->clone();
   cudaError_t err = cudaSuccess;
-  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, prefetch,
-                                        version, rows_per_warp, pdl, &err);
+  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version,
+                                        rows_per_warp, pdl, &err);
   TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -112,7 +108,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual); fused quantization",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
-        py::arg("prefetch") = py::none(), py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
+        py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",

@@ -47,34 +47,6 @@ __device__ __forceinline__ void allow_next_grid() {
 #endif
 }
 
-// L2 prefetch of the next GEMV's weights (the decode step's next ternary layer, bitengine/l2_prefetch.py), issued by
-// each warp when its own rows are done: warp w of block b asks for slice (b * kWarps + w) of `bytes` (16-byte
-// units), so the whole buffer is requested once, spread over the grid. The lines stream into L2 while the glue and
-// attention kernels between two GEMVs run (the DRAM is idle there otherwise) and the next GEMV reads them from L2.
-// A hint only: nothing waits for it and the results do not depend on it. sm_90+: one bulk prefetch per warp;
-// older cards: one prefetch.global.L2 per 128-byte line.
-__device__ __forceinline__ void prefetch_l2_slice(const char* p, long long bytes) {
-  if (p == nullptr || bytes <= 0) return;
-  // in 16-byte units (32-bit: the launcher caps a buffer at 32 GB)
-  const unsigned units = static_cast<unsigned>(bytes >> 4), parts = gridDim.x * kWarps;
-  const unsigned part = blockIdx.x * kWarps + (threadIdx.x >> 5), per = (units + parts - 1) / parts;
-  const unsigned first = part * per, last = min(units, first + per);
-  if (first >= last) return;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if ((threadIdx.x & 31) == 0) {
-    for (unsigned u = first; u < last; u += 4096) {  // at most 64 KB per instruction
-      const unsigned size = min(last - u, 4096u) << 4;
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p + (static_cast<size_t>(u) << 4)), "r"(size)
-                   : "memory");
-    }
-  }
-#else
-  for (size_t b = (static_cast<size_t>(first) << 4) + (threadIdx.x & 31) * 128; b < (static_cast<size_t>(last) << 4);
-       b += 32 * 128)
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p + b));
-#endif
-}
-
 // dp4a of unsigned bytes a (codes, possibly shifted up in their byte) with signed bytes b (x_q).
 __device__ __forceinline__ int dp4a_us(unsigned a, int b, int c) {
   int d;

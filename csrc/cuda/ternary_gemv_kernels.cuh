@@ -44,7 +44,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW, const char* __restrict__ prefetch, long long prefetch_bytes) {
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -87,7 +87,6 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     }
     if (row0 + row_step < N) load_rows(row0 + row_step, lane);  // next row group's first step
   }
-  prefetch_l2_slice(prefetch, prefetch_bytes);
 }
 
 // Version 2 (the default, rows_per_warp = 0): the same arithmetic, organised for bytes in flight.
@@ -99,7 +98,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW, const char* __restrict__ prefetch, long long prefetch_bytes) {
+    T* __restrict__ y, int N, int K, int KW) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -133,11 +132,7 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     if (row0 >= N) return false;
     int nrow = row0, nchunk = chunk + 1;
     if (nchunk == chunks) { nchunk = 0; nrow += row_step; }
-    if (nrow < N) {
-      load_tile(nxt, nrow, nchunk);  // in flight while this tile is computed
-    } else {
-      prefetch_l2_slice(prefetch, prefetch_bytes);  // this warp's last tile: its loads are all issued
-    }
+    if (nrow < N) load_tile(nxt, nrow, nchunk);  // in flight while this tile is computed
     const int v0 = chunk * 32 * U + lane;
 #pragma unroll
     for (int u = 0; u < U; ++u) {
@@ -163,16 +158,13 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
 }
 
 // The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output; and a buffer to prefetch into L2 when done (null, or 16-byte aligned:
-// prefetch_bytes rounded down to 16).
+// the residual [N] added to the output.
 template <typename T>
 struct Extras {
   const T* bias;
   const T* norm_w;
   float eps;
   const T* residual;
-  const char* prefetch;
-  long long prefetch_bytes;
 };
 
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
@@ -212,8 +204,7 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
   return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                             static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
                             static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
-                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW, e.prefetch,
-                            e.prefetch_bytes);
+                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
 }
 
 template <typename T, int R, int U>
@@ -258,12 +249,10 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 template <typename T>
 cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int K,
                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm_weight, double eps,
-                const c10::optional<at::Tensor>& residual, const c10::optional<at::Tensor>& prefetch, int version,
-                int rows_per_warp, bool pdl, at::Tensor& y) {
-  const long long prefetch_bytes = prefetch ? (prefetch->numel() * prefetch->element_size()) & ~15LL : 0;
+                const c10::optional<at::Tensor>& residual, int version, int rows_per_warp, bool pdl,
+                at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
-                    ptr_or_null<T>(residual), prefetch ? static_cast<const char*>(prefetch->data_ptr()) : nullptr,
-                    prefetch_bytes};
+                    ptr_or_null<T>(residual)};
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
