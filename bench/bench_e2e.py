@@ -71,7 +71,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
-    kernels in the compiled layers) and 'torchargmax' (torch.argmax picks the token); handled by bench_model.
+    kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
+    its own kernel, not in the gate/up GEMV's epilogue); handled by set_variant_flags.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -201,6 +202,7 @@ def set_variant_flags(variant: str) -> None:
     decode_attention.VARIANT = "split" if "+split" in variant else "grouped"  # decode attention kernel (default grouped)
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
+    cuda_backend.FUSE_GATED = "+nogated" not in variant  # the MLP's gating in the gate/up GEMV's epilogue or apart
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
 
 

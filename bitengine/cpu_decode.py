@@ -56,6 +56,8 @@ def _why_not(model) -> str | None:
         attn, mlp = layer.self_attn, layer.mlp
         if attn.fused is None or mlp.fused is None:
             return f"layer {i}: q/k/v or gate/up are not fused"
+        if getattr(mlp.fused, "interleaved", False):
+            return f"layer {i}: gate/up rows interleaved (the cuda backend's layout)"
         for lin in (attn.fused, attn.o_proj, mlp.fused, mlp.down_proj):
             if not isinstance(lin, BitLinear) or getattr(lin.backend, "name", None) != "cpu":
                 return f"layer {i}: a projection does not run on the cpu backend"

@@ -16,6 +16,10 @@ their own kernel layouts are dropped, so fusion costs no memory. Members are not
 the fused layer is a plain attribute of the parent, outside the module tree, so names, state
 dicts and adapter targeting see only the checkpoint's modules.
 
+On the cuda backend the gate/up layer's rows are interleaved (gate 0, up 0, gate 1, ...): the C++ decode GEMV
+then has each gate row next to its up row and writes act(gate) * up in its epilogue (FusedLinear.gated), so the
+decode step runs no gating kernel; other calls split the output by stride.
+
 Fusion applies when the members share backend, input size, activation bits and scale granularity
 (per tensor or per channel mix freely; groups must match), have no per-linear input norm
 (BitNet's `use_rms_norm`) and the backend's kernels take them. `refresh(model)` rebuilds what is
@@ -37,9 +41,14 @@ ATTR = "fused"  # the parent's attribute holding the FusedLinear (or None)
 
 
 class FusedLinear(BitLinear):
-    """A BitLinear over the concatenation of its members' rows; forward returns the split outputs."""
+    """A BitLinear over the concatenation of its members' rows; forward returns the split outputs.
 
-    def __init__(self, members: list[BitLinear]):
+    interleaved (gate/up on the cuda backend): the two members' rows alternate (gate 0, up 0, gate 1, ...), so
+    the C++ decode GEMV finds each gate row next to its up row and applies the MLP's gating in its epilogue
+    (`gated`): one kernel writes act(gate) * up and the step needs no gating kernel. Other calls split the
+    output by stride."""
+
+    def __init__(self, members: list[BitLinear], interleaved: bool = False):
         first = members[0]
         n = sum(m.out_features for m in members)
         scale = first.weight_scale
@@ -59,13 +68,33 @@ class FusedLinear(BitLinear):
                                                                                    device=dev) for m in members])
         # which member tensors this was built from: refresh() rebuilds when any of them is replaced
         self.sources = [(m.weight_packed, m.weight_scale, m.bias) for m in members]
+        self.interleaved = interleaved
+        self.row_order = None  # the concatenated rows' new order (interleaved only)
+        if interleaved:
+            if len(members) != 2 or members[0].out_features != members[1].out_features:
+                raise ValueError("fuse: interleaving takes two members of the same size")
+            half = members[0].out_features
+            self.row_order = torch.stack([torch.arange(half), torch.arange(half) + half], 1).reshape(-1).to(dev)
+            self.weight_packed = self.weight_packed[self.row_order]
+            self.weight_scale = self.weight_scale[self.row_order].contiguous()
+            if self.bias is not None:
+                self.bias = self.bias[self.row_order]
 
     def joint(self, x: torch.Tensor, norm=None) -> torch.Tensor:
         """The members' outputs side by side (..., sum of out_features), of norm(x) when a norm is given."""
         return super().forward(x, norm)
 
     def forward(self, x: torch.Tensor, norm=None) -> list[torch.Tensor]:
-        return self.joint(x, norm).split(self.sizes, dim=-1)
+        y = self.joint(x, norm)
+        if self.interleaved:
+            return [y[..., 0::2], y[..., 1::2]]
+        return y.split(self.sizes, dim=-1)
+
+    def gated(self, x: torch.Tensor, norm, act: str) -> torch.Tensor | None:
+        """act(gate) * up of norm(x) in one kernel (act "silu" or "relu2"), or None where the backend has no such
+        kernel for this call (the caller then gates the outputs of forward)."""
+        fn = getattr(self.backend, "linear_gated", None) if self.interleaved else None
+        return fn(x, self, norm, act) if fn is not None else None
 
 
 def _fusable(members: list) -> str | None:
@@ -107,15 +136,20 @@ def fuse_projections(model) -> int:
                 skipped.add(f"{'/'.join(names)}: {reason}")
                 object.__setattr__(parent, ATTR, None)
                 continue
-            count += _build(parent, members)
+            count += _build(parent, members, pname)
     if skipped:
         log.debug("bitengine: projections not fused: %s", "; ".join(sorted(skipped)))
     model.fused_groups = count
     return count
 
 
-def _build(parent, members: list) -> bool:
-    fused = FusedLinear(members)
+def _build(parent, members: list, pname: str, interleave: bool | None = None) -> bool:
+    """Fuse members into parent's fused layer. interleave None: gate/up interleaved where the backend gates in its
+    GEMV's epilogue (the C++ CPU decode reads the plain layout); a rebuild keeps the layout the model loaded with."""
+    if interleave is None:
+        interleave = (pname == "mlp" and getattr(members[0].backend, "gates_interleaved", False)
+                      and members[0].out_features == members[1].out_features)
+    fused = FusedLinear(members, interleaved=interleave)
     fused.prepare(members[0].backend)
     if not getattr(fused, "_kernel_ok", True):  # cannot happen when every member runs on the kernels; be safe
         object.__setattr__(parent, ATTR, None)
@@ -143,7 +177,7 @@ def refresh(model) -> None:
             members = _members(parent, names)
             current = [(m.weight_packed, m.weight_scale, m.bias) for m in members]
             if any(a is not b for old, new in zip(fused.sources, current) for a, b in zip(old, new)):
-                _build(parent, members)
+                _build(parent, members, pname, fused.interleaved)
             else:
                 _set_side_path(fused, members)
 
@@ -166,6 +200,8 @@ def _set_side_path(fused: FusedLinear, members: list) -> None:
             b[row:row + m.out_features, col:col + r] = m.lora_B
             col += r
         row += m.out_features
+    if fused.row_order is not None:  # B's rows follow the fused layer's rows
+        b = b[fused.row_order.to(b.device)]
     fused.lora_A, fused.lora_B = torch.cat([m.lora_A for m in with_path]).contiguous(), b
     if with_path[0].lora_A_scale is not None:
         fused.lora_A_scale = torch.cat([m.lora_A_scale for m in with_path])

@@ -147,14 +147,17 @@ class MLP(nn.Module):
 
     def forward(self, x, norm=None, residual=None):
         """residual + mlp(norm(x)), norm and residual optional (as Attention.forward)."""
-        if self.fused is not None:
-            g, u = self.fused(x, norm)
-        else:
-            if norm is not None:
-                x = norm(x)
-            g, u = self.gate_proj(x), self.up_proj(x)
-        g = F.relu(g).square() if self.relu2 else F.silu(g)
-        return self.down_proj(g * u, self.ffn_sub_norm, residual)
+        # the CUDA decode GEMV may apply the gating in its epilogue (fuse.FusedLinear.gated); else act(g) * u here
+        h = self.fused.gated(x, norm, "relu2" if self.relu2 else "silu") if self.fused is not None else None
+        if h is None:
+            if self.fused is not None:
+                g, u = self.fused(x, norm)
+            else:
+                if norm is not None:
+                    x = norm(x)
+                g, u = self.gate_proj(x), self.up_proj(x)
+            h = (F.relu(g).square() if self.relu2 else F.silu(g)) * u
+        return self.down_proj(h, self.ffn_sub_norm, residual)
 
 
 class DecoderLayer(nn.Module):

@@ -39,6 +39,9 @@ def _inputs(**change):
     (dict(w=torch.zeros(N, 17, dtype=torch.int32)[:, :16]), "w must be i2w int32"),  # row stride not 16-byte
     (dict(w=torch.zeros(N, 12816, dtype=torch.int32), x=torch.randn(1, 205056, dtype=torch.half),
           in_features=205056), "too large for the CUDA GEMV"),
+    (dict(act=3), "act must be 0, 1 (silu) or 2 (relu2)"),
+    (dict(act=1, w=torch.zeros(N - 1, 16, dtype=torch.int32)), "a gating act needs an even N"),
+    (dict(act=2, residual=torch.ones(N, dtype=torch.half)), "and no residual"),
 ])
 def test_each_rule_raises_one_line(change, words):
     with pytest.raises(ValueError) as e:

@@ -232,6 +232,45 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
     assert torch.equal(y_op, both)
 
 
+@pytest.mark.parametrize("n,k", [(22016, 4096), (13824, 2560), (11264, 2048), (2000, 8192), (130, 64), (6, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_gemv_gated(n, k, dtype):
+    """The MLP's gating in the epilogue (act 1 SiLU, 2 squared ReLU) of an interleaved gate/up layer (rows gate 0,
+    up 0, gate 1, ...): y[i] = act(gate_i) * up_i, checked against torch doing the same on the plain GEMV's output
+    (the eager model's ops, each rounded to x's dtype). Squared ReLU has no transcendental: the same bits. SiLU's
+    exp is the fast-math one in the kernel: 16-bit outputs at most a step of the dtype apart and nearly always
+    equal, float32 ones within 1e-5. Shapes:
+    7B / BitNet-2B gate/up, K <= 2048 (the 4-row kernel's range: gated calls go to 2 rows), version 1's K, tiny.
+    Every kernel version, with the fused norm and a bias."""
+    import torch.nn.functional as F
+
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    gemv = ext.ternary_gemv_a8
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    _, scale, words = make_weight(n, k, "channel", seed=9)
+    norm = _random_norm(k, dtype, g)
+    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    # 16-bit: two steps of the dtype (a half-step rounding apart at most); float32: __expf's error grows with |g|
+    tol = {torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6, torch.float32: 1e-5}[dtype]
+    for version, kw in CUDA_VERSIONS:
+        plain = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, version=version, **kw)
+        gate, up = plain[:, 0::2], plain[:, 1::2]
+        relu2 = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, act=2, version=version, **kw)
+        assert relu2.shape == (1, n // 2) and torch.equal(relu2, F.relu(gate).square() * up), f"relu2 v{version} {kw}"
+        silu = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, act=1, version=version, pdl=True,
+                    **kw)
+        want = F.silu(gate) * up
+        steps = (silu.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)
+        assert (steps <= tol).all(), f"silu v{version} {kw}: max {steps.max().item():.3g}"
+        if dtype != torch.float32:
+            assert (silu == want).float().mean() > 0.95, f"silu v{version} {kw}: too few exact"
+    y_op = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, None, 1)
+    assert torch.equal(y_op, silu), "the op"
+
+
 def test_cuda_gemv_bad_input_raises():
     """Bad inputs to the C++ GEMV raise ValueError with one line saying what, from the Python checks in front of
     the extension (backends/cuda.py check_gemv_inputs). Run in a child process: on the GPU machine an exception

@@ -140,10 +140,11 @@ def test_int8_head(world):
 
 
 def test_decode_step_fuses_norms_and_residuals(tmp_path, monkeypatch):
-    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step hands every input RMSNorm and residual add of a
-    layer to it (BitLinear.forward -> CudaBackend.linear_fused: q/k/v and gate/up with their norm, o and down with
-    the residual). The fused step is as close to the float32 reference as the same step with the fusion turned off,
-    and eager and CUDA-graph decoding still give the same tokens."""
+    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step hands every input RMSNorm, residual add and the
+    MLP's gating of a layer to it (BitLinear.forward -> CudaBackend.linear_fused: q/k/v with its norm, o and down with
+    the residual; FusedLinear.gated -> CudaBackend.linear_gated: gate/up with its norm and the gating). The fused
+    step is as close to the float32 reference as the same step with the fusion turned off, and eager and CUDA-graph
+    decoding still give the same tokens."""
     from bitengine.backends import cuda as cuda_backend
 
     if cuda_backend._C_cuda is None:
@@ -166,21 +167,28 @@ def test_decode_step_fuses_norms_and_residuals(tmp_path, monkeypatch):
     model = bitengine.load(tmp_path / "a8", device="cuda")
     assert model.backend_name == "cuda"
     backend = model.model.layers[0].mlp.down_proj.backend
-    fused_calls = []
-    real = backend.linear_fused
+    assert model.model.layers[0].mlp.fused.interleaved  # gate/up rows interleaved for the gated GEMV
+    calls = {"linear_fused": [], "linear_gated": []}
+    real = {name: getattr(backend, name) for name in calls}
 
-    def counting(*args):
-        y = real(*args)
-        fused_calls.append(y is not None)
-        return y
+    def counting(name):
+        def call(*args):
+            y = real[name](*args)
+            calls[name].append(y is not None)
+            return y
+        return call
 
-    monkeypatch.setattr(backend, "linear_fused", counting)
+    for name in calls:
+        monkeypatch.setattr(backend, name, counting(name))
     fused = step_logits(model)
-    # the decode step only (the prefill's M = 9 never takes the GEMV): 4 fused calls per layer
-    assert fused_calls.count(True) == 4 * 2, fused_calls
-    monkeypatch.setattr(backend, "linear_fused", lambda *args: None)
+    # the decode step only (the prefill's M = 9 never takes the GEMV): per layer q/k/v with its norm, o and down
+    # with the residual (linear_fused), gate/up with its norm and the gating (linear_gated)
+    assert calls["linear_fused"].count(True) == 3 * 2 and calls["linear_gated"].count(True) == 2, calls
+    for name in calls:
+        monkeypatch.setattr(backend, name, lambda *args: None)
     unfused = step_logits(model)
     assert _rel(fused, ref32) < 1.5 * _rel(unfused, ref32) + 2e-3
-    monkeypatch.setattr(backend, "linear_fused", real)
+    for name in calls:
+        monkeypatch.setattr(backend, name, real[name])
     kw = dict(input_ids=prompt[0].tolist(), max_new_tokens=12, ignore_eos=True)
     assert model.generate(cuda_graph=True, **kw) == model.generate(cuda_graph=False, **kw)

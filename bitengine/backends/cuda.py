@@ -7,7 +7,8 @@ Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the sp
 dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
 with float factors always take the Triton op, whose epilogue adds the side path (the C++ GEMV has none).
 At decode, the C++ kernel also takes the layer's input RMSNorm (prologue) and the residual add (epilogue):
-`linear_fused`, called by BitLinear.forward when the model passes them.
+`linear_fused`, called by BitLinear.forward when the model passes them; and the MLP's gating (epilogue) on gate/up
+layers fused with interleaved rows: `linear_gated`, called by fuse.FusedLinear.gated.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ PDL = os.environ.get("BITENGINE_PDL", "1") != "0"
 # The decode step's input norms and residual adds in the C++ GEMV (linear_fused); BITENGINE_FUSE_NORM=0 (or setting
 # this to False before a step is traced or captured) leaves them to separate kernels, for A/B runs.
 FUSE_NORM_RESIDUAL = os.environ.get("BITENGINE_FUSE_NORM", "1") != "0"
+# The MLP's gating (act(gate) * up) in the gate/up GEMV's epilogue, on gate/up layers fused with interleaved rows
+# (fuse.py; linear_gated); BITENGINE_FUSE_GATED=0 (or False here before a model is loaded) keeps the plain layout and
+# a separate gating kernel, for A/B runs.
+FUSE_GATED = os.environ.get("BITENGINE_FUSE_GATED", "1") != "0"
+ACTS = {"silu": 1, "relu2": 2}  # the C++ GEMV's act codes (store_gated in csrc/cuda/gemv_common.cuh)
 
 
 def pdl_supported(device: torch.device) -> bool:
@@ -94,7 +100,7 @@ _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None,
-                      version=2, rows_per_warp=1) -> None:
+                      version=2, rows_per_warp=1, act=0) -> None:
     """Raise ValueError (one line: what is wrong) unless the C++ GEMV takes these inputs; the same rules as
     csrc/cuda/bindings.cpp, checked here first because on the GPU machine an exception thrown inside the extension
     (a failing TORCH_CHECK) crashed the process (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). Shapes and
@@ -120,6 +126,9 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
                          f"{rows_per_warp}")
     if not norm_eps >= 0:
         raise ValueError(f"ternary_gemv_a8: norm_eps must be >= 0, got {norm_eps}")
+    if act not in (0, 1, 2) or (act and (w.shape[0] % 2 or residual is not None)):
+        raise ValueError(f"ternary_gemv_a8: act must be 0, 1 (silu) or 2 (relu2), and a gating act needs an even N "
+                         f"and no residual; got act {act!r}, N = {w.shape[0]}")
     vectors = (("bias", bias, n), ("norm_weight", norm_weight, in_features), ("residual", residual, n))
     for name, t, size in vectors:
         if t is not None and (t.numel() != size or t.dtype != x.dtype or not t.is_contiguous()):
@@ -132,15 +141,16 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
 
 
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
-                    version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
+                    act=0, version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
-    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); version 1 or 2
-    (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
+    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); act 1 (SiLU) or
+    2 (squared ReLU): w's rows are interleaved gate, up pairs and y [1, N / 2] = act(gate) * up (fuse.py); version 1
+    or 2 (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
     launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
-    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp)
-    return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual,
+    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp, act)
+    return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, act=act,
                                    version=version, rows_per_warp=rows_per_warp, pdl=pdl)
 
 
@@ -148,18 +158,18 @@ if _C_cuda is not None:
     @torch.library.custom_op("bitengine::ternary_gemv_cuda", mutates_args=())
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                          norm_eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+                          norm_eps: float = 0.0, residual: torch.Tensor | None = None, act: int = 0) -> torch.Tensor:
         """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
         norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
-        norm only with a norm_weight)."""
+        norm only with a norm_weight); with act 1 / 2 (ACTS) and interleaved gate/up rows, [1, N / 2] = act(gate) * up."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
-                               None if residual is None else residual.reshape(-1).contiguous(),
+                               None if residual is None else residual.reshape(-1).contiguous(), act=act,
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
                                pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
-    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None):
-        return x.new_empty(1, words.shape[0])
+    def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, act=0):
+        return x.new_empty(1, words.shape[0] // 2 if act else words.shape[0])
 
 
 def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
@@ -174,6 +184,11 @@ def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
 
 class CudaBackend(TritonBackend):
     name = "cuda"
+
+    @property
+    def gates_interleaved(self) -> bool:
+        """Whether fuse.py should interleave gate/up rows for linear_gated (read when layers are fused)."""
+        return FUSE_GATED
 
     def unavailable_reason(self, device: torch.device) -> str | None:
         if _C_cuda is None:
@@ -209,6 +224,21 @@ class CudaBackend(TritonBackend):
         y = torch.ops.bitengine.ternary_gemv_cuda(
             x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
             None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual)
+        return y.reshape(*x.shape[:-1], -1)
+
+    def linear_gated(self, x: torch.Tensor, layer, norm, act: str) -> torch.Tensor | None:
+        """act(gate) * up of norm(x) (norm: an nn.RMSNorm or None) for a gate/up layer fused with interleaved rows
+        (fuse.FusedLinear.gated), in one C++ GEMV: the gating in its epilogue, the norm in its prologue. None where
+        that kernel does not take this call; decided from shapes, dtypes and settings only, as linear_fused."""
+        if not (FUSE_GATED and act in ACTS and getattr(layer, "interleaved", False) and layer._kernel_ok
+                and layer.lora_A is None and cuda_gemv_applies(x, layer)):
+            return None
+        if norm is not None and not (FUSE_NORM_RESIDUAL and isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
+                                     and norm.weight.numel() == layer.in_features):
+            x, norm = norm(x), None  # the norm as its own kernel, the gating still fused
+        y = torch.ops.bitengine.ternary_gemv_cuda(
+            x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
+            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), None, ACTS[act])
         return y.reshape(*x.shape[:-1], -1)
 
 

@@ -12,8 +12,8 @@
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& norm_weight, double eps,
-                                           const c10::optional<torch::Tensor>& residual, int64_t version,
-                                           int64_t rows_per_warp, bool pdl, cudaError_t* err);
+                                           const c10::optional<torch::Tensor>& residual, int64_t act,
+                                           int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                            const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
@@ -32,8 +32,8 @@ void check_vector(const c10::optional<torch::Tensor>& t, const torch::Tensor& x,
 
 torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                               c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight,
-                              double norm_eps, c10::optional<torch::Tensor> residual, int64_t version,
-                              int64_t rows_per_warp, bool pdl) {
+                              double norm_eps, c10::optional<torch::Tensor> residual, int64_t act,
+                              int64_t version, int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -54,12 +54,14 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   check_vector(norm_weight, x, in_features, "norm_weight");
   check_vector(residual, x, w.size(0), "residual");
   TORCH_CHECK(norm_eps >= 0, "ternary_gemv_a8: norm_eps must be >= 0, got ", norm_eps);
+  TORCH_CHECK(act >= 0 && act <= 2 && (act == 0 || (w.size(0) % 2 == 0 && !residual)),
+              "ternary_gemv_a8: act must be 0, 1 (silu) or 2 (relu2); a gating act needs an even N and no residual");
   // the kernels read x and the norm weight with 16-byte loads
   if (reinterpret_cast<uintptr_t>(x.data_ptr()) % 16) x = x.clone();
   if (norm_weight && reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16) norm_weight = norm_weight->clone();
   cudaError_t err = cudaSuccess;
-  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version,
-                                        rows_per_warp, pdl, &err);
+  auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, act,
+                                        version, rows_per_warp, pdl, &err);
   TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -105,10 +107,11 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout, the int8 head's GEMV";
   m.def("ternary_gemv_a8", &ternary_gemv_a8,
-        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual); fused quantization",
+        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual), or with act 1 / 2 "
+        "act(gate) * up of an interleaved gate/up layer (y[1, N / 2]); fused quantization",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
-        py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
+        py::arg("act") = 0, py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",

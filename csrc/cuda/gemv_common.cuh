@@ -251,4 +251,57 @@ __device__ __forceinline__ void store_output(int dot, int xsum, float sc, float 
   y[n] = from_float<T>(out);
 }
 
+// The MLP's gating in the gate/up GEMV's epilogue (act 1: SiLU, 2: squared ReLU), for rows n (gate) and n + 1 (up)
+// of the interleaved fused layer (bitengine/fuse.py): y[n / 2] = act(g) * u, each step rounded to T as the eager
+// model does it (g and u are the layer's T outputs, F.silu(g) / F.relu(g).square() a T, times u a T). SiLU as ATen's
+// kernel, g / (1 + exp(-g)) in float (exp here is the fast-math one: a float ulp or two, at most one T step apart).
+template <typename T>
+__device__ __forceinline__ void store_gated(int dot_g, int dot_u, int xsum, float sc_g, float sc_u, float a,
+                                            const T* __restrict__ bias, T* __restrict__ y, int n, int act) {
+  float g = __fdiv_rn(__fmul_rn(static_cast<float>(dot_g - xsum), sc_g), a);
+  float u = __fdiv_rn(__fmul_rn(static_cast<float>(dot_u - xsum), sc_u), a);
+  if (bias) {
+    g = __fadd_rn(g, to_float(bias[n]));
+    u = __fadd_rn(u, to_float(bias[n + 1]));
+  }
+  g = round_to<T>(g);
+  u = round_to<T>(u);
+  float h;
+  if (act == 1) {
+    h = round_to<T>(__fdiv_rn(g, __fadd_rn(1.f, __expf(-g))));
+  } else {
+    const float r = g < 0.f ? 0.f : g;  // NaN stays NaN, as F.relu
+    h = round_to<T>(__fmul_rn(r, r));
+  }
+  y[n >> 1] = from_float<T>(__fmul_rn(h, u));
+}
+
+// The outputs of one row group (rows row0 .. row0 + R - 1) from each lane's partial dot products: summed over the
+// warp and written by lane 0. act 0: one output per row (store_output); act 1 / 2 (R = 2 only, rows interleaved gate,
+// up, row0 even): one per pair (store_gated), no residual. Only R = 2 carries the gating: in the 4-row kernel its
+// code cost spills at the 64-register cap (dispatch_version sends gated calls to 2-row kernels).
+template <typename T, int R>
+__device__ __forceinline__ void store_rows(const DotAcc (&acc)[R], int row0, int lane, int xsum, float a,
+                                           const float* __restrict__ scale, int per_channel, const T* __restrict__ bias,
+                                           const T* __restrict__ residual, T* __restrict__ y, int N, int act) {
+  auto warp_sum = [](int v) {
+    for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+  };
+  if constexpr (R == 2) {
+    if (act != 0) {
+      const int g = warp_sum(acc[0].total()), u = warp_sum(acc[1].total());
+      if (lane == 0 && row0 < N)
+        store_gated(g, u, xsum, scale[per_channel ? row0 : 0], scale[per_channel ? row0 + 1 : 0], a, bias, y, row0,
+                    act);
+      return;
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {  // one row at a time: fewer live registers than reducing all first
+    const int s = warp_sum(acc[r].total()), n = row0 + r;
+    if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
+  }
+}
+
 }  // namespace bitengine_cuda

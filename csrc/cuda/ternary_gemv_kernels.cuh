@@ -15,7 +15,8 @@
 //      the block first applies the RMSNorm (one more block reduction), so the decode step needs no norm kernel;
 //   2. each warp streams R weight rows with 16-byte non-caching loads, U of them in flight per row,
 //      and reduces with shuffles; blocks stride over row groups;
-//   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given.
+//   3. the epilogue adds bias and the residual stream (the decode step's `h + linear(...)`) where given, or, for the
+//      MLP's fused gate/up layer (rows interleaved gate, up), applies the gating act(gate) * up (store_gated).
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
 // read conflict-free (see xq_slot).
 //
@@ -44,7 +45,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW) {
+    T* __restrict__ y, int N, int K, int KW, int act) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -78,13 +79,7 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
         if (v < kw4) accumulate_vector(acc, wv[u], xq, v);
       }
     }
-#pragma unroll
-    for (int r = 0; r < R; ++r) {
-      int s = acc[r].total();
-      for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-      const int n = row0 + r;
-      if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
-    }
+    store_rows<T, R>(acc, row0, lane, xsum, a, scale, per_channel, bias, residual, y, N, act);
     if (row0 + row_step < N) load_rows(row0 + row_step, lane);  // next row group's first step
   }
 }
@@ -98,7 +93,7 @@ template <typename T, int R, int U>
 __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW) {
+    T* __restrict__ y, int N, int K, int KW, int act) {
   extern __shared__ int4 xq[];
   __shared__ float a_s;
   __shared__ int xsum_s;
@@ -140,14 +135,9 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
       if (v < kw4) accumulate_vector(acc, cur[u], xq, v);
     }
     if (chunk == chunks - 1) {
+      store_rows<T, R>(acc, row0, lane, xsum, a, scale, per_channel, bias, residual, y, N, act);
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        int s = acc[r].total();
-        for (int o = 16; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        acc[r] = DotAcc();
-        const int n = row0 + r;
-        if (lane == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
-      }
+      for (int r = 0; r < R; ++r) acc[r] = DotAcc();
     }
     row0 = nrow;
     chunk = nchunk;
@@ -158,13 +148,15 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
 }
 
 // The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output.
+// the residual [N] added to the output; act: 0, or the gating of an interleaved gate/up layer (store_gated: 1 SiLU,
+// 2 squared ReLU; y has N / 2 outputs).
 template <typename T>
 struct Extras {
   const T* bias;
   const T* norm_w;
   float eps;
   const T* residual;
+  int act;
 };
 
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
@@ -204,7 +196,7 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
   return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
                             static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
                             static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
-                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW);
+                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW, e.act);
 }
 
 template <typename T, int R, int U>
@@ -227,14 +219,14 @@ cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at:
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
     // (K = 6912 .. 14336: x read twice, and two K chunks per row above K = 8192), where version 1 keeps x in registers.
     const int kw4 = static_cast<int>(w.size(1)) / 4;
-    if (kw4 <= 32) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);
+    if (kw4 <= 32 && !e.act) return launch_v2<T, 4, 1>(x, w, scale, e, y, K, pdl);  // gating: 2-row kernels only
     if (kw4 <= 64) return launch_v2<T, 2, 2>(x, w, scale, e, y, K, pdl);
     // Beyond K = 4096 two rows per warp at every N (gpu_kernels_NVIDIA_H200_2026-12-02, fee83a9, cuda_a8_v1_r2 vs
     // the former 1 row per warp for N <= 8192): 2560x6912 4.74 vs 5.41 us, 4096x11008 7.29 vs 7.71, 4096x14336 8.15
     // vs 8.75, 3200x10240 6.53 vs 6.89 (four rows: 5.00, 7.33, 8.54, 6.55).
     return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
   }
-  switch (rows_per_warp) {  // version 1
+  switch (e.act ? 2 : rows_per_warp) {  // version 1 (the gating runs in 2-row kernels, see store_rows)
     case 1: return launch<T, 1, 8>(x, w, scale, e, y, K, pdl);
     case 2: return launch<T, 2, 4>(x, w, scale, e, y, K, pdl);
     default: return launch<T, 4, 2>(x, w, scale, e, y, K, pdl);
@@ -249,10 +241,10 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 template <typename T>
 cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int K,
                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm_weight, double eps,
-                const c10::optional<at::Tensor>& residual, int version, int rows_per_warp, bool pdl,
+                const c10::optional<at::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
                 at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
-                    ptr_or_null<T>(residual)};
+                    ptr_or_null<T>(residual), act};
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 
