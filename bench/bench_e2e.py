@@ -36,7 +36,6 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bitengine import backends  # noqa: E402
-from bitengine import model as model_module  # noqa: E402
 from bitengine.backends import cuda as cuda_backend  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
@@ -73,8 +72,7 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
-    its own kernel, not in the gate/up GEMV's epilogue), 'seprope' (RoPE and the cache writes as their own kernel,
-    not in the decode attention kernel); handled by set_variant_flags.
+    its own kernel, not in the gate/up GEMV's epilogue); handled by set_variant_flags.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -205,7 +203,6 @@ def set_variant_flags(variant: str) -> None:
     cuda_backend.FUSE_NORM_RESIDUAL = "+sepnorm" not in variant  # norms / residual adds in the C++ GEMV or apart
     cuda_backend.COMBO_KERNELS = "+nocombo" not in variant  # inductor combo kernels in the compiled layers
     cuda_backend.FUSE_GATED = "+nogated" not in variant  # the MLP's gating in the gate/up GEMV's epilogue or apart
-    model_module.FUSE_DECODE_ROPE = "+seprope" not in variant  # RoPE + cache writes in the attention kernel or apart
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
 
 

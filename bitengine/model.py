@@ -8,7 +8,6 @@ the decode step uses tensor positions only (no host syncs), so it can be capture
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn as nn
@@ -35,12 +34,6 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return torch.where(medium, smoothed, scaled)
-
-
-# A CUDA decode step hands RoPE and the cache writes to the attention kernel (bitengine::decode_attention_rope: one
-# kernel instead of a rotary/cache-write kernel and the attention); BITENGINE_FUSE_ROPE=0 (or False here before a step
-# is traced or captured) keeps them apart, for A/B runs.
-FUSE_DECODE_ROPE = os.environ.get("BITENGINE_FUSE_ROPE", "1") != "0"
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
@@ -110,24 +103,17 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         h, n_kv = self.cfg.num_heads, self.cfg.num_kv_heads
-        # a CUDA decode step: RoPE, the cache writes and attention in one kernel (decode_attention_rope)
-        one_kernel = t == 1 and kv is not None and kv_len is None and x.is_cuda and FUSE_DECODE_ROPE
-        if self.fused is not None:
-            qkv = self.fused.joint(x, norm).view(b, t, -1, hd).transpose(1, 2)  # (B, H + 2 n_kv, T, hd)
-            if one_kernel:
-                q, k, v = qkv.split([h, n_kv, n_kv], dim=1)
-            else:  # q and k are adjacent in the fused output: one RoPE pass for both
-                qk, v = qkv.split([h + n_kv, n_kv], dim=1)
-                q, k = apply_rope(qk, cos, sin).split([h, n_kv], dim=1)
+        if self.fused is not None:  # q and k are adjacent in the fused output: one RoPE pass for both
+            qk, v = self.fused.joint(x, norm).split([(h + n_kv) * hd, n_kv * hd], dim=-1)
+            qk = apply_rope(qk.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, H + n_kv, T, hd)
+            q, k = qk.split([h, n_kv], dim=1)
         else:
             if norm is not None:
                 x = norm(x)
-            q, k, v = (proj(x).view(b, t, -1, hd).transpose(1, 2) for proj in (self.q_proj, self.k_proj, self.v_proj))
-            if not one_kernel:
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)  # (B, H, T, hd), (B, n_kv, T, hd)
-        if one_kernel:
-            y = torch.ops.bitengine.decode_attention_rope(q, k, v, kv[0], kv[1], cos, sin, mask, input_pos)
-            return self.o_proj(y.transpose(1, 2).reshape(b, t, -1), self.attn_sub_norm, residual)
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q = apply_rope(q.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, H, T, hd)
+            k = apply_rope(k.view(b, t, -1, hd).transpose(1, 2), cos, sin)  # (B, n_kv, T, hd)
+        v = v.view(b, t, -1, hd).transpose(1, 2)
         if kv is not None:
             kc, vc = kv  # (B, n_kv, S, hd)
             if input_pos.dim() == 1:  # every row writes the same slots

@@ -10,7 +10,6 @@ masked-out slots and slices, and cache slots after the position that hold NaN (n
 
 from __future__ import annotations
 
-import functools
 import os
 import subprocess
 import sys
@@ -52,55 +51,6 @@ def make_case(b, h, hkv, s, d, dtype, device, seed, shared_pos=False):
     return [t.to(device) for t in (q, k, v, mask, pos)]
 
 
-def rope64(x, cos, sin):
-    """model.apply_rope in float64."""
-    x = x.double()
-    return x * cos.double() + x.roll(x.shape[-1] // 2, dims=-1) * sin.double()
-
-
-def make_rope_case(b, h, hkv, s, d, dtype, device, seed, shared_pos=False):
-    """make_case plus the step's un-rotated q, k_new, v_new and cos / sin_signed rows (in the cache dtype, as
-    CausalLM.forward passes them); the cache slot of each row's token holds NaN (it must be written, not read)."""
-    q, k, v, mask, pos = make_case(b, h, hkv, s, d, dtype, device, seed, shared_pos)
-    g = torch.Generator().manual_seed(seed + 100)
-    k_new, v_new = (torch.randn(b, hkv, 1, d, generator=g).to(dtype).to(device) for _ in range(2))
-    angle = torch.rand(b, 1, 1, d // 2, generator=g) * 6.3
-    cos = torch.cat([angle.cos()] * 2, -1).to(dtype).to(device)
-    sin = torch.cat([-angle.sin(), angle.sin()], -1).to(dtype).to(device)
-    rows = pos.reshape(-1).expand(b)
-    for i in range(b):
-        k[i, :, rows[i]] = float("nan")
-        v[i, :, rows[i]] = float("nan")
-    return q, k_new, v_new, k, v, cos, sin, mask, pos
-
-
-def check_rope_case(fn, case, dtype, what, tol):
-    """fn(q, k_new, v_new, k_cache, v_cache, cos, sin, mask, pos) (the kernel or the op) against the float64
-    reference: attention of rope(q) over the cache with rope(k_new) / v_new in each row's slot; the caches written
-    there (k to within a rounding of the dtype, v exactly) and nowhere else."""
-    q, k_new, v_new, k, v, cos, sin, mask, pos = case
-    b = q.shape[0]
-    k_before, v_before = k.clone(), v.clone()
-    y = fn(q, k_new, v_new, k, v, cos, sin, mask, pos)
-    rows = pos.reshape(-1).expand(b)
-    k_ref, v_ref = k_before.double(), v_before.double()
-    for i in range(b):
-        k_ref[i, :, rows[i]] = rope64(k_new[i, :, 0], cos[i % cos.shape[0], 0], sin[i % sin.shape[0], 0])
-        v_ref[i, :, rows[i]] = v_new[i, :, 0].double()
-    ref = reference64(rope64(q, cos, sin), k_ref, v_ref, mask, pos)
-    assert y.shape == q.shape and torch.isfinite(y).all(), what
-    err = ((y.double() - ref).norm() / ref.norm()).item()
-    assert err < tol, f"{what}: rel.err {err:.2e}"
-    for i in range(b):
-        slot = rows[i].item()
-        wrote = k[i, :, slot].double()
-        assert ((wrote - k_ref[i, :, slot]).abs() <= 2 * tol * k_ref[i, :, slot].abs() + tol).all(), what
-        assert torch.equal(v[i, :, slot], v_new[i, :, 0]), what
-        others = [j for j in range(k.shape[2]) if j != slot]
-        assert torch.equal(k[i, :, others].nan_to_num(7.0), k_before[i, :, others].nan_to_num(7.0)), what
-        assert torch.equal(v[i, :, others].nan_to_num(7.0), v_before[i, :, others].nan_to_num(7.0)), what
-
-
 CASES = [  # b, h, hkv, s, d, shared_pos
     (2, 4, 2, 100, 16, False), (1, 3, 3, 64, 24, True), (3, 8, 1, 130, 32, False), (1, 2, 2, 5, 8, True),
 ]
@@ -137,17 +87,6 @@ def check_cases(device, dtypes, n_sms):
         y = decode_attention(q, k, v, mask, pos, n_sm=64, variant=variant)
         ref = reference64(q, k, v, mask, pos)
         assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-5, variant
-    # RoPE, cache write and attention in one kernel (the grouped one; decode_attention_rope)
-    from bitengine.kernels.decode_attention import decode_attention_rope
-
-    for dtype in dtypes:
-        for ci, (b, h, hkv, s, d, shared) in enumerate(CASES):
-            if d % 2:
-                continue
-            for n_sm in n_sms:
-                case = make_rope_case(b, h, hkv, s, d, dtype, device, seed=ci, shared_pos=shared)
-                check_rope_case(functools.partial(decode_attention_rope, n_sm=n_sm), case, dtype,
-                                f"rope case {ci} {dtype} n_sm={n_sm}", tol[dtype])
 
 
 def test_decode_attention_under_interpreter():
@@ -170,24 +109,6 @@ def test_decode_attention_op_falls_back_to_sdpa_off_gpu():
     mask = mask & (slots <= pos.reshape(-1, 1))[:, None, None, :]
     y = torch.ops.bitengine.decode_attention(q, k, v, mask, pos)
     assert ((y.double() - reference64(q, k, v, mask, pos)).norm()).item() < 1e-5
-
-
-def test_decode_attention_rope_op_off_gpu():
-    """On the CPU the rope op runs the model's own steps (RoPE, cache writes, then the attention op), in place on the
-    caches, for a shared and for per-row positions."""
-    from bitengine.kernels import ops  # noqa: F401
-
-    for shared in (True, False):
-        q, k_new, v_new, k, v, cos, sin, mask, pos = make_rope_case(2, 4, 2, 40, 16, torch.float32, "cpu", seed=4,
-                                                                    shared_pos=shared)
-        # as the model's caches and mask: zeros after the position (not NaN: SDPA reads them), causal; the token's
-        # own slot NaN (written before it is read)
-        k, v = k.nan_to_num(), v.nan_to_num()
-        for i, slot in enumerate(pos.reshape(-1).expand(2).tolist()):
-            k[i, :, slot] = v[i, :, slot] = float("nan")
-        mask = mask & (torch.arange(40) <= pos.reshape(-1, 1))[:, None, None, :]
-        case = (q, k_new, v_new, k, v, cos, sin, mask, pos)
-        check_rope_case(torch.ops.bitengine.decode_attention_rope, case, torch.float32, f"op shared={shared}", 1e-5)
 
 
 def test_kernel_pays_where_measured_faster():

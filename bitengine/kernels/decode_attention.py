@@ -137,34 +137,16 @@ def _merge_kernel(part_ptr, o_ptr, stride_ob, stride_oh, H, N_SLICES, D: tl.cons
 
 
 @triton.jit
-def _rope(x_ptr, offs_d, d_mask, cs_ptr, sn_ptr, D: tl.constexpr):
-    """RoPE of the row(s) at x_ptr + offs_d in float32 (x * cos + roll(x, D / 2) * sin_signed, as model.apply_rope,
-    rounded once by the caller, as inductor's fused kernel does; cos / sin_signed rows at cs_ptr / sn_ptr)."""
-    x = tl.load(x_ptr + offs_d, mask=d_mask, other=0.0).to(tl.float32)
-    x_rolled = tl.load(x_ptr + (offs_d + D // 2) % D, mask=d_mask, other=0.0).to(tl.float32)
-    cs = tl.load(cs_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-    sn = tl.load(sn_ptr + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
-    return x * cs + x_rolled * sn
-
-
-@triton.jit
 def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
                                 stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                                 stride_mb, stride_ms, stride_pb, stride_ob, stride_oh,
-                                kn_ptr, vn_ptr, cos_ptr, sin_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                stride_cb,
                                 H, HKV, S, GROUP, SLICE, N_SLICES, sm_scale,
                                 D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_H: tl.constexpr,
-                                SINGLE: tl.constexpr, IEEE: tl.constexpr, NEW: tl.constexpr):
+                                SINGLE: tl.constexpr, IEEE: tl.constexpr):
     """The `grouped` variant: one program per (kv head, slice) takes all GROUP query heads of that kv head as the rows
     of a BLOCK_H x D tile (padded to 16 for tl.dot), so q.K^T and p.V run as matrix products on the tensor cores
     (fewer instructions per slot than the split kernel's reductions, and loads Triton can pipeline) and each K/V
-    block is read once per kv head instead of once per query head. Same inputs, outputs and partials layout.
-
-    NEW (decode_attention_rope): q and the token's own k / v come un-rotated from the q/k/v projection (kn_ptr,
-    vn_ptr; cos / sin_signed rows per batch row at cos_ptr / sin_ptr): the kernel applies RoPE to q and k, the
-    program whose slice holds the token's slot writes k and v there, and that slot's term comes from registers (the
-    loop over the cache stops before it), so no program reads a slot another one writes."""
+    block is read once per kv head instead of once per query head. Same inputs, outputs and partials layout."""
     bk = tl.program_id(0)
     sl = tl.program_id(1)
     b = bk // HKV
@@ -174,19 +156,11 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
     heads = kvh * GROUP + offs_h
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < D
-    q_rows = q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh
-    if NEW:
-        q = _rope(q_rows, offs_d[None, :], h_mask[:, None] & d_mask[None, :], cos_ptr + b.to(tl.int64) * stride_cb,
-                  sin_ptr + b.to(tl.int64) * stride_cb, D)
-    else:
-        q = tl.load(q_rows + offs_d[None, :], mask=h_mask[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptr + b.to(tl.int64) * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=h_mask[:, None] & d_mask[None, :], other=0.0)
     q = q.to(k_ptr.dtype.element_ty)
     start, stop, k_base, v_base = _slice_bounds(pos_ptr, k_ptr, v_ptr, b, kvh, sl, stride_pb, stride_kb, stride_kh,
                                                 stride_vb, stride_vh, S, SLICE)
-    pos = stop  # unused unless NEW
-    if NEW:  # the cache loop stops before the token's own slot
-        pos = tl.load(pos_ptr + b * stride_pb)
-        stop = tl.minimum(stop, pos)
     m_i = tl.full([BLOCK_H], NEG, tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
@@ -208,25 +182,6 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
         acc = acc * alpha[:, None] + pv
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    if NEW:
-        if (pos >= start) & (pos < start + SLICE):  # this slice holds the token's slot: write it, add its term
-            k_new = _rope(kn_ptr + b.to(tl.int64) * stride_knb + kvh * stride_knh, offs_d, d_mask,
-                          cos_ptr + b.to(tl.int64) * stride_cb, sin_ptr + b.to(tl.int64) * stride_cb, D)
-            k_new = k_new.to(k_ptr.dtype.element_ty)
-            v_new = tl.load(vn_ptr + b.to(tl.int64) * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask, other=0.0)
-            v_new = v_new.to(v_ptr.dtype.element_ty)
-            tl.store(k_base + pos.to(tl.int64) * stride_ks + offs_d, k_new, mask=d_mask)
-            tl.store(v_base + pos.to(tl.int64) * stride_vs + offs_d, v_new, mask=d_mask)
-            seen = tl.load(m_ptr + b.to(tl.int64) * stride_mb + pos * stride_ms) != 0
-            score = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * sm_scale  # (BLOCK_H,)
-            score = tl.where(seen, score, float("-inf"))
-            m_new = tl.maximum(m_i, score)
-            alpha = tl.exp(m_i - m_new)
-            p = tl.exp(score - m_new)
-            # p rounded to the cache dtype as the loop's p.V product does
-            acc = acc * alpha[:, None] + p.to(v_new.dtype).to(tl.float32)[:, None] * v_new.to(tl.float32)[None, :]
-            l_i = l_i * alpha + p
-            m_i = m_new
     if SINGLE:
         out = acc / l_i[:, None]
         tl.store(o_ptr + b.to(tl.int64) * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
@@ -265,33 +220,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     """See the module docstring; n_sm sizes the split (programs ~ 2 per SM), block_s / num_warps the tiles;
     variant "split" (one program per query head and slice) or "grouped" (per kv head and slice, tl.dot;
     _decode_attn_grouped_kernel), default VARIANT."""
-    return _run(q, k, v, mask, input_pos, None, n_sm, block_s, num_warps, variant or VARIANT)
-
-
-def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, mask: torch.Tensor,
-                          input_pos: torch.Tensor, n_sm: int = 132, block_s: int = BLOCK_S,
-                          num_warps: int = 4) -> torch.Tensor:
-    """The decode step's RoPE, cache write and attention in one kernel (the grouped one): q (B, H, 1, D), k_new /
-    v_new (B, Hkv, 1, D) straight from the q/k/v projection (not rotated; any strides, D contiguous); cos /
-    sin_signed (B or 1, 1, 1, D) (CausalLM.forward's, in x's dtype); RoPE as model.apply_rope in float32, rounded once
-    (as the compiled step's fused kernel; eager rounds after each op), k and v written to the caches
-    (B, Hkv, S, D) at each row's input_pos, then attention as decode_attention over the caches. Returns
-    (B, H, 1, D) in q's dtype; k_cache and v_cache are written."""
-    b, hkv = k_cache.shape[0], k_cache.shape[1]
-    d = q.shape[-1]
-    if k_new.shape != (b, hkv, 1, d) or v_new.shape != (b, hkv, 1, d) or k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
-        raise ValueError(f"decode attention: the new k / v must be (B, Hkv, 1, D) = {(b, hkv, 1, d)} with D "
-                         f"contiguous, got {tuple(k_new.shape)} / {tuple(v_new.shape)}")
-    if d % 2 or any(not t.is_floating_point() or t.shape[-1] != d or t.stride(-1) != 1 or t.numel() not in (d, b * d)
-                    for t in (cos, sin_signed)):
-        raise ValueError(f"decode attention: cos / sin must be float (B or 1, 1, 1, D = {d}) rows, D even; got "
-                         f"{cos.dtype} {tuple(cos.shape)}")
-    new = (k_new, v_new, cos, sin_signed)
-    return _run(q, k_cache, v_cache, mask, input_pos, new, n_sm, block_s, num_warps, "grouped")
-
-
-def _run(q, k, v, mask, input_pos, new, n_sm, block_s, num_warps, variant) -> torch.Tensor:
+    variant = variant or VARIANT
     if variant not in ("split", "grouped"):
         raise ValueError(f"decode attention variant must be 'split' or 'grouped', got {variant!r}")
     if q.dim() != 4 or q.shape[2] != 1:
@@ -320,14 +249,10 @@ def _run(q, k, v, mask, input_pos, new, n_sm, block_s, num_warps, variant) -> to
     if grouped:
         if k.dtype != v.dtype:
             raise ValueError(f"the grouped decode attention needs one K/V dtype, got {k.dtype} and {v.dtype}")
-        kn, vn, cs, sn = new if new is not None else (k, v, q, q)  # placeholders when there is no new token
-        new_strides = (kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-                       0 if new is None or cs.numel() == d else cs.stride(0))
         _decode_attn_grouped_kernel[(b * hkv, n_slices)](
-            q, k, v, m, pos, y, part, *strides, kn, vn, cs, sn, *new_strides,
-            h, hkv, s, h // hkv, slice_s, n_slices, 1.0 / math.sqrt(d),
+            q, k, v, m, pos, y, part, *strides, h, hkv, s, h // hkv, slice_s, n_slices, 1.0 / math.sqrt(d),
             D=d, BLOCK_D=block_d, BLOCK_S=block_s, BLOCK_H=max(16, triton.next_power_of_2(h // hkv)),
-            SINGLE=single, IEEE=k.dtype == torch.float32, NEW=new is not None, num_warps=num_warps)
+            SINGLE=single, IEEE=k.dtype == torch.float32, num_warps=num_warps)
     else:
         _decode_attn_kernel[(b * h, n_slices)](
             q, k, v, m, pos, y, part, *strides, h, s, h // hkv, slice_s, n_slices, 1.0 / math.sqrt(d),

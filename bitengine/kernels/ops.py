@@ -81,35 +81,3 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 @decode_attention.register_fake
 def _(q, k, v, mask, input_pos):
     return q.new_empty(q.shape)
-
-
-@torch.library.custom_op("bitengine::decode_attention_rope", mutates_args=("k_cache", "v_cache"))
-def decode_attention_rope(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, k_cache: torch.Tensor,
-                          v_cache: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, mask: torch.Tensor,
-                          input_pos: torch.Tensor) -> torch.Tensor:
-    """A decode step's RoPE, cache write and attention: q (B, H, 1, D) and k_new / v_new (B, Hkv, 1, D) as the q/k/v
-    projection gives them (not rotated), cos / sin_signed from CausalLM.rope, caches (B, Hkv, S, D) written at
-    input_pos ((1,) or (B, 1)). One Triton kernel (decode_attention.decode_attention_rope) on CUDA where the grouped
-    kernel pays; otherwise the model's own steps: model.apply_rope's formula, the cache writes, then decode_attention."""
-    pos = input_pos
-    if (_decode.ENABLED and q.is_cuda and _decode.VARIANT == "grouped" and k_cache.dtype == v_cache.dtype
-            and _decode.kernel_pays(q.shape[0], q.shape[1], k_cache.shape[1], k_cache.shape[2],
-                                    _decode.sm_count(q.device), "grouped")):
-        return _decode.decode_attention_rope(q, k_new, v_new, k_cache, v_cache, cos, sin_signed, mask, pos,
-                                             _decode.sm_count(q.device))
-    half = q.shape[-1] // 2
-    q = q * cos + q.roll(half, dims=-1) * sin_signed
-    k = k_new * cos + k_new.roll(half, dims=-1) * sin_signed
-    if pos.dim() == 1:
-        k_cache.index_copy_(2, pos, k.to(k_cache.dtype))
-        v_cache.index_copy_(2, pos, v_new.to(v_cache.dtype))
-    else:  # (B, 1): each row its own slot
-        rows = torch.arange(q.shape[0], device=q.device)[:, None]
-        k_cache[rows, :, pos] = k.transpose(1, 2).to(k_cache.dtype)
-        v_cache[rows, :, pos] = v_new.transpose(1, 2).to(v_cache.dtype)
-    return decode_attention(q.to(v_new.dtype), k_cache, v_cache, mask, pos)
-
-
-@decode_attention_rope.register_fake
-def _(q, k_new, v_new, k_cache, v_cache, cos, sin_signed, mask, input_pos):
-    return q.new_empty(q.shape)
