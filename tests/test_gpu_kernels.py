@@ -196,6 +196,20 @@ def test_cuda_gemv(n, k, dtype):
             assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, **kw), y), f"pdl v{version}"
 
 
+def _norm_case(n, k, dtype, seed):
+    """For the C++ GEMV's fused-prologue tests: (the GEMV, the CUDA generator after the draws below, a channel-scaled
+    weight as (packed, scale, words), a random RMSNorm over k inputs, x with |x| ~ 3 and a bias, in dtype)."""
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    g = torch.Generator(device="cuda").manual_seed(n + k)
+    packed, scale, words = make_weight(n, k, "channel", seed=seed)
+    norm = _random_norm(k, dtype, g)
+    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
+    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    return ext.ternary_gemv_a8, g, packed, scale, words, norm, x, bias
+
+
 @pytest.mark.parametrize("n,k", [(4096, 4096), (3072, 2048), (640, 2600), (4096, 11008), (33, 20000)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_gemv_norm_and_residual(n, k, dtype):
@@ -205,15 +219,7 @@ def test_cuda_gemv_norm_and_residual(n, k, dtype):
     torch-normed input it may move a rounding: compared to the float64 reference of the normed input, within
     the kernels' usual tolerance. Shapes: version 2 (K <= 4096), version 1, K not a multiple of 16, and
     K = 20000 (version 1 reloads x words from L2 beyond 16384 inputs)."""
-    ext = _cuda_ext()
-    if ext is None:
-        pytest.skip("bitengine._C_cuda not built")
-    gemv = ext.ternary_gemv_a8
-    g = torch.Generator(device="cuda").manual_seed(n + k)
-    packed, scale, words = make_weight(n, k, "channel", seed=7)
-    norm = _random_norm(k, dtype, g)
-    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
-    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    gemv, g, packed, scale, words, norm, x, bias = _norm_case(n, k, dtype, seed=7)
     res = torch.randn(1, n, device="cuda", generator=g).to(dtype)
     xn = norm(x)
     ref = reference64(xn, packed, scale, k, 8, bias)
@@ -239,20 +245,11 @@ def test_cuda_gemv_gated(n, k, dtype):
     up 0, gate 1, ...): y[i] = act(gate_i) * up_i, checked against torch doing the same on the plain GEMV's output
     (the eager model's ops, each rounded to x's dtype). Squared ReLU has no transcendental: the same bits. SiLU's
     exp is the fast-math one in the kernel: 16-bit outputs at most a step of the dtype apart and nearly always
-    equal, float32 ones within 1e-5. Shapes:
-    7B / BitNet-2B gate/up, K <= 2048 (the 4-row kernel's range: gated calls go to 2 rows), version 1's K, tiny.
-    Every kernel version, with the fused norm and a bias."""
+    equal, float32 ones within 1e-5. Shapes: 7B / BitNet-2B gate/up, K <= 2048 (the 4-row kernel's range: gated
+    calls go to 2 rows), version 1's K, tiny. Every kernel version, with the fused norm and a bias."""
     import torch.nn.functional as F
 
-    ext = _cuda_ext()
-    if ext is None:
-        pytest.skip("bitengine._C_cuda not built")
-    gemv = ext.ternary_gemv_a8
-    g = torch.Generator(device="cuda").manual_seed(n + k)
-    _, scale, words = make_weight(n, k, "channel", seed=9)
-    norm = _random_norm(k, dtype, g)
-    x = (torch.randn(1, k, device="cuda", generator=g) * 3).to(dtype)
-    bias = torch.randn(n, device="cuda", generator=g).to(dtype)
+    gemv, _, _, scale, words, norm, x, bias = _norm_case(n, k, dtype, seed=9)
     # 16-bit: two steps of the dtype (a half-step rounding apart at most); float32: __expf's error grows with |g|
     tol = {torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6, torch.float32: 1e-5}[dtype]
     for version, kw in CUDA_VERSIONS:
