@@ -102,6 +102,35 @@ def test_interleaved_gate_up(world, ckpt, monkeypatch):
     assert close()
 
 
+def test_mlp_takes_the_gated_kernel(world, monkeypatch):
+    """MLP.forward hands an interleaved gate/up layer to its backend's linear_gated (the CUDA GEMV's gating epilogue)
+    and uses what it returns; where that returns None, the gating runs after the fused layer. Here a Python stand-in
+    on the CPU backend computes the same ops, so the logits are equal and the calls are counted."""
+    import torch.nn.functional as F
+
+    r, ids = world["root"], world["ids"]
+    cpu = type(bitengine.backends.get("cpu"))
+    monkeypatch.setattr(cpu, "gates_interleaved", True, raising=False)
+    model = bitengine.load(r / "channel", backend="cpu")
+    base = _logits(model, ids)
+    calls = []
+
+    def linear_gated(self, x, layer, norm, act):
+        calls.append(act)
+        g, u = layer(x, norm)
+        return F.silu(g) * u
+
+    monkeypatch.setattr(cpu, "linear_gated", linear_gated, raising=False)
+    assert torch.equal(_logits(model, ids), base)
+    assert calls == ["silu"] * model.config.num_layers
+    # its result is what the down projection gets
+    monkeypatch.setattr(cpu, "linear_gated", lambda self, x, layer, norm, act: linear_gated(self, x, layer, norm, act) * 0,
+                        raising=False)
+    assert not torch.equal(_logits(model, ids), base)
+    monkeypatch.setattr(cpu, "linear_gated", lambda self, *args: None, raising=False)
+    assert torch.equal(_logits(model, ids), base)
+
+
 def test_reference_backend_stays_unfused(world):
     model = bitengine.load(world["root"] / "tensor", backend="reference")
     assert model.fused_groups == 0 and model.model.layers[0].mlp.fused is None
