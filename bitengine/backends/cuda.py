@@ -216,15 +216,11 @@ class CudaBackend(TritonBackend):
         if not (FUSE_NORM_RESIDUAL and layer._kernel_ok and cuda_gemv_applies(x, layer)
                 and not self.fuses_adapter(layer)):
             return None
-        if norm is not None and not (isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
-                                     and norm.weight.numel() == layer.in_features):
+        if norm is not None and not _norm_fusable(norm, x, layer):
             return None
         if residual is not None and not (residual.dtype == x.dtype and residual.numel() == layer.out_features):
             return None
-        y = torch.ops.bitengine.ternary_gemv_cuda(
-            x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
-            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual)
-        return y.reshape(*x.shape[:-1], -1)
+        return _gemv(x, layer, norm, residual)
 
     def linear_gated(self, x: torch.Tensor, layer, norm, act: str) -> torch.Tensor | None:
         """act(gate) * up of norm(x) (norm: an nn.RMSNorm or None) for a gate/up layer fused with interleaved rows
@@ -233,13 +229,22 @@ class CudaBackend(TritonBackend):
         if not (FUSE_GATED and act in ACTS and getattr(layer, "interleaved", False) and layer._kernel_ok
                 and layer.lora_A is None and cuda_gemv_applies(x, layer)):
             return None
-        if norm is not None and not (FUSE_NORM_RESIDUAL and isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype
-                                     and norm.weight.numel() == layer.in_features):
+        if norm is not None and not (FUSE_NORM_RESIDUAL and _norm_fusable(norm, x, layer)):
             x, norm = norm(x), None  # the norm as its own kernel, the gating still fused
-        y = torch.ops.bitengine.ternary_gemv_cuda(
-            x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
-            None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), None, ACTS[act])
-        return y.reshape(*x.shape[:-1], -1)
+        return _gemv(x, layer, norm, None, ACTS[act])
 
+
+def _norm_fusable(norm, x: torch.Tensor, layer) -> bool:
+    """Whether the C++ GEMV's prologue can apply `norm` to x: an nn.RMSNorm over the layer's inputs in x's dtype."""
+    return isinstance(norm, RMSNorm) and norm.weight.dtype == x.dtype and norm.weight.numel() == layer.in_features
+
+
+def _gemv(x: torch.Tensor, layer, norm, residual: torch.Tensor | None, act: int = 0) -> torch.Tensor:
+    """The C++ GEMV op on x (one token, any leading shape) with the layer's weights, norm (or None), residual and
+    act (see ternary_gemv_cuda); the output in x's leading shape."""
+    y = torch.ops.bitengine.ternary_gemv_cuda(
+        x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
+        None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual, act)
+    return y.reshape(*x.shape[:-1], -1)
 
 register(CudaBackend())

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .gemv import INTERPRET  # the Triton interpreter (no PDL there)
+
 BLOCK_S = 64
 # The CUDA decode step uses this kernel where it pays (kernel_pays; ops.decode_attention); BITENGINE_DECODE_ATTENTION=0,
 # or setting ENABLED to False, sends it back to scaled_dot_product_attention (read at each call, so at each CUDA-graph
@@ -213,7 +215,7 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
 def pdl_launch(device: torch.device) -> dict:
     """The launch options for programmatic dependent launch where it applies (PDL on, a CUDA device of compute
     capability 9+, not the Triton interpreter), else none: {"PDL": True, "launch_pdl": True} or {}."""
-    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not PDL or device.type != "cuda" or INTERPRET:
         return {}
     index = device.index if device.index is not None else torch.cuda.current_device()
     return {"PDL": True, "launch_pdl": True} if _capability(index) >= 9 else {}
