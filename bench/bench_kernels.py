@@ -156,6 +156,15 @@ def variants(m, ext):
     elif m <= 16:
         v["triton_a8_gemv"] = lambda x, w, s, k: ternary_gemv_a8(x, w, s, k)
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
+    if m > 1 and ext is not None:  # the C++ tensor-core kernel for a few tokens, where it takes the shape
+        def cuda_mma(x, w, s, k):
+            if not ext.mma_takes(x.shape[0], k, x.dtype):
+                raise ValueError(f"not taken at M = {x.shape[0]}, K = {k}")
+            return torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
+
+        if ext.mma_takes(m, 4096, torch.float16):
+            v["cuda_a8"] = cuda_mma
+            v["cuda_a8_nopdl"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=False)
     elif m <= 256:
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
     return v
@@ -326,7 +335,8 @@ def _us(row, key):
 
 
 def best_a8(row):
-    """What the "cuda" backend runs (C++ GEMV at M = 1 when built, else the Triton dispatch): (name, result)."""
+    """What the "cuda" backend runs (when built: the C++ GEMV at M = 1, the C++ tensor-core kernel where it takes M > 1;
+    else the Triton dispatch): (name, result)."""
     for key in ("cuda_a8", "triton_a8"):
         if key in row and "us" in row[key]:
             return key, row[key]

@@ -22,7 +22,13 @@ def _inputs(**change):
 
 @pytest.mark.parametrize("change,words", [
     (dict(x=torch.randn(1, K, dtype=torch.float64)), "x must be float16"),
-    (dict(x=torch.randn(1, K + 1, dtype=torch.half)), "x must be a contiguous [1, 64]"),
+    (dict(x=torch.randn(1, K + 1, dtype=torch.half)), "x must be a contiguous [M, 64]"),
+    (dict(x=torch.randn(K, dtype=torch.half)), "x must be a contiguous [M, 64]"),
+    (dict(x=torch.randn(3, 60, dtype=torch.half), in_features=60), "M > 1 needs in_features <= 27904 and rows of x"),
+    (dict(x=torch.randn(2, 27920, dtype=torch.half), in_features=27920, w=torch.zeros(N, 1760, dtype=torch.int32)),
+     "M > 1 needs in_features <= 27904"),
+    (dict(x=torch.randn(3, K, dtype=torch.half), residual=torch.ones(N, dtype=torch.half)), "residual must be a "
+     "contiguous [24] tensor"),
     (dict(x=torch.randn(K, 2, dtype=torch.half).t()[:1]), "x must be a contiguous"),
     (dict(w=torch.zeros(N, 16, dtype=torch.int64)), "w must be i2w int32"),
     (dict(w=torch.zeros(N, 8, dtype=torch.int32)), "w must be i2w int32"),
@@ -54,3 +60,15 @@ def test_valid_inputs_fail_only_on_the_device():
     with pytest.raises(ValueError, match="every tensor must be on one CUDA device"):
         check_gemv_inputs(**_inputs(bias=torch.ones(N, dtype=torch.half), norm_weight=torch.ones(K, dtype=torch.half),
                                     residual=torch.ones(N, dtype=torch.half)))
+
+
+def test_which_token_counts_take_the_tensor_core_kernel():
+    """M > 1 goes to the C++ tensor-core kernel up to MAX_MMA_M tokens and MAX_MMA_K inputs, with each row of x in
+    whole 16-byte vectors (its loads); M = 1 is the GEMV's."""
+    from bitengine.backends.cuda import MAX_MMA_K, MAX_MMA_M, mma_takes
+
+    half, f32 = torch.float16, torch.float32
+    assert mma_takes(2, 4096, half) and mma_takes(MAX_MMA_M, 4096, half) and mma_takes(3, 1000, f32)
+    assert not mma_takes(1, 4096, half) and not mma_takes(MAX_MMA_M + 1, 4096, half)
+    assert mma_takes(8, MAX_MMA_K, half) and not mma_takes(8, MAX_MMA_K + 8, half)
+    assert not mma_takes(8, 1004, half) and mma_takes(8, 1004, f32) and not mma_takes(8, 1002, f32)

@@ -268,6 +268,62 @@ def test_cuda_gemv_gated(n, k, dtype):
     assert torch.equal(y_op, silu), "the op"
 
 
+# The tensor-core kernel for a few tokens (csrc/cuda/ternary_mma_kernels.cuh): 16 tokens per launch, 8 where 16 rows of
+# x_q do not fit in shared memory (K = 14336, 16384, 27904), chunks of launches beyond (M = 17, 32).
+MMA_MS = (2, 3, 8, 9, 16, 17, 32)
+
+
+@pytest.mark.parametrize("n,k", REAL + [(4096, 11008), (4096, 14336), (77, 1000), (130, 64), (1000, 16384),
+                                 (12288, 4096), (33, 27904)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_mma(n, k, dtype):
+    """M > 1 on the C++ tensor-core kernel: against the float64 reference, and bit for bit the M = 1 GEMV of each row
+    (the same per-row quantization and integer sums, one shared epilogue), with and without PDL."""
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    gemv = ext.ternary_gemv_a8
+    for gran in ("tensor", "channel"):
+        packed, scale, words = make_weight(n, k, gran, seed=11)
+        bias = torch.randn(n, device="cuda").to(dtype)
+        x = (torch.randn(max(MMA_MS), k, device="cuda") * torch.rand(max(MMA_MS), 1, device="cuda") * 4).to(dtype)
+        rows = torch.cat([gemv(x[i:i + 1], words, scale, k, bias) for i in range(x.shape[0])])
+        for m in MMA_MS:
+            y = torch.ops.bitengine.ternary_gemv_cuda(x[:m], words, scale, k, bias)
+            check(y, reference64(x[:m], packed, scale, k, 8, bias), dtype, f"mma m={m} {n}x{k} {gran}")
+            assert torch.equal(y, rows[:m]), f"m={m} {n}x{k} {gran}: differs from the M = 1 GEMV's rows"
+            assert torch.equal(gemv(x[:m], words, scale, k, bias, pdl=True), y), f"pdl m={m}"
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (640, 2600), (22016, 4096), (4096, 14336), (34, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_mma_norm_residual_gated(n, k, dtype):
+    """The tensor-core kernel's fused RMSNorm (within the kernels' tolerance of the reference of the torch-normed
+    input: another summation order), residual (exact: == plain + residual) and gating (squared ReLU exact, SiLU within
+    a dtype step, as test_cuda_gemv_gated), at M = 3, 8, 16 and 32."""
+    import torch.nn.functional as F
+
+    gemv, g, packed, scale, words, norm, _, bias = _norm_case(n, k, dtype, seed=12)
+    tol = {torch.float16: 2.0 ** -9, torch.bfloat16: 2.0 ** -6, torch.float32: 1e-5}[dtype]
+    for m in (3, 8, 16, 32):
+        x = (torch.randn(m, k, device="cuda", generator=g) * 3).to(dtype)
+        res = torch.randn(m, n, device="cuda", generator=g).to(dtype)
+        ref = reference64(norm(x), packed, scale, k, 8, bias)
+        fused = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, pdl=True)
+        check(fused, ref, dtype, f"norm m={m} {n}x{k}", tol=max(TOL[dtype], TOL[torch.float16]))
+        both = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, residual=res)
+        assert torch.equal(both, fused + res), f"norm + residual m={m}"
+        y_op = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, res)
+        assert torch.equal(y_op, both), f"op m={m}"
+        gate, up = fused[:, 0::2], fused[:, 1::2]
+        relu2 = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, act=2)
+        assert relu2.shape == (m, n // 2) and torch.equal(relu2, F.relu(gate).square() * up), f"relu2 m={m}"
+        silu = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, None, 1)
+        want = F.silu(gate) * up
+        steps = (silu.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)
+        assert (steps <= tol).all(), f"silu m={m}: max {steps.max().item():.3g}"
+
+
 def test_cuda_gemv_bad_input_raises():
     """Bad inputs to the C++ GEMV raise ValueError with one line saying what, from the Python checks in front of
     the extension (backends/cuda.py check_gemv_inputs). Run in a child process: on the GPU machine an exception
@@ -308,13 +364,13 @@ print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
     assert lines[8] == "ok torch.Size([1, 8])", proc.stdout
 
 
-@pytest.mark.parametrize("version", [1, 2])
-def test_cuda_gemv_pdl_chain_in_graph(version):
+@pytest.mark.parametrize("version,m", [(1, 1), (2, 1), (2, 8)])
+def test_cuda_gemv_pdl_chain_in_graph(version, m):
     """A chain of dependent C++ GEMVs launched with programmatic dependent launch, replayed in a CUDA graph:
     bit-identical to the same chain run eagerly without PDL. Every other GEMV reads the previous GEMV's
     output directly (the case where PDL lets it start before that grid ends), the others a PyTorch op's
     output. If a kernel read x before the previous grid finished (a missing griddepcontrol.wait), it
-    would see a stale or half-written x."""
+    would see a stale or half-written x. M = 8: the tensor-core kernel."""
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
@@ -327,13 +383,13 @@ def test_cuda_gemv_pdl_chain_in_graph(version):
             x = y if i % 2 == 0 else torch.tanh(y) + x
         return x
 
-    static_x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+    static_x = torch.randn(m, k, device="cuda", dtype=torch.float16)
     chain(static_x, True)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = chain(static_x, True)
     for seed in range(3):
-        static_x.copy_(torch.randn(1, k, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(seed)))
+        static_x.copy_(torch.randn(m, k, device="cuda", dtype=torch.float16, generator=torch.Generator("cuda").manual_seed(seed)))
         graph.replay()
         assert torch.equal(static_y, chain(static_x, False)), f"replay {seed}"
 

@@ -140,8 +140,8 @@ def test_int8_head(world):
 
 
 def test_decode_step_fuses_norms_and_residuals(tmp_path, monkeypatch):
-    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step hands every input RMSNorm, residual add and the
-    MLP's gating of a layer to it (BitLinear.forward -> CudaBackend.linear_fused: q/k/v with its norm, o and down with
+    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step (and a prefill of up to 32 tokens: the C++
+    tensor-core kernel) hands every input RMSNorm, residual add and the MLP's gating of a layer to it (BitLinear.forward -> CudaBackend.linear_fused: q/k/v with its norm, o and down with
     the residual; FusedLinear.gated -> CudaBackend.linear_gated: gate/up with its norm and the gating). The fused
     step is as close to the float32 reference as the same step with the fusion turned off, and eager and CUDA-graph
     decoding still give the same tokens."""
@@ -181,9 +181,9 @@ def test_decode_step_fuses_norms_and_residuals(tmp_path, monkeypatch):
     for name in calls:
         monkeypatch.setattr(backend, name, counting(name))
     fused = step_logits(model)
-    # the decode step only (the prefill's M = 9 never takes the GEMV): per layer q/k/v with its norm, o and down
-    # with the residual (linear_fused), gate/up with its norm and the gating (linear_gated)
-    assert calls["linear_fused"].count(True) == 3 * 2 and calls["linear_gated"].count(True) == 2, calls
+    # the prefill's 9 tokens (the tensor-core kernel) and the decode step (the GEMV), per layer: q/k/v with its norm,
+    # o and down with the residual (linear_fused), gate/up with its norm and the gating (linear_gated)
+    assert calls["linear_fused"].count(True) == 2 * 3 * 2 and calls["linear_gated"].count(True) == 2 * 2, calls
     for name in calls:
         monkeypatch.setattr(backend, name, lambda *args: None)
     unfused = step_logits(model)

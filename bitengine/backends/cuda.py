@@ -1,10 +1,11 @@
-"""The "cuda" backend: the CUDA C++ decode GEMV (csrc/cuda, bitengine._C_cuda) where it applies,
-the Triton kernels everywhere else.
+"""The "cuda" backend: the CUDA C++ kernels (csrc/cuda, bitengine._C_cuda) where they apply, the Triton
+kernels everywhere else.
 
-The C++ kernel covers W1.58A8 at M = 1 with per-tensor or per-channel scales (one fused launch:
-activation quantization + GEMV) and is used where it measured faster than Triton (N * K >= 4M).
-Other calls (small layers, M > 1, A16, group scales) go to the Triton op; the split is by shape,
-dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
+The C++ kernels cover W1.58A8 with per-tensor or per-channel scales (one fused launch: activation
+quantization + matmul): the decode GEMV at M = 1 where it measured faster than Triton (N * K >= 4M), and
+the tensor-core kernel for a few tokens (1 < M <= MAX_MMA_M: batched decode, short prompts) at every size.
+Other calls (small layers at M = 1, larger M, A16, group scales) go to the Triton op; the split is by
+shape, dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
 with float factors always take the Triton op, whose epilogue adds the side path (the C++ GEMV has none).
 At decode, the C++ kernel also takes the layer's input RMSNorm (prologue) and the residual add (epilogue):
 `linear_fused`, called by BitLinear.forward when the model passes them; and the MLP's gating (epilogue) on gate/up
@@ -29,6 +30,11 @@ except ImportError as e:  # the package works without the extension
     _IMPORT_ERROR = e
 
 MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 16 inputs
+# M > 1 (csrc/cuda/ternary_mma_kernels.cuh, the tensor-core kernel for a few tokens): up to MAX_MMA_M tokens per call
+# (16 per launch, or 8 where 16 tokens' int8 rows do not fit in shared memory; more run as several launches, each
+# reading the weights once), in_features up to MAX_MMA_K (8 tokens' rows in 227 KB; bindings.cpp mma_fits).
+MAX_MMA_M = 32
+MAX_MMA_K = 27904
 # bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
 # from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).
 CUDA_MIN_NK = 4_000_000
@@ -109,8 +115,12 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
         raise ValueError("ternary_gemv_a8: x, w and scale must be tensors")
     if x.dtype not in _X_DTYPES:
         raise ValueError(f"ternary_gemv_a8: x must be float16, bfloat16 or float32, got {x.dtype}")
-    if x.numel() != in_features or not x.is_contiguous():
-        raise ValueError(f"ternary_gemv_a8: x must be a contiguous [1, {in_features}] tensor, got {tuple(x.shape)}")
+    if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] != in_features or not x.is_contiguous():
+        raise ValueError(f"ternary_gemv_a8: x must be a contiguous [M, {in_features}] tensor, got {tuple(x.shape)}")
+    m = x.shape[0]
+    if m > 1 and not mma_takes(2, in_features, x.dtype):
+        raise ValueError(f"ternary_gemv_a8: M > 1 needs in_features <= {MAX_MMA_K} and rows of x in whole 16-byte "
+                         f"vectors, got in_features {in_features} in {x.dtype}")
     if (w.dtype != torch.int32 or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] % 16 or
             w.shape[1] * 16 < in_features or w.stride(0) % 4):
         raise ValueError(f"ternary_gemv_a8: w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= "
@@ -129,7 +139,7 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
     if act not in (0, 1, 2) or (act and (w.shape[0] % 2 or residual is not None)):
         raise ValueError(f"ternary_gemv_a8: act must be 0, 1 (silu) or 2 (relu2), and a gating act needs an even N "
                          f"and no residual; got act {act!r}, N = {w.shape[0]}")
-    vectors = (("bias", bias, n), ("norm_weight", norm_weight, in_features), ("residual", residual, n))
+    vectors = (("bias", bias, n), ("norm_weight", norm_weight, in_features), ("residual", residual, m * n))
     for name, t, size in vectors:
         if t is not None and (t.numel() != size or t.dtype != x.dtype or not t.is_contiguous()):
             raise ValueError(f"ternary_gemv_a8: {name} must be a contiguous [{size}] tensor in x's dtype ({x.dtype}), "
@@ -143,10 +153,11 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
                     act=0, version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
-    y [1, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional); act 1 (SiLU) or
-    2 (squared ReLU): w's rows are interleaved gate, up pairs and y [1, N / 2] = act(gate) * up (fuse.py); version 1
-    or 2 (2: version 2 up to K = 4096, version 1 beyond), rows_per_warp for version 1, pdl: programmatic dependent
-    launch (sm_90+). Every version and setting gives the same bits."""
+    x [M, K]; y [M, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional; residual
+    [M, N] or its M * N elements); act 1 (SiLU) or 2 (squared ReLU): w's rows are interleaved gate, up pairs and
+    y [M, N / 2] = act(gate) * up (fuse.py). M = 1: the GEMV, version 1 or 2 (2: version 2 up to K = 4096, version 1
+    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes; version and rows_per_warp unused).
+    pdl: programmatic dependent launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
     check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp, act)
@@ -159,9 +170,10 @@ if _C_cuda is not None:
     def ternary_gemv_cuda(x: torch.Tensor, words: torch.Tensor, scale: torch.Tensor, in_features: int,
                           bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
                           norm_eps: float = 0.0, residual: torch.Tensor | None = None, act: int = 0) -> torch.Tensor:
-        """x: [1, K] fp16/bf16/fp32; words: int32 [N, KW] (i2w); scale: float32 [1] | [N]; bias, residual: [N] and
-        norm_weight: [K] in x's dtype, or None. Returns [1, N]: residual + linear(RMSNorm(x) * norm_weight) (the
-        norm only with a norm_weight); with act 1 / 2 (ACTS) and interleaved gate/up rows, [1, N / 2] = act(gate) * up."""
+        """x: [M, K] fp16/bf16/fp32 (M = 1, or mma_takes); words: int32 [N, KW] (i2w); scale: float32 [1] | [N];
+        bias: [N], residual: [M, N] and norm_weight: [K] in x's dtype, or None. Returns [M, N]: residual +
+        linear(RMSNorm(x) * norm_weight) (the norm only with a norm_weight); with act 1 / 2 (ACTS) and interleaved
+        gate/up rows, [M, N / 2] = act(gate) * up."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(), act=act,
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
@@ -169,17 +181,26 @@ if _C_cuda is not None:
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, act=0):
-        return x.new_empty(1, words.shape[0] // 2 if act else words.shape[0])
+        return x.new_empty(x.shape[0], words.shape[0] // 2 if act else words.shape[0])
+
+
+def mma_takes(m: int, in_features: int, dtype: torch.dtype) -> bool:
+    """Whether the C++ tensor-core kernel takes m > 1 tokens of in_features inputs: m <= MAX_MMA_M, in_features <=
+    MAX_MMA_K, and each token's row of x in whole 16-byte vectors (the kernel's loads)."""
+    return 1 < m <= MAX_MMA_M and in_features <= MAX_MMA_K and in_features * _ITEMSIZE.get(dtype, 0) % 16 == 0
+
+
+_ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
 
 
 def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
-    """Shape/settings rule for the C++ kernel (never looks at tensor values)."""
+    """Shape/settings rule for the C++ kernels (never looks at tensor values): one token on the GEMV from N * K >=
+    CUDA_MIN_NK, a few tokens (mma_takes) on the tensor-core kernel at every size."""
     m = x.numel() // x.shape[-1]
-    return (m == 1 and layer.act_bits == 8 and layer.weight_scale.dim() <= 1
-            and layer.in_features * layer.out_features >= CUDA_MIN_NK
-            and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and (layer.bias is None or layer.bias.dtype == x.dtype)
-            and layer.in_features <= MAX_CUDA_K)
+    k = layer.in_features
+    return ((m == 1 and k * layer.out_features >= CUDA_MIN_NK and k <= MAX_CUDA_K) or mma_takes(m, k, x.dtype)) and (
+        layer.act_bits == 8 and layer.weight_scale.dim() <= 1 and x.dtype in _X_DTYPES
+        and (layer.bias is None or layer.bias.dtype == x.dtype))
 
 
 class CudaBackend(TritonBackend):
@@ -204,8 +225,8 @@ class CudaBackend(TritonBackend):
         # The C++ GEMV has no epilogue for the LoRA side path: a layer whose adapter the Triton op fuses
         # goes to the Triton op (int8 factors: fuses_adapter is False, BitLinear adds them eagerly).
         if cuda_gemv_applies(x, layer) and not self.fuses_adapter(layer):
-            y = torch.ops.bitengine.ternary_gemv_cuda(x.reshape(1, -1), layer.weight_i2w, layer.weight_scale,
-                                                      layer.in_features, layer.bias)
+            y = torch.ops.bitengine.ternary_gemv_cuda(x.reshape(-1, x.shape[-1]), layer.weight_i2w,
+                                                      layer.weight_scale, layer.in_features, layer.bias)
             return y.reshape(*x.shape[:-1], -1)
         return super().linear(x, layer)
 
@@ -218,7 +239,8 @@ class CudaBackend(TritonBackend):
             return None
         if norm is not None and not _norm_fusable(norm, x, layer):
             return None
-        if residual is not None and not (residual.dtype == x.dtype and residual.numel() == layer.out_features):
+        if residual is not None and not (residual.dtype == x.dtype and residual.shape[:-1] == x.shape[:-1]
+                                         and residual.shape[-1] == layer.out_features):
             return None
         return _gemv(x, layer, norm, residual)
 
@@ -240,10 +262,10 @@ def _norm_fusable(norm, x: torch.Tensor, layer) -> bool:
 
 
 def _gemv(x: torch.Tensor, layer, norm, residual: torch.Tensor | None, act: int = 0) -> torch.Tensor:
-    """The C++ GEMV op on x (one token, any leading shape) with the layer's weights, norm (or None), residual and
-    act (see ternary_gemv_cuda); the output in x's leading shape."""
+    """The C++ op on x (M tokens, any leading shape) with the layer's weights, norm (or None), residual and act (see
+    ternary_gemv_cuda); the output in x's leading shape."""
     y = torch.ops.bitengine.ternary_gemv_cuda(
-        x.reshape(1, -1), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
+        x.reshape(-1, x.shape[-1]), layer.weight_i2w, layer.weight_scale, layer.in_features, layer.bias,
         None if norm is None else norm.weight, 0.0 if norm is None else float(norm.eps), residual, act)
     return y.reshape(*x.shape[:-1], -1)
 

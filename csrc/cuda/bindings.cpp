@@ -18,6 +18,9 @@ cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                            const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
 constexpr int64_t kInt8GemvMaxK = 12288;  // int8_gemv.cu: x as float in 48 KB of shared memory
+// ternary_mma_kernels.cuh (M > 1): 8 tokens' x_q rows (mma_row_bytes) and 8 KB for the static arrays in 227 KB
+constexpr int64_t kMmaMaxK = 27904;
+bool mma_fits(int64_t kw) { return 8 * (((kw / 4 + 3) / 4 * 4 + 1) * 64) + 8192 <= 227 * 1024; }
 
 namespace {
 
@@ -38,8 +41,11 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
               "ternary_gemv_a8: x must be float16, bfloat16 or float32, got ", x.scalar_type());
-  TORCH_CHECK(x.numel() == in_features && x.is_contiguous(), "x must be a contiguous [1, ", in_features,
-              "] tensor, got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(1) == in_features && x.is_contiguous(),
+              "x must be a contiguous [M, ", in_features, "] tensor, got ", x.sizes());
+  const int64_t m = x.size(0);
+  TORCH_CHECK(m == 1 || ((in_features * x.element_size()) % 16 == 0 && mma_fits(w.size(1))),
+              "ternary_gemv_a8: M > 1 needs rows of x in whole 16-byte vectors and in_features <= ", kMmaMaxK);
   TORCH_CHECK(w.scalar_type() == at::kInt && w.dim() == 2 && w.stride(1) == 1 && w.size(1) % 16 == 0 &&
                   w.size(1) * 16 >= in_features && w.stride(0) % 4 == 0,
               "w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= in_features, got ", w.sizes());
@@ -52,7 +58,7 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
               rows_per_warp);
   check_vector(bias, x, w.size(0), "bias");
   check_vector(norm_weight, x, in_features, "norm_weight");
-  check_vector(residual, x, w.size(0), "residual");
+  check_vector(residual, x, m * w.size(0), "residual");
   TORCH_CHECK(norm_eps >= 0, "ternary_gemv_a8: norm_eps must be >= 0, got ", norm_eps);
   TORCH_CHECK(act >= 0 && act <= 2 && (act == 0 || (w.size(0) % 2 == 0 && !residual)),
               "ternary_gemv_a8: act must be 0, 1 (silu) or 2 (relu2); a gating act needs an even N and no residual");
@@ -107,8 +113,9 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout, the int8 head's GEMV";
   m.def("ternary_gemv_a8", &ternary_gemv_a8,
-        "y[1, N] = W1.58A8 linear of x[1, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual), or with act 1 / 2 "
-        "act(gate) * up of an interleaved gate/up layer (y[1, N / 2]); fused quantization",
+        "y[M, N] = W1.58A8 linear of x[M, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual), or with act 1 / 2 "
+        "act(gate) * up of an interleaved gate/up layer (y[M, N / 2]); fused per-token quantization; M > 1 on the "
+        "tensor cores",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
         py::arg("act") = 0, py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);

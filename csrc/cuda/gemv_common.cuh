@@ -69,6 +69,18 @@ struct DotAcc {
   __device__ __forceinline__ int total() const { return s[0] + (s[1] >> 2) + (s[2] >> 4) + (s[3] >> 6); }
 };
 
+// The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
+// the residual [N] added to the output; act: 0, or the gating of an interleaved gate/up layer (store_gated: 1 SiLU,
+// 2 squared ReLU; y has N / 2 outputs).
+template <typename T>
+struct Extras {
+  const T* bias;
+  const T* norm_w;
+  float eps;
+  const T* residual;
+  int act;
+};
+
 // R rows' 16-byte weight vectors w[r] at vector index v (64 weights each) against the 4 x_q words there.
 template <int R>
 __device__ __forceinline__ void accumulate_vector(DotAcc (&acc)[R], const uint4 (&w)[R], const int4* xq, int v) {

@@ -20,7 +20,7 @@ torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::
                                            const c10::optional<torch::Tensor>& residual, int64_t act,
                                            int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err) {
   c10::cuda::CUDAGuard guard(x.device());
-  auto y = torch::empty({1, act ? w.size(0) / 2 : w.size(0)}, x.options());
+  auto y = torch::empty({x.size(0), act ? w.size(0) / 2 : w.size(0)}, x.options());
   const int K = static_cast<int>(in_features);
   const int v = static_cast<int>(version), r = static_cast<int>(rows_per_warp), a = static_cast<int>(act);
   switch (x.scalar_type()) {

@@ -34,6 +34,7 @@
 
 #include "gemv_common.cuh"
 #include "ternary_gemv.h"
+#include "ternary_mma_kernels.cuh"
 
 namespace {
 
@@ -147,18 +148,6 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
-// The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output; act: 0, or the gating of an interleaved gate/up layer (store_gated: 1 SiLU,
-// 2 squared ReLU; y has N / 2 outputs).
-template <typename T>
-struct Extras {
-  const T* bias;
-  const T* norm_w;
-  float eps;
-  const T* residual;
-  int act;
-};
-
 // One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
 // (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
 // Returns the first CUDA error (the caller, bindings.cpp, raises it; see there why not here).
@@ -245,6 +234,7 @@ cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
                 at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
                     ptr_or_null<T>(residual), act};
+  if (x.size(0) > 1) return launch_mma<T>(x, w, scale, e, y, K, pdl);  // a few tokens: the tensor-core kernel
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 

@@ -1,0 +1,294 @@
+// W1.58A8 linear for a few tokens (2 <= M <= 16 per launch; batched decode) on the int8 tensor cores: y[M, N] =
+// s * (x_q . W_q[n]) / a_m (+ bias) (+ residual), with per-token int8 quantization of x (or of RMSNorm(x) * norm_weight)
+// fused in front, exactly as the M = 1 GEMV (ternary_gemv_kernels.cuh) and quant.quantize_activations do it per row.
+//
+// Why not the M = 1 kernel's dp4a loop: every weight word would cost 4 dp4a per token (32 at M = 8), and the decode
+// step at batch 8 became compute-bound (Triton's dp4a GEMV and the tensor-core GEMM both ran 2-4x slower than cuBLAS
+// FP16 at M = 16: bench/results/gpu_kernels_NVIDIA_H200_2026-11-28). Here one mma.m16n8k32 (u8 codes x s8 x_q) takes
+// 16 rows x 32 inputs x 8 tokens, and the weight side costs one shift and one AND per 4 weights: the codes c = w + 1
+// in {0, 1, 2} are the A operand as they sit in the i2w word (bits 2j of each byte, shifted down), with the offset
+// removed once per output: sum x_q (c - 1) = sum x_q c - sum x_q. No multiply on the weight side.
+//
+// Layout, per warp and mma (m16n8k32 fragments, g = lane / 4, t = lane % 4; PTX ISA "Matrix Fragments for
+// mma.m16n8k32"): A row g / g + 8 are weight rows g / g + 8 of a 16-row group, B column g is token g (8 per n-tile).
+// Lane (g, t) loads the 16-byte weight vector 4q + t of rows g and g + 8 (a "quad" q = 4 vectors = 256 inputs); word
+// e of that vector, shifted by 2j and masked, holds the codes of inputs 64v + 16e + 4j + b (b = byte), and the same
+// lane reads those 4 x_q bytes of token g from shared memory: A and B k-slots match by construction, so any
+// assignment of inputs to k-slots is fine as long as both sides use it. Per quad and n-tile: 2 word pairs x 4 j = 8 mma.
+//
+// Work split: a block's 8 warps take (8 / ksplit) row groups at a time, ksplit warps per group splitting its quads
+// (the host picks ksplit so small N still fills the GPU); partial sums meet in shared memory (integers: exact in any
+// order). Weight tiles (U quads) are double-buffered across the warp's whole sequence, so the next group's first
+// loads are in flight during a group's reduction and epilogue. Programmatic dependent launch as the M = 1 kernel: the
+// first weight loads are issued before waiting for the previous grid.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include <ATen/cuda/CUDAContext.h>
+
+#include "gemv_common.cuh"
+
+namespace {
+
+using namespace bitengine_cuda;
+
+constexpr int kGroupRows = 16;  // weight rows per mma tile (A's M)
+constexpr int kMmaU = 2;        // quads per weight tile (2 x 2 x 16 bytes per lane in flight per tile)
+
+// Shared-memory bytes of one token's x_q row: the row's 64-byte vectors rounded up to whole quads (zeros past K), plus
+// one, so the row stride is an odd multiple of 64 bytes (see xq_offset).
+__host__ __device__ inline int mma_row_bytes(int kw4) { return ((kw4 + 3) / 4 * 4 + 1) * 64; }
+
+// Offset of chunk c (x_q word 4v + c, 16 bytes) of vector v in a token's row: chunks rotated by v, so the lanes t = 0..3
+// of a quarter warp, reading chunk c of vectors 4q + t, hit four different 16-byte bank groups, and with the odd row
+// stride (64 mod 128) its two tokens g, g + 1 the other four: B-fragment reads without bank conflicts.
+__device__ __forceinline__ int xq_offset(int v, int c) { return v * 64 + 16 * ((c + v) & 3); }
+
+__device__ __forceinline__ void mma_u8s8(int (&c)[4], unsigned a0, unsigned a1, unsigned a2, unsigned a3, int b0,
+                                         int b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+r"(c[0]), "+r"(c[1]), "+r"(c[2]), "+r"(c[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ int component(const int4& v, int j) { return j == 0 ? v.x : j == 1 ? v.y : j == 2 ? v.z : v.w; }
+
+// One token's row x[K] (or RMSNorm(x) * norm_w) quantized into its shared-memory row by one warp: the same steps and
+// roundings as quantize_to_shared (bitengine.nn.RMSNorm, then quant.quantize_activations' per-row absmax, IEEE
+// reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. x is read from L2 once and from L1
+// after that.
+template <typename T>
+__device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
+                               int kw4, char* row, float* a_out, int* xsum_out) {
+  const int lane = threadIdx.x & 31;
+  float r = 0.f;
+  if (norm_w != nullptr) {
+    float ss = 0.f;
+    for (int wi = lane; wi < KW; wi += 32) ss = sum_squares(load_word(x, wi, K), ss);
+    for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+    r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
+  }
+  auto word = [&](int wi) {
+    XWord<T> v = load_word(x, wi, K);
+    if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, v);
+    return v;
+  };
+  float amax = 0.f;
+  for (int wi = lane; wi < KW; wi += 32) amax = abs_max(word(wi), amax);
+  for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
+  int sum = 0;
+  const int words = (kw4 + 3) / 4 * 16;  // through the last quad: zeros past KW
+  for (int wi = lane; wi < words; wi += 32) {
+    const int4 q = wi < KW ? pack_word(word(wi), a, sum) : make_int4(0, 0, 0, 0);
+    *reinterpret_cast<int4*>(row + xq_offset(wi >> 2, wi & 3)) = q;
+  }
+  for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if (lane == 0) {
+    *a_out = a;
+    *xsum_out = sum;
+  }
+}
+
+// NT n-tiles of 8 tokens (M <= 8 * NT). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
+    const T* __restrict__ x, int M, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
+    int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
+    T* __restrict__ y, int N, int K, int KW, int act, int ksplit) {
+  extern __shared__ int4 smem[];
+  char* xq = reinterpret_cast<char*>(smem);
+  __shared__ float a_s[8 * NT];
+  __shared__ int xsum_s[8 * NT];
+  __shared__ int red[kWarps][4 * NT][32];  // partial sums of the ksplit warps of a row group
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
+  const int kw4 = KW / 4, quads = (kw4 + 3) / 4, rs = mma_row_bytes(kw4);
+  const int slots = kWarps / ksplit, slot = warp / ksplit, part = warp % ksplit;
+  const int groups = (N + kGroupRows - 1) / kGroupRows;
+  const int per_round = gridDim.x * slots;
+  const int rounds = (groups + per_round - 1) / per_round;
+  const int my_quads = quads > part ? (quads - part + ksplit - 1) / ksplit : 0;
+  const int tiles = ((quads + ksplit - 1) / ksplit + kMmaU - 1) / kMmaU;  // the same for every warp (barriers)
+  auto group_of = [&](int round) { return round * per_round + blockIdx.x * slots + slot; };
+
+  uint4 buf[2][kMmaU][2];
+  auto load_tile = [&](uint4 (&b)[kMmaU][2], int round, int tile) {
+    const int group = group_of(round);
+    if (group >= groups) return;
+    const int r0 = group * kGroupRows + g;
+    const uint4* row0 = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(r0, N - 1)) * stride_w);
+    const uint4* row1 = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(r0 + 8, N - 1)) * stride_w);
+#pragma unroll
+    for (int u = 0; u < kMmaU; ++u) {
+      const int qi = tile * kMmaU + u, v = 4 * (part + qi * ksplit) + t;
+      if (qi < my_quads && v < kw4) {
+        b[u][0] = load_stream(row0 + v);
+        b[u][1] = load_stream(row1 + v);
+      } else {  // code 0 against x_q 0 (the row's zero padding): adds nothing
+        b[u][0] = make_uint4(0, 0, 0, 0);
+        b[u][1] = make_uint4(0, 0, 0, 0);
+      }
+    }
+  };
+  if (tiles > 0) load_tile(buf[0], 0, 0);
+  wait_for_previous_grid();
+  allow_next_grid();
+  for (int m = warp; m < M; m += kWarps)
+    quantize_token(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
+  __syncthreads();
+
+  int acc[NT][4] = {};
+  auto compute = [&](const uint4 (&b)[kMmaU][2], int round, int tile) {
+    if (group_of(round) >= groups) return;
+#pragma unroll
+    for (int u = 0; u < kMmaU; ++u) {
+      const int qi = tile * kMmaU + u;
+      if (qi >= my_quads) break;  // warp-uniform
+      const int v = 4 * (part + qi * ksplit) + t;
+      const unsigned wg[4] = {b[u][0].x, b[u][0].y, b[u][0].z, b[u][0].w};
+      const unsigned wh[4] = {b[u][1].x, b[u][1].y, b[u][1].z, b[u][1].w};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        const char* xr = xq + (8 * nt + g) * rs;
+        int4 xc[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) xc[e] = *reinterpret_cast<const int4*>(xr + xq_offset(v, e));
+#pragma unroll
+        for (int p = 0; p < 2; ++p)
+#pragma unroll
+          for (int j = 0; j < 4; ++j)
+            mma_u8s8(acc[nt], (wg[2 * p] >> (2 * j)) & kLaneMask, (wh[2 * p] >> (2 * j)) & kLaneMask,
+                     (wg[2 * p + 1] >> (2 * j)) & kLaneMask, (wh[2 * p + 1] >> (2 * j)) & kLaneMask,
+                     component(xc[2 * p], j), component(xc[2 * p + 1], j));
+      }
+    }
+  };
+  // The row group's outputs: the ksplit warps' sums meet in shared memory (every warp reaches both barriers), then
+  // its first warp writes them. Accumulator i of n-tile nt: row g (i < 2) or g + 8, token 8 nt + 2 t + (i & 1).
+  auto finish = [&](int round) {
+    const int group = group_of(round);
+    if (ksplit > 1) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) red[warp][nt * 4 + i][lane] = acc[nt][i];
+      __syncthreads();
+      if (part == 0)
+        for (int p = 1; p < ksplit; ++p)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[nt][i] += red[warp + p][nt * 4 + i][lane];
+      __syncthreads();
+    }
+    if (part == 0 && group < groups) {
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int row = group * kGroupRows + g + (i >= 2 ? 8 : 0), m = 8 * nt + 2 * t + (i & 1);
+          if (act == 0) {
+            if (row < N && m < M)
+              store_output(acc[nt][i], xsum_s[m], scale[per_channel ? row : 0], a_s[m], bias,
+                           residual ? residual + static_cast<long long>(m) * N : nullptr,
+                           y + static_cast<long long>(m) * N, row);
+          } else {  // rows interleaved gate, up: the up row (g odd) sits in lane ^ 4
+            const int up = __shfl_xor_sync(0xffffffffu, acc[nt][i], 4);
+            if ((g & 1) == 0 && row < N && m < M)
+              store_gated(acc[nt][i], up, xsum_s[m], scale[per_channel ? row : 0], scale[per_channel ? row + 1 : 0],
+                          a_s[m], bias, y + static_cast<long long>(m) * (N / 2), row, act);
+          }
+        }
+    }
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[nt][i] = 0;
+  };
+  int round = 0, tile = 0;
+  auto step = [&](uint4 (&cur)[kMmaU][2], uint4 (&nxt)[kMmaU][2]) -> bool {
+    if (round >= rounds) return false;
+    int nround = round, ntile = tile + 1;
+    if (ntile == tiles) {
+      ntile = 0;
+      ++nround;
+    }
+    if (nround < rounds) load_tile(nxt, nround, ntile);  // in flight during this tile (and the group's epilogue)
+    compute(cur, round, tile);
+    if (tile == tiles - 1) finish(round);
+    round = nround;
+    tile = ntile;
+    return true;
+  };
+  while (step(buf[0], buf[1]) && step(buf[1], buf[0])) {
+  }
+}
+
+template <typename T, int NT>
+cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::Tensor& scale, const T* residual,
+                             const Extras<T>& e, T* y, int K, bool pdl) {
+  const int N = w.size(0), KW = w.size(1), kw4 = KW / 4, quads = (kw4 + 3) / 4;
+  auto kernel = ternary_mma_kernel<T, NT>;
+  const size_t smem = static_cast<size_t>(8 * NT) * mma_row_bytes(kw4);
+  cudaError_t err = cudaSuccess;
+  if (smem > 48 * 1024) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return err;
+  }
+  int per_sm = 0;
+  err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int slots_total = prop->multiProcessorCount * std::max(per_sm, 1);
+  const int groups = (N + kGroupRows - 1) / kGroupRows;
+  // warps per row group: enough groups x warps to give every warp slot of the GPU work, at most one quad per warp
+  int ksplit = 1;
+  while (ksplit < kWarps && groups * ksplit < slots_total * kWarps && quads >= 2 * ksplit) ksplit *= 2;
+  const int slots = kWarps / ksplit;
+  const int blocks_needed = (groups + slots - 1) / slots;
+  const int rounds = (blocks_needed + slots_total - 1) / slots_total;
+  const int grid = std::max(1, (blocks_needed + rounds - 1) / rounds);  // every block the same number of rounds
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, x, M, static_cast<const int*>(w.data_ptr<int>()),
+                            static_cast<long long>(w.stride(0)), static_cast<const float*>(scale.data_ptr<float>()),
+                            scale.numel() > 1 ? 1 : 0, e.bias, e.norm_w, e.eps, residual, y, N, K, KW, e.act, ksplit);
+}
+
+// Tokens per launch: 16 where their x_q rows fit in shared memory next to the static arrays, else 8 (the host wrapper
+// checks that 8 fit); larger M runs as several launches over chunks of tokens, each reading the weights once.
+inline int mma_chunk_tokens(int KW) {
+  return 16L * mma_row_bytes(KW / 4) + 16 * 1024 <= 227L * 1024 ? 16 : 8;
+}
+
+template <typename T>
+cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
+                       at::Tensor& y, int K, bool pdl) {
+  const int M = x.size(0), N = w.size(0), n_out = e.act ? N / 2 : N;
+  const int chunk = mma_chunk_tokens(w.size(1));
+  const T* xp = reinterpret_cast<const T*>(x.data_ptr());
+  T* yp = reinterpret_cast<T*>(y.data_ptr());
+  for (int m0 = 0; m0 < M; m0 += chunk) {
+    const int mc = std::min(chunk, M - m0);
+    const T* res = e.residual ? e.residual + static_cast<long long>(m0) * N : nullptr;
+    const T* xc = xp + static_cast<long long>(m0) * K;
+    T* yc = yp + static_cast<long long>(m0) * n_out;
+    const cudaError_t err = mc <= 8 ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl)
+                                    : launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
