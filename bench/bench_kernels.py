@@ -165,6 +165,8 @@ def variants(m, ext):
         if ext.mma_takes(m, 4096, torch.float16):
             v["cuda_a8"] = cuda_mma
             v["cuda_a8_nopdl"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=False)
+        elif m <= 64:  # beyond the backend's MAX_MMA_M: the kernel in launches of 16 tokens, for comparison
+            v["cuda_a8_mma"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=True)
     elif m <= 256:
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
     return v

@@ -269,7 +269,8 @@ def test_cuda_gemv_gated(n, k, dtype):
 
 
 # The tensor-core kernel for a few tokens (csrc/cuda/ternary_mma_kernels.cuh): 16 tokens per launch, 8 where 16 rows of
-# x_q do not fit in shared memory (K = 14336, 16384, 27904), chunks of launches beyond (M = 17, 32).
+# x_q do not fit in shared memory (K = 14336, 16384, 27904), chunks of launches beyond (M = 17, 32: the op takes them,
+# the backend sends them to Triton, MAX_MMA_M).
 MMA_MS = (2, 3, 8, 9, 16, 17, 32)
 
 
@@ -320,7 +321,10 @@ def test_cuda_mma_norm_residual_gated(n, k, dtype):
         assert relu2.shape == (m, n // 2) and torch.equal(relu2, F.relu(gate).square() * up), f"relu2 m={m}"
         silu = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, None, 1)
         want = F.silu(gate) * up
-        steps = (silu.double() - want.double()).abs() / want.double().abs().clamp_min(1e-30)
+        # at K = 14336 a product can pass float16's range: the same infinity on both sides, the rest within a step
+        finite = want.isfinite()
+        assert torch.equal(silu[~finite], want[~finite]), f"silu m={m}: overflow differs"
+        steps = (silu.double() - want.double()).abs()[finite] / want.double().abs().clamp_min(1e-30)[finite]
         assert (steps <= tol).all(), f"silu m={m}: max {steps.max().item():.3g}"
 
 

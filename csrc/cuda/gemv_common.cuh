@@ -81,6 +81,17 @@ struct Extras {
   int act;
 };
 
+// Opt `kernel` in to `dynamic` bytes of dynamic shared memory where its static arrays plus those pass the 48 KB a
+// launch gets without opting in (a launch over that fails with "invalid argument"; the opt-in is per kernel, so a
+// check on the dynamic size alone passed whenever an earlier call with a larger K had opted in: flaky).
+template <typename Kernel>
+cudaError_t allow_dynamic_smem(Kernel kernel, size_t dynamic) {
+  cudaFuncAttributes attr;
+  cudaError_t err = cudaFuncGetAttributes(&attr, kernel);
+  if (err != cudaSuccess || attr.sharedSizeBytes + dynamic <= 48 * 1024) return err;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(dynamic));
+}
+
 // R rows' 16-byte weight vectors w[r] at vector index v (64 weights each) against the 4 x_q words there.
 template <int R>
 __device__ __forceinline__ void accumulate_vector(DotAcc (&acc)[R], const uint4 (&w)[R], const int4* xq, int v) {

@@ -156,11 +156,8 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
                         const at::Tensor& scale, const Extras<T>& e, at::Tensor& y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1);
   const size_t smem = static_cast<size_t>((KW + 127) / 128) * 128 * sizeof(int4);
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;

@@ -58,34 +58,52 @@ __device__ __forceinline__ int component(const int4& v, int j) { return j == 0 ?
 
 // One token's row x[K] (or RMSNorm(x) * norm_w) quantized into its shared-memory row by one warp: the same steps and
 // roundings as quantize_to_shared (bitengine.nn.RMSNorm, then quant.quantize_activations' per-row absmax, IEEE
-// reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. x is read from L2 once and from L1
-// after that.
+// reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. Each pass loads kChunk words per lane
+// at once (one memory round trip per chunk, not per word: a loop of dependent loads cost microseconds at K = 11008);
+// x comes from L2 once and mostly from L1 after that.
 template <typename T>
 __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
                                int kw4, char* row, float* a_out, int* xsum_out) {
+  constexpr int kChunk = 8 / sizeof(T) > 0 ? 8 / sizeof(T) : 1;  // 4 words (32 registers) for 16-bit x, 2 for float
   const int lane = threadIdx.x & 31;
+  const bool norm = norm_w != nullptr;
   float r = 0.f;
-  if (norm_w != nullptr) {
+  // fn(wi, word) for words wi = lane, lane + 32, ... < limit (zeros at and past KW), loaded a chunk at a time;
+  // with `normed`, each word as RMSNorm gives it (the factor r must be known)
+  auto each_word = [&](int limit, bool normed, auto fn) {
+    for (int w0 = lane; w0 < limit; w0 += 32 * kChunk) {
+      XWord<T> v[kChunk], gw[kChunk];
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int wi = w0 + 32 * i;
+        if (wi < KW) {
+          v[i] = load_word(x, wi, K);
+          if (normed) gw[i] = load_word(norm_w, wi, K);
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) {
+        const int wi = w0 + 32 * i;
+        if (wi < KW && normed) norm_word(gw[i], r, v[i]);
+        if (wi < limit) fn(wi, v[i]);
+      }
+    }
+  };
+  if (norm) {
     float ss = 0.f;
-    for (int wi = lane; wi < KW; wi += 32) ss = sum_squares(load_word(x, wi, K), ss);
+    each_word(KW, false, [&](int, const XWord<T>& v) { ss = sum_squares(v, ss); });
     for (int o = 16; o; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
     r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
   }
-  auto word = [&](int wi) {
-    XWord<T> v = load_word(x, wi, K);
-    if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, v);
-    return v;
-  };
   float amax = 0.f;
-  for (int wi = lane; wi < KW; wi += 32) amax = abs_max(word(wi), amax);
+  each_word(KW, norm, [&](int, const XWord<T>& v) { amax = abs_max(v, amax); });
   for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
   int sum = 0;
-  const int words = (kw4 + 3) / 4 * 16;  // through the last quad: zeros past KW
-  for (int wi = lane; wi < words; wi += 32) {
-    const int4 q = wi < KW ? pack_word(word(wi), a, sum) : make_int4(0, 0, 0, 0);
+  each_word((kw4 + 3) / 4 * 16, norm, [&](int wi, const XWord<T>& v) {  // through the last quad: zeros past KW
+    const int4 q = wi < KW ? pack_word(v, a, sum) : make_int4(0, 0, 0, 0);
     *reinterpret_cast<int4*>(row + xq_offset(wi >> 2, wi & 3)) = q;
-  }
+  });
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) {
     *a_out = a;
@@ -233,11 +251,8 @@ cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::T
   const int N = w.size(0), KW = w.size(1), kw4 = KW / 4, quads = (kw4 + 3) / 4;
   auto kernel = ternary_mma_kernel<T, NT>;
   const size_t smem = static_cast<size_t>(8 * NT) * mma_row_bytes(kw4);
-  cudaError_t err = cudaSuccess;
-  if (smem > 48 * 1024) {
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return err;
-  }
+  cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
