@@ -215,7 +215,7 @@ def bench_shape(name, n, k, ms, ext, rows):
 
 def summary_line(row):
     parts = [f"{row['shape']:18s} {row['N']:6d}x{row['K']:<6d} M={row['M']:<5d}"]
-    for key in ("cuda_a8", "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
+    for key in ("cuda_a8", "cuda_a8_mma", "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
                 "triton_a8_regdecode", "triton_a16", "triton_a16_regdecode", "cublas_fp16"):
         if key in row:
             r = row[key]
