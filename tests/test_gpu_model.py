@@ -140,9 +140,10 @@ def test_int8_head(world):
 
 
 def test_decode_step_fuses_norms_and_residuals(tmp_path, monkeypatch):
-    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step (and a prefill of up to 32 tokens: the C++
-    tensor-core kernel) hands every input RMSNorm, residual add and the MLP's gating of a layer to it (BitLinear.forward -> CudaBackend.linear_fused: q/k/v with its norm, o and down with
-    the residual; FusedLinear.gated -> CudaBackend.linear_gated: gate/up with its norm and the gating). The fused
+    """At sizes where the C++ GEMV runs (N x K >= 4M), a decode step (and a prefill of up to MAX_MMA_M tokens: the
+    C++ tensor-core kernel) hands every input RMSNorm, residual add and the MLP's gating of a layer to it
+    (BitLinear.forward -> CudaBackend.linear_fused: q/k/v with its norm, o and down with the residual;
+    FusedLinear.gated -> CudaBackend.linear_gated: gate/up with its norm and the gating). The fused
     step is as close to the float32 reference as the same step with the fusion turned off, and eager and CUDA-graph
     decoding still give the same tokens."""
     from bitengine.backends import cuda as cuda_backend
