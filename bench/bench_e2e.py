@@ -73,8 +73,7 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
     its own kernel, not in the gate/up GEMV's epilogue), 'noattnpdl' (the decode attention kernels launched without
-    programmatic dependent launch), 'mma1' .. 'mma3' (the C++ tensor-core kernel's variants, backends/cuda.py
-    MMA_VARIANT); handled by set_variant_flags.
+    programmatic dependent launch); handled by set_variant_flags.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -207,7 +206,6 @@ def set_variant_flags(variant: str) -> None:
     cuda_backend.FUSE_GATED = "+nogated" not in variant  # the MLP's gating in the gate/up GEMV's epilogue or apart
     # programmatic dependent launch of the decode attention kernels (off with +nopdl too)
     decode_attention.PDL = "+nopdl" not in variant and "+noattnpdl" not in variant
-    cuda_backend.MMA_VARIANT = next((int(v) for v in "123" if f"+mma{v}" in variant), 0)  # C++ tensor-core variant
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
 
 

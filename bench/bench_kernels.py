@@ -165,9 +165,6 @@ def variants(m, ext):
         if ext.mma_takes(m, 4096, torch.float16):
             v["cuda_a8"] = cuda_mma
             v["cuda_a8_nopdl"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=False)
-            for mv in (1, 2, 3):  # the kernel's variants (backends/cuda.py MMA_VARIANT)
-                v[f"cuda_a8_mma{mv}"] = functools.partial(
-                    lambda x, w, s, k, mv: ext.ternary_gemv_a8(x, w, s, k, None, pdl=True, mma_variant=mv), mv=mv)
         elif m <= 64:  # beyond the backend's MAX_MMA_M: the kernel in launches of 16 tokens, for comparison
             v["cuda_a8_mma"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=True)
     elif m <= 256:

@@ -294,8 +294,6 @@ def test_cuda_mma(n, k, dtype):
             check(y, reference64(x[:m], packed, scale, k, 8, bias), dtype, f"mma m={m} {n}x{k} {gran}")
             assert torch.equal(y, rows[:m]), f"m={m} {n}x{k} {gran}: differs from the M = 1 GEMV's rows"
             assert torch.equal(gemv(x[:m], words, scale, k, bias, pdl=True), y), f"pdl m={m}"
-            for mv in (1, 2, 3):  # the kernel's variants (backends/cuda.py MMA_VARIANT): the same bits
-                assert torch.equal(gemv(x[:m], words, scale, k, bias, pdl=True, mma_variant=mv), y), f"m={m} v{mv}"
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (640, 2600), (22016, 4096), (4096, 14336), (34, 1000)])
@@ -303,7 +301,7 @@ def test_cuda_mma(n, k, dtype):
 def test_cuda_mma_norm_residual_gated(n, k, dtype):
     """The tensor-core kernel's fused RMSNorm (within the kernels' tolerance of the reference of the torch-normed
     input: another summation order), residual (exact: == plain + residual) and gating (squared ReLU exact, SiLU within
-    a dtype step, as test_cuda_gemv_gated), at M = 3, 8, 16 and 32; every variant of the kernel gives the same bits."""
+    a dtype step, as test_cuda_gemv_gated), at M = 3, 8, 16 and 32."""
     import torch.nn.functional as F
 
     gemv, g, packed, scale, words, norm, _, bias = _norm_case(n, k, dtype, seed=12)
@@ -321,11 +319,6 @@ def test_cuda_mma_norm_residual_gated(n, k, dtype):
         gate, up = fused[:, 0::2], fused[:, 1::2]
         relu2 = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, act=2)
         assert relu2.shape == (m, n // 2) and torch.equal(relu2, F.relu(gate).square() * up), f"relu2 m={m}"
-        for mv in (1, 2, 3):
-            assert torch.equal(gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, act=2,
-                                    mma_variant=mv), relu2), f"relu2 m={m} v{mv}"
-            assert torch.equal(gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, residual=res,
-                                    mma_variant=mv), both), f"norm + residual m={m} v{mv}"
         silu = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, None, 1)
         want = F.silu(gate) * up
         # at K = 14336 a product can pass float16's range: the same infinity on both sides, the rest within a step

@@ -37,10 +37,6 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 # batch 8 7B 1094 -> 2243 tok/s against the Triton kernels, batch 32 (two launches of 16) 3879 -> 2883: 32 stays on
 # Triton's GEMM.
 MAX_MMA_M = 16
-# The tensor-core kernel's variant (launch_mma in ternary_mma_kernels.cuh; every one gives the same bits): bit 0, three
-# blocks per SM at 80 registers (8-token launches) instead of two; bit 1, each warp's quads adjacent in K.
-# BITENGINE_MMA_VARIANT, or this before a step is traced or captured; bench_e2e's "+mma1" .. "+mma3".
-MMA_VARIANT = int(os.environ.get("BITENGINE_MMA_VARIANT", "0"))
 MAX_MMA_K = 27904
 # bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
 # from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).
@@ -113,7 +109,7 @@ _X_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None,
-                      version=2, rows_per_warp=1, act=0, mma_variant=0) -> None:
+                      version=2, rows_per_warp=1, act=0) -> None:
     """Raise ValueError (one line: what is wrong) unless the C++ GEMV takes these inputs; the same rules as
     csrc/cuda/bindings.cpp, checked here first because on the GPU machine an exception thrown inside the extension
     (a failing TORCH_CHECK) crashed the process (bench/results/gpu_tests_NVIDIA_H200_2026-12-02.log). Shapes and
@@ -138,9 +134,9 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
                          f"{tuple(scale.shape)}")
     if (w.shape[1] + 127) // 128 * 128 * 16 > MAX_CUDA_K:
         raise ValueError(f"ternary_gemv_a8: in_features {in_features} too large for the CUDA GEMV (max {MAX_CUDA_K})")
-    if version not in (1, 2) or rows_per_warp not in (1, 2, 4) or mma_variant not in (0, 1, 2, 3):
-        raise ValueError(f"ternary_gemv_a8: version must be 1 or 2, rows_per_warp 1, 2 or 4 and mma_variant 0..3, got "
-                         f"{version}, {rows_per_warp}, {mma_variant}")
+    if version not in (1, 2) or rows_per_warp not in (1, 2, 4):
+        raise ValueError(f"ternary_gemv_a8: version must be 1 or 2 and rows_per_warp 1, 2 or 4, got {version}, "
+                         f"{rows_per_warp}")
     if not norm_eps >= 0:
         raise ValueError(f"ternary_gemv_a8: norm_eps must be >= 0, got {norm_eps}")
     if act not in (0, 1, 2) or (act and (w.shape[0] % 2 or residual is not None)):
@@ -158,19 +154,18 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
 
 
 def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, *,
-                    act=0, version=2, rows_per_warp=1, pdl=False, mma_variant=0) -> torch.Tensor:
+                    act=0, version=2, rows_per_warp=1, pdl=False) -> torch.Tensor:
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
     x [M, K]; y [M, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional; residual
     [M, N] or its M * N elements); act 1 (SiLU) or 2 (squared ReLU): w's rows are interleaved gate, up pairs and
     y [M, N / 2] = act(gate) * up (fuse.py). M = 1: the GEMV, version 1 or 2 (2: version 2 up to K = 4096, version 1
-    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes), mma_variant (MMA_VARIANT).
+    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes; version and rows_per_warp unused).
     pdl: programmatic dependent launch (sm_90+). Every version and setting gives the same bits."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
-    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp, act,
-                      mma_variant)
+    check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp, act)
     return _C_cuda.ternary_gemv_a8(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, act=act,
-                                   version=version, rows_per_warp=rows_per_warp, pdl=pdl, mma_variant=mma_variant)
+                                   version=version, rows_per_warp=rows_per_warp, pdl=pdl)
 
 
 if _C_cuda is not None:
@@ -185,7 +180,7 @@ if _C_cuda is not None:
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(), act=act,
                                version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
-                               pdl=pdl_supported(x.device), mma_variant=MMA_VARIANT)
+                               pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
     def _(x, words, scale, in_features, bias=None, norm_weight=None, norm_eps=0.0, residual=None, act=0):

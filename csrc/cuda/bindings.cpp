@@ -13,8 +13,7 @@ torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::
                                            int64_t in_features, const c10::optional<torch::Tensor>& bias,
                                            const c10::optional<torch::Tensor>& norm_weight, double eps,
                                            const c10::optional<torch::Tensor>& residual, int64_t act,
-                                           int64_t version, int64_t rows_per_warp, int64_t mma_variant, bool pdl,
-                                           cudaError_t* err);
+                                           int64_t version, int64_t rows_per_warp, bool pdl, cudaError_t* err);
 cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                            const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
@@ -37,7 +36,7 @@ void check_vector(const c10::optional<torch::Tensor>& t, const torch::Tensor& x,
 torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
                               c10::optional<torch::Tensor> bias, c10::optional<torch::Tensor> norm_weight,
                               double norm_eps, c10::optional<torch::Tensor> residual, int64_t act,
-                              int64_t version, int64_t rows_per_warp, bool pdl, int64_t mma_variant) {
+                              int64_t version, int64_t rows_per_warp, bool pdl) {
   TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
               "ternary_gemv_a8: x, w and scale must be on one CUDA device");
   TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
@@ -55,7 +54,6 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   TORCH_CHECK((w.size(1) + 127) / 128 * 128 * 16 <= 200 * 1024, "in_features ", in_features,
               " too large for the CUDA GEMV");
   TORCH_CHECK(version == 1 || version == 2, "version must be 1 or 2, got ", version);
-  TORCH_CHECK(mma_variant >= 0 && mma_variant <= 3, "mma_variant must be 0..3, got ", mma_variant);
   TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2 || rows_per_warp == 4, "rows_per_warp must be 1, 2 or 4, got ",
               rows_per_warp);
   check_vector(bias, x, w.size(0), "bias");
@@ -69,7 +67,7 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
   if (norm_weight && reinterpret_cast<uintptr_t>(norm_weight->data_ptr()) % 16) norm_weight = norm_weight->clone();
   cudaError_t err = cudaSuccess;
   auto y = ternary_gemv_a8_cuda_checked(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, act,
-                                        version, rows_per_warp, mma_variant, pdl, &err);
+                                        version, rows_per_warp, pdl, &err);
   TORCH_CHECK(err == cudaSuccess, "ternary_gemv_a8: CUDA launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -120,8 +118,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "tensor cores",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none(),
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
-        py::arg("act") = 0, py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false,
-        py::arg("mma_variant") = 0);
+        py::arg("act") = 0, py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",

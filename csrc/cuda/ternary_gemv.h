@@ -12,7 +12,7 @@ namespace bitengine_cuda {
 #define BITENGINE_GEMV_PARAMS                                                                              \
   const at::Tensor &x, const at::Tensor &w, const at::Tensor &scale, int K, const c10::optional<at::Tensor> &bias, \
       const c10::optional<at::Tensor> &norm_weight, double eps, const c10::optional<at::Tensor> &residual, int act, \
-      int version, int rows_per_warp, int mma_variant, bool pdl, at::Tensor &y
+      int version, int rows_per_warp, bool pdl, at::Tensor &y
 
 cudaError_t gemv_a8_f16(BITENGINE_GEMV_PARAMS);
 cudaError_t gemv_a8_bf16(BITENGINE_GEMV_PARAMS);

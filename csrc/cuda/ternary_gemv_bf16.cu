@@ -4,7 +4,7 @@
 namespace bitengine_cuda {
 
 cudaError_t gemv_a8_bf16(BITENGINE_GEMV_PARAMS) {
-  return run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, act, version, rows_per_warp, mma_variant, pdl, y);
+  return run<__nv_bfloat16>(x, w, scale, K, bias, norm_weight, eps, residual, act, version, rows_per_warp, pdl, y);
 }
 
 }  // namespace bitengine_cuda

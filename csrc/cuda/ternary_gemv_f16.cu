@@ -4,7 +4,7 @@
 namespace bitengine_cuda {
 
 cudaError_t gemv_a8_f16(BITENGINE_GEMV_PARAMS) {
-  return run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, act, version, rows_per_warp, mma_variant, pdl, y);
+  return run<__half>(x, w, scale, K, bias, norm_weight, eps, residual, act, version, rows_per_warp, pdl, y);
 }
 
 }  // namespace bitengine_cuda

@@ -227,11 +227,11 @@ const T* ptr_or_null(const c10::optional<at::Tensor>& t) {
 template <typename T>
 cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, int K,
                 const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& norm_weight, double eps,
-                const c10::optional<at::Tensor>& residual, int act, int version, int rows_per_warp, int mma_variant, bool pdl,
+                const c10::optional<at::Tensor>& residual, int act, int version, int rows_per_warp, bool pdl,
                 at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
                     ptr_or_null<T>(residual), act};
-  if (x.size(0) > 1) return launch_mma<T>(x, w, scale, e, y, K, pdl, mma_variant);  // a few tokens: tensor cores
+  if (x.size(0) > 1) return launch_mma<T>(x, w, scale, e, y, K, pdl);  // a few tokens: the tensor-core kernel
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 

@@ -59,11 +59,12 @@ __device__ __forceinline__ int component(const int4& v, int j) { return j == 0 ?
 // One token's row x[K] (or RMSNorm(x) * norm_w) quantized into its shared-memory row by one warp: the same steps and
 // roundings as quantize_to_shared (bitengine.nn.RMSNorm, then quant.quantize_activations' per-row absmax, IEEE
 // reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. Each pass loads kChunk words per lane
-// at once (one memory round trip per chunk, not per word: a loop of dependent loads cost microseconds at K = 11008;
-// 8 registers per 16-bit word, 16 per float one); x comes from L2 once and mostly from L1 after that.
-template <typename T, int kChunk>
+// at once (one memory round trip per chunk, not per word: a loop of dependent loads cost microseconds at K = 11008);
+// x comes from L2 once and mostly from L1 after that.
+template <typename T>
 __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
                                int kw4, char* row, float* a_out, int* xsum_out) {
+  constexpr int kChunk = 8 / sizeof(T) > 0 ? 8 / sizeof(T) : 1;  // 4 words (32 registers) for 16-bit x, 2 for float
   const int lane = threadIdx.x & 31;
   const bool norm = norm_w != nullptr;
   float r = 0.f;
@@ -111,15 +112,11 @@ __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ no
 }
 
 // NT n-tiles of 8 tokens (M <= 8 * NT). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
-// MinBlocks: blocks per SM the register budget allows (2: 128 registers, the prologue loads 4 words per lane at once
-// for 16-bit x; 3: 80 registers, 2 words). contiguous: a warp's quads of a row group are adjacent (its tiles cover
-// whole 128-byte lines of each row) instead of strided over the group's ksplit warps. Every setting gives the same bits.
-template <typename T, int NT, int MinBlocks>
-__global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
+template <typename T, int NT>
+__global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
     const T* __restrict__ x, int M, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW, int act, int ksplit, int contiguous) {
-  constexpr int kChunk = MinBlocks >= 3 || sizeof(T) == 4 ? 2 : 4;
+    T* __restrict__ y, int N, int K, int KW, int act, int ksplit) {
   extern __shared__ int4 smem[];
   char* xq = reinterpret_cast<char*>(smem);
   __shared__ float a_s[8 * NT];
@@ -131,11 +128,8 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
   const int groups = (N + kGroupRows - 1) / kGroupRows;
   const int per_round = gridDim.x * slots;
   const int rounds = (groups + per_round - 1) / per_round;
-  const int per_part = (quads + ksplit - 1) / ksplit;  // quads of the warp with the most
-  // this warp's quads: qi = 0 .. my_quads - 1 is quad q0 + qi * qstep
-  const int q0 = contiguous ? part * per_part : part, qstep = contiguous ? 1 : ksplit;
-  const int my_quads = contiguous ? max(0, min(per_part, quads - q0)) : (quads > part ? (quads - part + ksplit - 1) / ksplit : 0);
-  const int tiles = (per_part + kMmaU - 1) / kMmaU;  // the same for every warp (barriers)
+  const int my_quads = quads > part ? (quads - part + ksplit - 1) / ksplit : 0;
+  const int tiles = ((quads + ksplit - 1) / ksplit + kMmaU - 1) / kMmaU;  // the same for every warp (barriers)
   auto group_of = [&](int round) { return round * per_round + blockIdx.x * slots + slot; };
 
   uint4 buf[2][kMmaU][2];
@@ -147,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
     const uint4* row1 = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(r0 + 8, N - 1)) * stride_w);
 #pragma unroll
     for (int u = 0; u < kMmaU; ++u) {
-      const int qi = tile * kMmaU + u, v = 4 * (q0 + qi * qstep) + t;
+      const int qi = tile * kMmaU + u, v = 4 * (part + qi * ksplit) + t;
       if (qi < my_quads && v < kw4) {
         b[u][0] = load_stream(row0 + v);
         b[u][1] = load_stream(row1 + v);
@@ -161,7 +155,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
   wait_for_previous_grid();
   allow_next_grid();
   for (int m = warp; m < M; m += kWarps)
-    quantize_token<T, kChunk>(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
+    quantize_token(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
   __syncthreads();
 
   int acc[NT][4] = {};
@@ -171,7 +165,7 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
     for (int u = 0; u < kMmaU; ++u) {
       const int qi = tile * kMmaU + u;
       if (qi >= my_quads) break;  // warp-uniform
-      const int v = 4 * (q0 + qi * qstep) + t;
+      const int v = 4 * (part + qi * ksplit) + t;
       const unsigned wg[4] = {b[u][0].x, b[u][0].y, b[u][0].z, b[u][0].w};
       const unsigned wh[4] = {b[u][1].x, b[u][1].y, b[u][1].z, b[u][1].w};
 #pragma unroll
@@ -251,11 +245,11 @@ __global__ void __launch_bounds__(kThreads, MinBlocks) ternary_mma_kernel(
   }
 }
 
-template <typename T, int NT, int MinBlocks>
+template <typename T, int NT>
 cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::Tensor& scale, const T* residual,
-                             const Extras<T>& e, T* y, int K, bool pdl, int contiguous) {
+                             const Extras<T>& e, T* y, int K, bool pdl) {
   const int N = w.size(0), KW = w.size(1), kw4 = KW / 4, quads = (kw4 + 3) / 4;
-  auto kernel = ternary_mma_kernel<T, NT, MinBlocks>;
+  auto kernel = ternary_mma_kernel<T, NT>;
   const size_t smem = static_cast<size_t>(8 * NT) * mma_row_bytes(kw4);
   cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
@@ -284,8 +278,7 @@ cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::T
   cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
   return cudaLaunchKernelEx(&cfg, kernel, x, M, static_cast<const int*>(w.data_ptr<int>()),
                             static_cast<long long>(w.stride(0)), static_cast<const float*>(scale.data_ptr<float>()),
-                            scale.numel() > 1 ? 1 : 0, e.bias, e.norm_w, e.eps, residual, y, N, K, KW, e.act, ksplit,
-                            contiguous);
+                            scale.numel() > 1 ? 1 : 0, e.bias, e.norm_w, e.eps, residual, y, N, K, KW, e.act, ksplit);
 }
 
 // Tokens per launch: 16 where their x_q rows fit in shared memory next to the static arrays, else 8 (the host wrapper
@@ -296,7 +289,7 @@ inline int mma_chunk_tokens(int KW) {
 
 template <typename T>
 cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
-                       at::Tensor& y, int K, bool pdl, int variant) {
+                       at::Tensor& y, int K, bool pdl) {
   const int M = x.size(0), N = w.size(0), n_out = e.act ? N / 2 : N;
   const int chunk = mma_chunk_tokens(w.size(1));
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
@@ -306,12 +299,8 @@ cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     const T* res = e.residual ? e.residual + static_cast<long long>(m0) * N : nullptr;
     const T* xc = xp + static_cast<long long>(m0) * K;
     T* yc = yp + static_cast<long long>(m0) * n_out;
-    // variant bit 0: 3 blocks per SM (8-token launches; 16-token ones spill there), bit 1: contiguous quads
-    const int contiguous = (variant >> 1) & 1;
-    const cudaError_t err =
-        mc > 8         ? launch_mma_chunk<T, 2, 2>(xc, mc, w, scale, res, e, yc, K, pdl, contiguous)
-        : variant & 1 ? launch_mma_chunk<T, 1, 3>(xc, mc, w, scale, res, e, yc, K, pdl, contiguous)
-                      : launch_mma_chunk<T, 1, 2>(xc, mc, w, scale, res, e, yc, K, pdl, contiguous);
+    const cudaError_t err = mc <= 8 ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl)
+                                    : launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
