@@ -20,7 +20,7 @@ cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const
 constexpr int64_t kInt8GemvMaxK = 12288;  // int8_gemv.cu: x as float in 48 KB of shared memory
 // ternary_mma_kernels.cuh (M > 1): 8 tokens' x_q rows (mma_row_bytes) and 8 KB for the static arrays in 227 KB
 constexpr int64_t kMmaMaxK = 27904;
-bool mma_fits(int64_t kw) { return 8 * (((kw / 4 + 3) / 4 * 4 + 1) * 64) + 8192 <= 227 * 1024; }
+inline bool mma_fits(int64_t kw) { return 8 * (((kw / 4 + 3) / 4 * 4 + 1) * 64) + 8192 <= 227 * 1024; }
 
 namespace {
 

@@ -1,5 +1,7 @@
-// Device helpers of the CUDA decode GEMVs (ternary_gemv_kernels.cuh; read_probe.cu uses the streaming load): dtype conversion,
-// streaming loads, programmatic dependent launch, the dp4a word dot product and the fused int8 quantization of x.
+// Helpers of the CUDA decode kernels (the GEMV, ternary_gemv_kernels.cuh; the tensor-core kernel for a few tokens,
+// ternary_mma_kernels.cuh; read_probe.cu uses the streaming load): dtype conversion, streaming loads, programmatic
+// dependent launch, the dp4a word dot product, the fused int8 quantization of x, the epilogues, and (host side) the
+// per-call inputs and the shared-memory opt-in.
 #pragma once
 
 #include <cstdint>
@@ -70,7 +72,7 @@ struct DotAcc {
 };
 
 // The optional per-call inputs, in x's dtype (null when absent): bias [N], the input RMSNorm's weight [K] (and eps),
-// the residual [N] added to the output; act: 0, or the gating of an interleaved gate/up layer (store_gated: 1 SiLU,
+// the residual [M, N] added to the output; act: 0, or the gating of an interleaved gate/up layer (store_gated: 1 SiLU,
 // 2 squared ReLU; y has N / 2 outputs).
 template <typename T>
 struct Extras {

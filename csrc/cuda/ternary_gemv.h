@@ -1,6 +1,6 @@
 // The W1.58A8 decode GEMV's entry points per activation dtype (ternary_gemv_kernels.cuh; one translation unit each:
 // ternary_gemv_f16.cu, ternary_gemv_bf16.cu, ternary_gemv_f32.cu), called by ternary_gemv.cpp. Arguments as
-// ternary_gemv_a8_cuda_checked there documents them; y: the [1, N] output in x's dtype. Return the launch's CUDA status.
+// ternary_gemv_a8_cuda_checked there documents them; y: the [M, N] output in x's dtype. Return the launch's CUDA status.
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -20,6 +20,8 @@
 // x_q words sit in shared memory permuted so that lane l's four words of a 16-byte weight load are
 // read conflict-free (see xq_slot).
 //
+// Calls with M > 1 tokens go to the tensor-core kernel (ternary_mma_kernels.cuh, included here; `run` dispatches).
+//
 // This header holds the kernels and their launchers; each of ternary_gemv_{f16,bf16,f32}.cu includes it once and
 // instantiates one dtype (anonymous namespace: each translation unit has its own copy), so the three compile in
 // parallel; ternary_gemv.cpp picks one by x's dtype. Only ATen's tensor and CUDA-context headers here, not

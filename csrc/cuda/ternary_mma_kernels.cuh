@@ -2,9 +2,9 @@
 // s * (x_q . W_q[n]) / a_m (+ bias) (+ residual), with per-token int8 quantization of x (or of RMSNorm(x) * norm_weight)
 // fused in front, exactly as the M = 1 GEMV (ternary_gemv_kernels.cuh) and quant.quantize_activations do it per row.
 //
-// Why not the M = 1 kernel's dp4a loop: every weight word would cost 4 dp4a per token (32 at M = 8), and the decode
-// step at batch 8 became compute-bound (Triton's dp4a GEMV and the tensor-core GEMM both ran 2-4x slower than cuBLAS
-// FP16 at M = 16: bench/results/gpu_kernels_NVIDIA_H200_2026-11-28). Here one mma.m16n8k32 (u8 codes x s8 x_q) takes
+// Why not the M = 1 kernel's dp4a loop: every weight word would cost 4 dp4a per token (32 at M = 8); the Triton
+// kernels that served these calls before (a dp4a GEMV and a tensor-core GEMM) ran 2-4x slower than cuBLAS FP16 at
+// M = 16 (bench/results/gpu_kernels_NVIDIA_H200_2026-11-28). Here one mma.m16n8k32 (u8 codes x s8 x_q) takes
 // 16 rows x 32 inputs x 8 tokens, and the weight side costs one shift and one AND per 4 weights: the codes c = w + 1
 // in {0, 1, 2} are the A operand as they sit in the i2w word (bits 2j of each byte, shifted down), with the offset
 // removed once per output: sum x_q (c - 1) = sum x_q c - sum x_q. No multiply on the weight side.
@@ -59,8 +59,11 @@ __device__ __forceinline__ int component(const int4& v, int j) { return j == 0 ?
 // One token's row x[K] (or RMSNorm(x) * norm_w) quantized into its shared-memory row by one warp: the same steps and
 // roundings as quantize_to_shared (bitengine.nn.RMSNorm, then quant.quantize_activations' per-row absmax, IEEE
 // reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. Each pass loads kChunk words per lane
-// at once (one memory round trip per chunk, not per word: a loop of dependent loads cost microseconds at K = 11008);
-// x comes from L2 once and mostly from L1 after that.
+// at once (meant as one memory round trip per chunk; against the first version's one word at a time it made no
+// measurable difference end to end: gpu_e2e_mma_0109a1d vs gpu_e2e_mma_01f8479). x comes from L2 once and mostly from
+// L1 after that. Measured (gpu_mma_breakdown_69b0b90_NVIDIA_H200_2026-12-02): this prologue is most of the kernel's
+// time at M = 2 (~5 us at K = 4096, ~14 us at K = 11008, while one warp per token works and the others wait);
+// spreading each token over all warps is the next step.
 template <typename T>
 __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
                                int kw4, char* row, float* a_out, int* xsum_out) {
