@@ -29,6 +29,8 @@ def _inputs(**change):
      "M > 1 needs in_features <= 27904"),
     (dict(x=torch.randn(3, K, dtype=torch.half), residual=torch.ones(N, dtype=torch.half)), "residual must be a "
      "contiguous [24] tensor"),
+    (dict(x=torch.randn(2, K, dtype=torch.half), w=torch.zeros(N, 1760, dtype=torch.int32)), "KW 1760 words is too "
+     "wide"),
     (dict(x=torch.randn(K, 2, dtype=torch.half).t()[:1]), "x must be a contiguous"),
     (dict(w=torch.zeros(N, 16, dtype=torch.int64)), "w must be i2w int32"),
     (dict(w=torch.zeros(N, 8, dtype=torch.int32)), "w must be i2w int32"),
@@ -72,3 +74,4 @@ def test_which_token_counts_take_the_tensor_core_kernel():
     assert not mma_takes(1, 4096, half) and not mma_takes(MAX_MMA_M + 1, 4096, half)
     assert mma_takes(8, MAX_MMA_K, half) and not mma_takes(8, MAX_MMA_K + 8, half)
     assert not mma_takes(8, 1004, half) and mma_takes(8, 1004, f32) and not mma_takes(8, 1002, f32)
+    assert not mma_takes(8, 4096, torch.float64)  # not a dtype the kernels take

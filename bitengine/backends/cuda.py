@@ -128,6 +128,8 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
             w.shape[1] * 16 < in_features or w.stride(0) % 4):
         raise ValueError(f"ternary_gemv_a8: w must be i2w int32 [N, KW] with KW % 16 == 0 and KW * 16 >= "
                          f"in_features ({in_features}), got {w.dtype} {tuple(w.shape)}")
+    if m > 1 and not _mma_fits(w.shape[1]):
+        raise ValueError(f"ternary_gemv_a8: M > 1 needs w's rows in shared memory: KW {w.shape[1]} words is too wide")
     n = w.shape[0]
     if scale.dtype != torch.float32 or scale.numel() not in (1, n):
         raise ValueError(f"ternary_gemv_a8: scale must be float32 [1] or [N] (N = {n}), got {scale.dtype} "
@@ -190,10 +192,15 @@ if _C_cuda is not None:
 def mma_takes(m: int, in_features: int, dtype: torch.dtype) -> bool:
     """Whether the C++ tensor-core kernel takes m > 1 tokens of in_features inputs: m <= MAX_MMA_M, in_features <=
     MAX_MMA_K, and each token's row of x in whole 16-byte vectors (the kernel's loads)."""
-    return 1 < m <= MAX_MMA_M and in_features <= MAX_MMA_K and in_features * _ITEMSIZE.get(dtype, 0) % 16 == 0
+    return (1 < m <= MAX_MMA_M and in_features <= MAX_MMA_K and dtype in _X_DTYPES
+            and in_features * dtype.itemsize % 16 == 0)
 
 
-_ITEMSIZE = {torch.float16: 2, torch.bfloat16: 2, torch.float32: 4}
+def _mma_fits(kw: int) -> bool:
+    """Whether 8 tokens' int8 rows of a KW-word weight fit the tensor-core kernel's shared memory: bindings.cpp's
+    mma_fits (the row size of ternary_mma_kernels.cuh's mma_row_bytes), checked here first on w itself, which may be
+    wider than in_features needs."""
+    return 8 * (((kw // 4 + 3) // 4 * 4 + 1) * 64) + 8192 <= 227 * 1024
 
 
 def cuda_gemv_applies(x: torch.Tensor, layer) -> bool:
