@@ -270,8 +270,9 @@ def test_cuda_gemv_gated(n, k, dtype):
 
 # The tensor-core kernel for a few tokens (csrc/cuda/ternary_mma_kernels.cuh): 16 tokens per launch, 8 where 16 rows of
 # x_q do not fit in shared memory (K = 14336, 16384, 27904), chunks of launches beyond (M = 17, 32: the op takes them,
-# the backend sends them to Triton, MAX_MMA_M).
-MMA_MS = (2, 3, 8, 9, 16, 17, 32)
+# the backend sends them to Triton, MAX_MMA_M). Its prologue is block-wide up to kBlockTokens (4 for 16-bit x, 2 for
+# float32) and one warp per token beyond: 2-5 cross that bound for every dtype.
+MMA_MS = (2, 3, 4, 5, 8, 9, 16, 17, 32)
 
 
 @pytest.mark.parametrize("n,k", REAL + [(4096, 11008), (4096, 14336), (77, 1000), (130, 64), (1000, 16384),

@@ -6,6 +6,9 @@ additive one: ~8 us per layer on an H200 (bench/results/gpu_decode_profile.md), 
 cache slot, written or not. Here each program takes one query head and one slice of the slots, reads
 only slots up to the token's own position (the causal bound: a decode token sees no later slot), and
 keeps an online softmax; a second small kernel merges the slices. One slice = one kernel.
+(Folding the merge into the attention kernel, the last program of each kv head merging its group's slices after an
+atomic count, was measured slower end to end: 7B batch 1 745 vs 784 tok/s, BitNet-2B 930 vs 945,
+bench/results/gpu_e2e_fused_merge_ab_659d72c_NVIDIA_H200_2026-12-03; branch exp/attn-fused-merge.)
 The default variant ("grouped", see VARIANT) runs one program per kv head and slice instead: the query group
 padded to 16 rows, q.K^T and p.V with tl.dot, so K/V are read once per kv head and the loads are pipelined.
 

@@ -61,9 +61,7 @@ __device__ __forceinline__ int component(const int4& v, int j) { return j == 0 ?
 // reciprocal, rint half-to-even, clamp), warp reductions instead of block ones. Each pass loads kChunk words per lane
 // at once (meant as one memory round trip per chunk; against the first version's one word at a time it made no
 // measurable difference end to end: gpu_e2e_mma_0109a1d vs gpu_e2e_mma_01f8479). x comes from L2 once and mostly from
-// L1 after that. Measured (gpu_mma_breakdown_69b0b90_NVIDIA_H200_2026-12-02): this prologue is most of the kernel's
-// time at M = 2 (~5 us at K = 4096, ~14 us at K = 11008, while one warp per token works and the others wait);
-// spreading each token over all warps is the next step.
+// L1 after that. The prologue for M > kBlockTokens (see there); with fewer tokens most warps would wait.
 template <typename T>
 __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
                                int kw4, char* row, float* a_out, int* xsum_out) {
@@ -114,6 +112,126 @@ __device__ void quantize_token(const T* __restrict__ x, const T* __restrict__ no
   }
 }
 
+// Per-token partial results of every thread combined over the block, in place: a warp shuffle tree, then the warps
+// in order (a fixed order, so float sums come out the same on every call). red: kTok x kWarps scratch.
+template <int kTok, typename V, typename Op>
+__device__ __forceinline__ void block_reduce_tokens(V (&v)[kTok], V (*red)[kWarps], Op op) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int j = 0; j < kTok; ++j) {
+    V s = v[j];
+    for (int o = 16; o; o >>= 1) s = op(s, __shfl_xor_sync(0xffffffffu, s, o));
+    if (lane == 0) red[j][warp] = s;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int j = 0; j < kTok; ++j) {
+    V t = red[j][0];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) t = op(t, red[j][w]);
+    v[j] = t;
+  }
+  __syncthreads();  // red may be reused
+}
+
+// Tokens the block-wide prologue takes in one pass (words kept in registers: 32 registers either way). The kernel
+// runs it for M <= kBlockTokens and one warp per token (quantize_token) beyond: bench/results/
+// gpu_kernels_mma_prologue_659d72c_NVIDIA_H200_2026-12-03 (block-wide for every M) against gpu_kernels_mma_01f8479_
+// NVIDIA_H200_2026-12-02 (one warp per token), 7B shapes, us: M = 2 o 9.44 -> 6.84, gate/up 18.56 -> 17.04, down
+// 20.47 -> 13.38; M = 8 down 28.60 -> 31.11, BitNet-2B qkv 9.20 -> 10.22, M = 16 all 1-23% slower (at M >= 8 every
+// warp has a token of its own, and the block version adds barriers and passes).
+template <typename T>
+constexpr int kBlockTokens = sizeof(T) == 4 ? 2 : 4;
+
+// The M token rows x[M, K] (or RMSNorm(x) * norm_w) quantized into their shared-memory rows by the whole block, kTok
+// tokens at a time: thread tid takes words tid, tid + 256, ... of each of them, so every load of a pass is in flight
+// at once (K <= 4096: one word per thread and token, kept in registers between the passes: one memory round trip in
+// all), and per-token sums meet in shared memory (block_reduce_tokens). The same steps and roundings as
+// quantize_to_shared (bitengine.nn.RMSNorm, then quant.quantize_activations' per-row absmax, IEEE reciprocal, rint
+// half-to-even, clamp). For few tokens, where one warp per token (quantize_token) leaves most warps waiting and took
+// most of the kernel's time (bench/results/gpu_mma_breakdown_69b0b90_NVIDIA_H200_2026-12-02, M = 2: ~5 us at
+// K = 4096, ~14 us at K = 11008).
+
+template <typename T>
+__device__ void quantize_tokens(const T* __restrict__ x, int M, const T* __restrict__ norm_w, float eps, int K, int KW,
+                                int kw4, char* xq, int rs, float* a_s, int* xsum_s) {
+  constexpr int kTok = kBlockTokens<T>;
+  __shared__ float red_f[kTok][kWarps];
+  __shared__ int red_i[kTok][kWarps];
+  const int tid = threadIdx.x;
+  const bool norm = norm_w != nullptr, first = tid < KW;
+  const int words = (kw4 + 3) / 4 * 16;  // through the last quad: zeros past KW
+  auto add = [](auto a, auto b) { return a + b; };
+  for (int m0 = 0; m0 < M; m0 += kTok) {  // the same count in every thread: the reductions' barriers
+    const T* xt = x + static_cast<long long>(m0) * K;
+    const int mt = min(kTok, M - m0);
+    XWord<T> v0[kTok], g0;  // word tid of each token and of the norm weight
+#pragma unroll
+    for (int j = 0; j < kTok; ++j)
+      if (j < mt && first) v0[j] = load_word(xt + static_cast<long long>(j) * K, tid, K);
+    if (norm && first) g0 = load_word(norm_w, tid, K);
+    float r[kTok];  // RMSNorm factors
+    if (norm) {
+      float ss[kTok];
+#pragma unroll
+      for (int j = 0; j < kTok; ++j) ss[j] = j < mt && first ? sum_squares(v0[j], 0.f) : 0.f;
+      for (int wi = tid + kThreads; wi < KW; wi += kThreads)
+#pragma unroll
+        for (int j = 0; j < kTok; ++j)
+          if (j < mt) ss[j] = sum_squares(load_word(xt + static_cast<long long>(j) * K, wi, K), ss[j]);
+      block_reduce_tokens<kTok>(ss, red_f, add);
+#pragma unroll
+      for (int j = 0; j < kTok; ++j) {
+        r[j] = rsqrtf(__fadd_rn(__fdiv_rn(ss[j], static_cast<float>(K)), eps));
+        if (j < mt && first) norm_word(g0, r[j], v0[j]);
+      }
+    }
+    // word wi (>= kThreads) of token j as the kernel quantizes it
+    auto word = [&](int j, int wi, const XWord<T>& g) {
+      XWord<T> t = load_word(xt + static_cast<long long>(j) * K, wi, K);
+      if (norm) norm_word(g, r[j], t);
+      return t;
+    };
+    float amax[kTok];
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) amax[j] = j < mt && first ? abs_max(v0[j], 0.f) : 0.f;
+    for (int wi = tid + kThreads; wi < KW; wi += kThreads) {
+      XWord<T> g;
+      if (norm) g = load_word(norm_w, wi, K);
+#pragma unroll
+      for (int j = 0; j < kTok; ++j)
+        if (j < mt) amax[j] = abs_max(word(j, wi, g), amax[j]);
+    }
+    block_reduce_tokens<kTok>(amax, red_f, [](float a, float b) { return fmaxf(a, b); });
+    float a[kTok];
+    int sum[kTok];
+#pragma unroll
+    for (int j = 0; j < kTok; ++j) {
+      a[j] = __fmul_rn(__frcp_rn(fmaxf(amax[j], 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
+      sum[j] = 0;
+    }
+    for (int wi = tid; wi < words; wi += kThreads) {
+      XWord<T> g;
+      if (norm && wi >= kThreads && wi < KW) g = load_word(norm_w, wi, K);
+#pragma unroll
+      for (int j = 0; j < kTok; ++j) {
+        if (j >= mt) continue;
+        int4 q = make_int4(0, 0, 0, 0);
+        if (wi < KW) q = pack_word(wi == tid ? v0[j] : word(j, wi, g), a[j], sum[j]);
+        *reinterpret_cast<int4*>(xq + (m0 + j) * rs + xq_offset(wi >> 2, wi & 3)) = q;
+      }
+    }
+    block_reduce_tokens<kTok>(sum, red_i, add);
+    if (tid == 0)
+#pragma unroll
+      for (int j = 0; j < kTok; ++j)
+        if (j < mt) {
+          a_s[m0 + j] = a[j];
+          xsum_s[m0 + j] = sum[j];
+        }
+  }
+}
+
 // NT n-tiles of 8 tokens (M <= 8 * NT). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
 template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
@@ -157,8 +275,11 @@ __global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
   if (tiles > 0) load_tile(buf[0], 0, 0);
   wait_for_previous_grid();
   allow_next_grid();
-  for (int m = warp; m < M; m += kWarps)
-    quantize_token(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
+  if (M <= kBlockTokens<T>)  // block-uniform
+    quantize_tokens(x, M, norm_w, eps, K, KW, kw4, xq, rs, a_s, xsum_s);
+  else
+    for (int m = warp; m < M; m += kWarps)
+      quantize_token(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
   __syncthreads();
 
   int acc[NT][4] = {};
