@@ -138,7 +138,7 @@ __device__ __forceinline__ void block_reduce_tokens(V (&v)[kTok], V (*red)[kWarp
 // runs it for M <= kBlockTokens and one warp per token (quantize_token) beyond: bench/results/
 // gpu_kernels_mma_prologue_659d72c_NVIDIA_H200_2026-12-03 (block-wide for every M) against gpu_kernels_mma_01f8479_
 // NVIDIA_H200_2026-12-02 (one warp per token), 7B shapes, us: M = 2 o 9.44 -> 6.84, gate/up 18.56 -> 17.04, down
-// 20.47 -> 13.38; M = 8 down 28.60 -> 31.11, BitNet-2B qkv 9.20 -> 10.22, M = 16 all 1-23% slower (at M >= 8 every
+// 20.47 -> 13.38; M = 8 down 28.60 -> 31.11, BitNet-2B qkv 9.20 -> 10.22, M = 16 all 3-23% slower (at M >= 8 every
 // warp has a token of its own, and the block version adds barriers and passes).
 template <typename T>
 constexpr int kBlockTokens = sizeof(T) == 4 ? 2 : 4;
