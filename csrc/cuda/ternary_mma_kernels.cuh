@@ -154,7 +154,6 @@ constexpr int kBlockTokens = sizeof(T) == 4 ? 2 : 4;
 // half-to-even, clamp). For few tokens, where one warp per token (quantize_token) leaves most warps waiting and took
 // most of the kernel's time (bench/results/gpu_mma_breakdown_69b0b90_NVIDIA_H200_2026-12-02, M = 2: ~5 us at
 // K = 4096, ~14 us at K = 11008).
-
 template <typename T>
 __device__ void quantize_tokens(const T* __restrict__ x, int M, const T* __restrict__ norm_w, float eps, int K, int KW,
                                 int kw4, char* xq, int rs, float* a_s, int* xsum_s) {
