@@ -137,9 +137,10 @@ __device__ __forceinline__ void block_reduce_tokens(V (&v)[kTok], V (*red)[kWarp
 // Tokens the block-wide prologue takes in one pass (words kept in registers: 32 registers either way). The kernel
 // runs it for M <= kBlockTokens and one warp per token (quantize_token) beyond: bench/results/
 // gpu_kernels_mma_prologue_659d72c_NVIDIA_H200_2026-12-03 (block-wide for every M) against gpu_kernels_mma_01f8479_
-// NVIDIA_H200_2026-12-02 (one warp per token), 7B shapes, us: M = 2 o 9.44 -> 6.84, gate/up 18.56 -> 17.04, down
-// 20.47 -> 13.38; M = 8 down 28.60 -> 31.11, BitNet-2B qkv 9.20 -> 10.22, M = 16 all 3-23% slower (at M >= 8 every
-// warp has a token of its own, and the block version adds barriers and passes).
+// NVIDIA_H200_2026-12-02 (one warp per token; an earlier call, cuBLAS within 8% between the two), 7B shapes, us:
+// M = 2 o 9.44 -> 6.84, gate/up 18.56 -> 17.04, down 20.47 -> 13.38; M = 8 down 28.60 -> 31.11, BitNet-2B qkv 9.20 ->
+// 10.22, M = 16 all 3-23% slower (at M >= 8 every warp has a token of its own, and the block version adds barriers
+// and passes).
 // Even so the prologue is most of the kernel from 4 tokens on (bench/results/gpu_mma_breakdown_2fc551e_NVIDIA_H200_
 // 2026-12-03: 7B down at M = 16 45.3 us, 11.8 without it), since every block quantizes all M tokens itself; quantizing
 // once in a kernel in front and loading the int8 rows is the next step.
