@@ -162,11 +162,15 @@ def variants(m, ext):
                 raise ValueError(f"not taken at M = {x.shape[0]}, K = {k}")
             return torch.ops.bitengine.ternary_gemv_cuda(x, w, s, k, None)
 
+        # version 1: every block quantizes the tokens itself (the kernel before quantize_rows_kernel), for comparison
+        inblock = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, version=1, pdl=True)  # noqa: E731
         if ext.mma_takes(m, 4096, torch.float16):
             v["cuda_a8"] = cuda_mma
             v["cuda_a8_nopdl"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=False)
+            v["cuda_a8_inblock"] = inblock
         elif m <= 64:  # beyond the backend's MAX_MMA_M: the kernel in launches of 16 tokens, for comparison
             v["cuda_a8_mma"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=True)
+            v["cuda_a8_mma_inblock"] = inblock
     elif m <= 256:
         v["triton_a8_regdecode"] = lambda x, w, s, k: ternary_gemm(x, w, s, k, 8)
     return v

@@ -270,7 +270,8 @@ def test_cuda_gemv_gated(n, k, dtype):
 
 # The tensor-core kernel for a few tokens (csrc/cuda/ternary_mma_kernels.cuh): 16 tokens per launch, 8 where 16 rows of
 # x_q do not fit in shared memory (K = 14336, 16384, 27904), chunks of launches beyond (M = 17, 32: the op takes them,
-# the backend sends them to Triton, MAX_MMA_M). Its prologue is block-wide up to kBlockTokens (4 for 16-bit x, 2 for
+# the backend sends them to Triton, MAX_MMA_M). By default the rows are quantized once in front (quantize_rows_kernel)
+# and copied in; version 1 quantizes them inside every block, block-wide up to kBlockTokens (4 for 16-bit x, 2 for
 # float32) and one warp per token beyond: 2-5 cross that bound for every dtype.
 MMA_MS = (2, 3, 4, 5, 8, 9, 16, 17, 32)
 
@@ -280,7 +281,8 @@ MMA_MS = (2, 3, 4, 5, 8, 9, 16, 17, 32)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_cuda_mma(n, k, dtype):
     """M > 1 on the C++ tensor-core kernel: against the float64 reference, and bit for bit the M = 1 GEMV of each row
-    (the same per-row quantization and integer sums, one shared epilogue), with and without PDL."""
+    (the same per-row quantization and integer sums, one shared epilogue), with and without PDL, with the rows
+    quantized in front (default) and inside every block (version 1)."""
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")
@@ -295,6 +297,7 @@ def test_cuda_mma(n, k, dtype):
             check(y, reference64(x[:m], packed, scale, k, 8, bias), dtype, f"mma m={m} {n}x{k} {gran}")
             assert torch.equal(y, rows[:m]), f"m={m} {n}x{k} {gran}: differs from the M = 1 GEMV's rows"
             assert torch.equal(gemv(x[:m], words, scale, k, bias, pdl=True), y), f"pdl m={m}"
+            assert torch.equal(gemv(x[:m], words, scale, k, bias, version=1, pdl=True), y), f"in-block m={m}"
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (640, 2600), (22016, 4096), (4096, 14336), (34, 1000)])
@@ -302,7 +305,8 @@ def test_cuda_mma(n, k, dtype):
 def test_cuda_mma_norm_residual_gated(n, k, dtype):
     """The tensor-core kernel's fused RMSNorm (within the kernels' tolerance of the reference of the torch-normed
     input: another summation order), residual (exact: == plain + residual) and gating (squared ReLU exact, SiLU within
-    a dtype step, as test_cuda_gemv_gated), at M = 3, 8, 16 and 32."""
+    a dtype step, as test_cuda_gemv_gated), at M = 3, 8, 16 and 32; the same with the rows quantized inside every
+    block (version 1: within the tolerance, the sum of squares in another order)."""
     import torch.nn.functional as F
 
     gemv, g, packed, scale, words, norm, _, bias = _norm_case(n, k, dtype, seed=12)
@@ -313,6 +317,8 @@ def test_cuda_mma_norm_residual_gated(n, k, dtype):
         ref = reference64(norm(x), packed, scale, k, 8, bias)
         fused = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, pdl=True)
         check(fused, ref, dtype, f"norm m={m} {n}x{k}", tol=max(TOL[dtype], TOL[torch.float16]))
+        in_block = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, version=1, pdl=True)
+        check(in_block, ref, dtype, f"norm in-block m={m} {n}x{k}", tol=max(TOL[dtype], TOL[torch.float16]))
         both = gemv(x, words, scale, k, bias, norm_weight=norm.weight, norm_eps=1e-5, residual=res)
         assert torch.equal(both, fused + res), f"norm + residual m={m}"
         y_op = torch.ops.bitengine.ternary_gemv_cuda(x, words, scale, k, bias, norm.weight, 1e-5, res)
@@ -369,13 +375,14 @@ print("ok", c.ternary_gemv_a8(x, w, one, 64).shape)
     assert lines[8] == "ok torch.Size([1, 8])", proc.stdout
 
 
-@pytest.mark.parametrize("version,m", [(1, 1), (2, 1), (2, 8)])
+@pytest.mark.parametrize("version,m", [(1, 1), (2, 1), (1, 8), (2, 8), (2, 32)])
 def test_cuda_gemv_pdl_chain_in_graph(version, m):
     """A chain of dependent C++ GEMVs launched with programmatic dependent launch, replayed in a CUDA graph:
     bit-identical to the same chain run eagerly without PDL. Every other GEMV reads the previous GEMV's
     output directly (the case where PDL lets it start before that grid ends), the others a PyTorch op's
     output. If a kernel read x before the previous grid finished (a missing griddepcontrol.wait), it
-    would see a stale or half-written x. M = 8: the tensor-core kernel."""
+    would see a stale or half-written x. M = 8, 32: the tensor-core kernel (version 1: quantizing in every block; 2:
+    behind quantize_rows_kernel, at 32 two launches sharing its rows)."""
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")

@@ -161,8 +161,10 @@ def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_
     x [M, K]; y [M, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional; residual
     [M, N] or its M * N elements); act 1 (SiLU) or 2 (squared ReLU): w's rows are interleaved gate, up pairs and
     y [M, N / 2] = act(gate) * up (fuse.py). M = 1: the GEMV, version 1 or 2 (2: version 2 up to K = 4096, version 1
-    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes; version and rows_per_warp unused).
-    pdl: programmatic dependent launch (sm_90+). Every version and setting gives the same bits."""
+    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes; rows_per_warp unused), its
+    tokens quantized once in front (version 2) or inside every block (version 1, for comparison). pdl: programmatic
+    dependent launch (sm_90+). Every version and setting gives the same bits, but for M > 1 with a norm_weight (the
+    two versions add the sum of squares in other orders: the last bits may differ)."""
     if _C_cuda is None:
         raise RuntimeError(f"bitengine._C_cuda is not built ({_IMPORT_ERROR})")
     check_gemv_inputs(x, w, scale, in_features, bias, norm_weight, norm_eps, residual, version, rows_per_warp, act)

@@ -5,6 +5,8 @@
 #pragma once
 
 #include <cstdint>
+
+#include <ATen/cuda/CUDAContext.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -82,6 +84,23 @@ struct Extras {
   const T* residual;
   int act;
 };
+
+// Launch `kernel` on the current stream with kThreads threads per block, as a programmatic dependent launch (see
+// wait_for_previous_grid) where `pdl` asks for it and the GPU has it (sm_90+).
+template <typename... Params, typename... Args>
+cudaError_t launch_kernel(void (*kernel)(Params...), int grid, size_t smem, bool pdl, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = at::cuda::getCurrentCUDAStream();
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pdl && at::cuda::getCurrentDeviceProperties()->major >= 9 ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, static_cast<Params>(args)...);
+}
 
 // Opt `kernel` in to `dynamic` bytes of dynamic shared memory where its static arrays plus those pass the 48 KB a
 // launch gets without opting in (a launch over that fails with "invalid argument"; the opt-in is per kernel, so a

@@ -171,20 +171,10 @@ cudaError_t launch_gemv(Kernel kernel, int rows_per_block, bool balanced, const 
     const int rounds = (row_groups + slots - 1) / slots;  // row groups per block
     grid = std::max(1, (row_groups + rounds - 1) / rounds);
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, reinterpret_cast<const T*>(x.data_ptr()),
-                            static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
-                            static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
-                            e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW, e.act);
+  return launch_kernel(kernel, grid, smem, pdl, reinterpret_cast<const T*>(x.data_ptr()),
+                       static_cast<const int*>(w.data_ptr<int>()), static_cast<long long>(w.stride(0)),
+                       static_cast<const float*>(scale.data_ptr<float>()), scale.numel() > 1 ? 1 : 0, e.bias,
+                       e.norm_w, e.eps, e.residual, reinterpret_cast<T*>(y.data_ptr()), N, K, KW, e.act);
 }
 
 template <typename T, int R, int U>
@@ -233,7 +223,7 @@ cudaError_t run(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scal
                 at::Tensor& y) {
   const Extras<T> e{ptr_or_null<T>(bias), ptr_or_null<T>(norm_weight), static_cast<float>(eps),
                     ptr_or_null<T>(residual), act};
-  if (x.size(0) > 1) return launch_mma<T>(x, w, scale, e, y, K, pdl);  // a few tokens: the tensor-core kernel
+  if (x.size(0) > 1) return launch_mma<T>(x, w, scale, e, y, K, version, pdl);  // a few tokens: the tensor-core kernel
   return dispatch_version<T>(x, w, scale, e, y, K, version, rows_per_warp, pdl);
 }
 

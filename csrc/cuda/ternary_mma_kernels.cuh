@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include "gemv_common.cuh"
@@ -155,10 +156,10 @@ constexpr int kBlockTokens = sizeof(T) == 4 ? 2 : 4;
 // half-to-even, clamp). For few tokens, where one warp per token (quantize_token) leaves most warps waiting and took
 // most of the kernel's time (bench/results/gpu_mma_breakdown_69b0b90_NVIDIA_H200_2026-12-02, M = 2: ~5 us at
 // K = 4096, ~14 us at K = 11008).
-template <typename T>
+// store_word(m, wi, q): x_q word wi (16 bytes) of token m; store_token(m, a, sum): its scale and code sum (thread 0).
+template <int kTok, typename T, typename StoreWord, typename StoreToken>
 __device__ void quantize_tokens(const T* __restrict__ x, int M, const T* __restrict__ norm_w, float eps, int K, int KW,
-                                int kw4, char* xq, int rs, float* a_s, int* xsum_s) {
-  constexpr int kTok = kBlockTokens<T>;
+                                int kw4, StoreWord store_word, StoreToken store_token) {
   __shared__ float red_f[kTok][kWarps];
   __shared__ int red_i[kTok][kWarps];
   const int tid = threadIdx.x;
@@ -221,18 +222,47 @@ __device__ void quantize_tokens(const T* __restrict__ x, int M, const T* __restr
         if (j >= mt) continue;
         int4 q = make_int4(0, 0, 0, 0);
         if (wi < KW) q = pack_word(wi == tid ? v0[j] : word(j, wi, g), a[j], sum[j]);
-        *reinterpret_cast<int4*>(xq + (m0 + j) * rs + xq_offset(wi >> 2, wi & 3)) = q;
+        store_word(m0 + j, wi, q);
       }
     }
     block_reduce_tokens<kTok>(sum, red_i, add);
     if (tid == 0)
 #pragma unroll
       for (int j = 0; j < kTok; ++j)
-        if (j < mt) {
-          a_s[m0 + j] = a[j];
-          xsum_s[m0 + j] = sum[j];
-        }
+        if (j < mt) store_token(m0 + j, a[j], sum[j]);
   }
+}
+
+// Bytes of one token's x_q row in global memory (quantize_rows_kernel): its words in order through the last quad.
+__host__ __device__ inline long long mma_global_row_bytes(int kw4) { return (kw4 + 3) / 4 * 256LL; }
+
+// Every token quantized once, for all blocks of the tensor-core kernels behind it: block m takes token m (the
+// block-wide prologue, one token per block) and writes its x_q row (mma_global_row_bytes, zeros past K), its scale
+// a[m] and its code sum xsum[m]. Why: with the quantization inside the tensor-core kernel every block (up to 2 per SM)
+// quantized all M tokens itself, and from 4 tokens on that was most of the kernel's time (bench/results/
+// gpu_mma_breakdown_2fc551e_NVIDIA_H200_2026-12-03: 7B down at M = 16 45.3 us, 11.8 without it). Same steps and
+// roundings as in the kernel: the tensor-core kernel's outputs do not depend on which side quantized (x_q, a and the
+// sums are the same integers and floats; with RMSNorm the sum of squares may be added in another order).
+template <typename T>
+__global__ void __launch_bounds__(kThreads) quantize_rows_kernel(const T* __restrict__ x, const T* __restrict__ norm_w,
+                                                                 float eps, int K, int KW, char* __restrict__ xq,
+                                                                 float* __restrict__ a, int* __restrict__ xsum) {
+  wait_for_previous_grid();  // x may be the previous kernel's output
+  allow_next_grid();         // the tensor-core kernel may start its weight loads; it waits for this grid's end
+  const int m = blockIdx.x, kw4 = KW / 4;
+  char* row = xq + m * mma_global_row_bytes(kw4);
+  quantize_tokens<1>(
+      x + static_cast<long long>(m) * K, 1, norm_w, eps, K, KW, kw4,
+      [&](int, int wi, int4 q) { *reinterpret_cast<int4*>(row + 16 * wi) = q; },
+      [&](int, float av, int sum) {
+        a[m] = av;
+        xsum[m] = sum;
+      });
+}
+
+__device__ __forceinline__ void copy_async_16(char* shared, const char* global) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global) : "memory");
 }
 
 // NT n-tiles of 8 tokens (M <= 8 * NT). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
@@ -240,7 +270,8 @@ template <typename T, int NT>
 __global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
     const T* __restrict__ x, int M, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
-    T* __restrict__ y, int N, int K, int KW, int act, int ksplit) {
+    T* __restrict__ y, int N, int K, int KW, int act, int ksplit, const char* __restrict__ xq_in,
+    const float* __restrict__ a_in, const int* __restrict__ xsum_in) {
   extern __shared__ int4 smem[];
   char* xq = reinterpret_cast<char*>(smem);
   __shared__ float a_s[8 * NT];
@@ -278,11 +309,29 @@ __global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
   if (tiles > 0) load_tile(buf[0], 0, 0);
   wait_for_previous_grid();
   allow_next_grid();
-  if (M <= kBlockTokens<T>)  // block-uniform
-    quantize_tokens(x, M, norm_w, eps, K, KW, kw4, xq, rs, a_s, xsum_s);
-  else
+  if (xq_in != nullptr) {  // rows quantized by quantize_rows_kernel: copied in, every copy in flight at once
+    const int words = quads * 16;
+    for (int i = threadIdx.x; i < M * words; i += kThreads) {
+      const int m = i / words, wi = i - m * words;
+      copy_async_16(xq + m * rs + xq_offset(wi >> 2, wi & 3), xq_in + m * mma_global_row_bytes(kw4) + 16 * wi);
+    }
+    if (threadIdx.x < M) {
+      a_s[threadIdx.x] = __ldcg(a_in + threadIdx.x);
+      xsum_s[threadIdx.x] = __ldcg(xsum_in + threadIdx.x);
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+  } else if (M <= kBlockTokens<T>) {  // block-uniform
+    quantize_tokens<kBlockTokens<T>>(
+        x, M, norm_w, eps, K, KW, kw4,
+        [&](int m, int wi, int4 q) { *reinterpret_cast<int4*>(xq + m * rs + xq_offset(wi >> 2, wi & 3)) = q; },
+        [&](int m, float av, int sum) {
+          a_s[m] = av;
+          xsum_s[m] = sum;
+        });
+  } else {
     for (int m = warp; m < M; m += kWarps)
       quantize_token(x + static_cast<long long>(m) * K, norm_w, eps, K, KW, kw4, xq + m * rs, &a_s[m], &xsum_s[m]);
+  }
   __syncthreads();
 
   int acc[NT][4] = {};
@@ -372,9 +421,17 @@ __global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
   }
 }
 
+// The rows of x given as x_q rows (quantize_rows_kernel's xq / a / xsum at this chunk's first token), or null: the
+// kernel quantizes x itself.
+struct QuantizedRows {
+  const char* xq;
+  const float* a;
+  const int* xsum;
+};
+
 template <typename T, int NT>
 cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::Tensor& scale, const T* residual,
-                             const Extras<T>& e, T* y, int K, bool pdl) {
+                             const Extras<T>& e, T* y, int K, bool pdl, const QuantizedRows& rows) {
   const int N = w.size(0), KW = w.size(1), kw4 = KW / 4, quads = (kw4 + 3) / 4;
   auto kernel = ternary_mma_kernel<T, NT>;
   const size_t smem = static_cast<size_t>(8 * NT) * mma_row_bytes(kw4);
@@ -383,8 +440,7 @@ cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::T
   int per_sm = 0;
   err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
   if (err != cudaSuccess) return err;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int slots_total = prop->multiProcessorCount * std::max(per_sm, 1);
+  const int slots_total = at::cuda::getCurrentDeviceProperties()->multiProcessorCount * std::max(per_sm, 1);
   const int groups = (N + kGroupRows - 1) / kGroupRows;
   // warps per row group: enough groups x warps to give every warp slot of the GPU work, at most one quad per warp
   int ksplit = 1;
@@ -393,19 +449,10 @@ cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::T
   const int blocks_needed = (groups + slots - 1) / slots;
   const int rounds = (blocks_needed + slots_total - 1) / slots_total;
   const int grid = std::max(1, (blocks_needed + rounds - 1) / rounds);  // every block the same number of rounds
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = smem;
-  cfg.stream = at::cuda::getCurrentCUDAStream();
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pdl && prop->major >= 9 ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, x, M, static_cast<const int*>(w.data_ptr<int>()),
-                            static_cast<long long>(w.stride(0)), static_cast<const float*>(scale.data_ptr<float>()),
-                            scale.numel() > 1 ? 1 : 0, e.bias, e.norm_w, e.eps, residual, y, N, K, KW, e.act, ksplit);
+  return launch_kernel(kernel, grid, smem, pdl, x, M, static_cast<const int*>(w.data_ptr<int>()),
+                       static_cast<long long>(w.stride(0)), static_cast<const float*>(scale.data_ptr<float>()),
+                       scale.numel() > 1 ? 1 : 0, e.bias, e.norm_w, e.eps, residual, y, N, K, KW, e.act, ksplit,
+                       rows.xq, rows.a, rows.xsum);
 }
 
 // Tokens per launch: 16 where their x_q rows fit in shared memory next to the static arrays, else 8 (the host wrapper
@@ -414,20 +461,39 @@ inline int mma_chunk_tokens(int KW) {
   return 16L * mma_row_bytes(KW / 4) + 16 * 1024 <= 227L * 1024 ? 16 : 8;
 }
 
+// From how many tokens the rows are quantized once in front (quantize_rows_kernel) rather than in every block.
+constexpr int kQuantizeInFrontFromM = 2;
+
+// version 1: every block quantizes its tokens itself (the kernel before quantize_rows_kernel; for comparison), else
+// from kQuantizeInFrontFromM tokens on the rows are quantized once in front, and every launch copies them in.
 template <typename T>
 cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
-                       at::Tensor& y, int K, bool pdl) {
-  const int M = x.size(0), N = w.size(0), n_out = e.act ? N / 2 : N;
-  const int chunk = mma_chunk_tokens(w.size(1));
+                       at::Tensor& y, int K, int version, bool pdl) {
+  const int M = x.size(0), N = w.size(0), KW = w.size(1), n_out = e.act ? N / 2 : N;
+  const int chunk = mma_chunk_tokens(KW);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
+  at::Tensor quantized;  // x_q rows, then a[M], then xsum[M]; freed (stream-ordered) when the launches are queued
+  QuantizedRows rows{nullptr, nullptr, nullptr};
+  const long long row_bytes = mma_global_row_bytes(KW / 4);
+  if (version != 1 && M >= kQuantizeInFrontFromM) {
+    quantized = at::empty({M * row_bytes + 8LL * M}, x.options().dtype(at::kByte));
+    char* base = reinterpret_cast<char*>(quantized.data_ptr());
+    rows = {base, reinterpret_cast<const float*>(base + M * row_bytes),
+            reinterpret_cast<const int*>(base + M * row_bytes + 4LL * M)};
+    const cudaError_t err = launch_kernel(quantize_rows_kernel<T>, M, 0, pdl, xp, e.norm_w, e.eps, K, KW, base,
+                                          reinterpret_cast<float*>(base + M * row_bytes),
+                                          reinterpret_cast<int*>(base + M * row_bytes + 4LL * M));
+    if (err != cudaSuccess) return err;
+  }
   for (int m0 = 0; m0 < M; m0 += chunk) {
     const int mc = std::min(chunk, M - m0);
     const T* res = e.residual ? e.residual + static_cast<long long>(m0) * N : nullptr;
     const T* xc = xp + static_cast<long long>(m0) * K;
     T* yc = yp + static_cast<long long>(m0) * n_out;
-    const cudaError_t err = mc <= 8 ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl)
-                                    : launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl);
+    const QuantizedRows rc = rows.xq ? QuantizedRows{rows.xq + m0 * row_bytes, rows.a + m0, rows.xsum + m0} : rows;
+    const cudaError_t err = mc <= 8 ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl, rc)
+                                    : launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl, rc);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
