@@ -31,12 +31,13 @@ except ImportError as e:  # the package works without the extension
 
 MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 16 inputs
 # M > 1 (csrc/cuda/ternary_mma_kernels.cuh, the tensor-core kernel for a few tokens): the backend sends it up to
-# MAX_MMA_M tokens (16 per launch, or 8 where 16 tokens' int8 rows do not fit in shared memory; the op runs more as
-# several launches, each reading the weights again), in_features up to MAX_MMA_K (8 tokens' rows in 227 KB;
-# bindings.cpp mma_fits). bench/results/gpu_e2e_mma_0109a1d_NVIDIA_H200_2026-12-02 (first version, up to 32 tokens):
-# batch 8 7B 1094 -> 2243 tok/s against the Triton kernels, batch 32 (two launches of 16) 3879 -> 2883: 32 stays on
-# Triton's GEMM.
-MAX_MMA_M = 16
+# MAX_MMA_M tokens (32 per launch, or 16 / 8 where that many tokens' int8 rows do not fit in shared memory; the op runs
+# more as several launches, each reading the weights again), in_features up to MAX_MMA_K (8 tokens' rows in 227 KB;
+# bindings.cpp mma_fits). Up to 16 until the tokens were quantized once in front instead of in every block:
+# bench/results/gpu_e2e_mma_front_3e90439_NVIDIA_H200_2026-12-03 (A/B in one run, 32 tokens as two launches of 16
+# against Triton's GEMM): batch 32 7B 3871 -> 5459 tok/s, BitNet-2B 6445 -> 9105; the kernel run of that commit
+# (gpu_kernels_mma_front_3e90439_...) at M = 32: 19-46 us against Triton's 27-93.
+MAX_MMA_M = 32
 MAX_MMA_K = 27904
 # bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
 # from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).

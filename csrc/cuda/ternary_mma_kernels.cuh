@@ -1,6 +1,8 @@
-// W1.58A8 linear for a few tokens (2 <= M <= 16 per launch; batched decode) on the int8 tensor cores: y[M, N] =
+// W1.58A8 linear for a few tokens (2 <= M <= 32 per launch; batched decode) on the int8 tensor cores: y[M, N] =
 // s * (x_q . W_q[n]) / a_m (+ bias) (+ residual), with per-token int8 quantization of x (or of RMSNorm(x) * norm_weight)
-// fused in front, exactly as the M = 1 GEMV (ternary_gemv_kernels.cuh) and quant.quantize_activations do it per row.
+// exactly as the M = 1 GEMV (ternary_gemv_kernels.cuh) and quant.quantize_activations do it per row: once for all
+// blocks in a small kernel in front (quantize_rows_kernel, programmatic dependent launch; each block copies the int8
+// rows into shared memory), or (version 1, for comparison) inside every block.
 //
 // Why not the M = 1 kernel's dp4a loop: every weight word would cost 4 dp4a per token (32 at M = 8); the Triton
 // kernels that served these calls before (a dp4a GEMV and a tensor-core GEMM) ran 2-4x slower than cuBLAS FP16 at
@@ -143,8 +145,8 @@ __device__ __forceinline__ void block_reduce_tokens(V (&v)[kTok], V (*red)[kWarp
 // 10.22, M = 16 all 3-23% slower (at M >= 8 every warp has a token of its own, and the block version adds barriers
 // and passes).
 // Even so the prologue is most of the kernel from 4 tokens on (bench/results/gpu_mma_breakdown_2fc551e_NVIDIA_H200_
-// 2026-12-03: 7B down at M = 16 45.3 us, 11.8 without it), since every block quantizes all M tokens itself; quantizing
-// once in a kernel in front and loading the int8 rows is the next step.
+// 2026-12-03: 7B down at M = 16 45.3 us, 11.8 without it), since every block quantizes all M tokens itself: now the
+// tokens are quantized once in front (quantize_rows_kernel) and this prologue runs only as version 1.
 template <typename T>
 constexpr int kBlockTokens = sizeof(T) == 4 ? 2 : 4;
 
@@ -265,9 +267,10 @@ __device__ __forceinline__ void copy_async_16(char* shared, const char* global) 
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(global) : "memory");
 }
 
-// NT n-tiles of 8 tokens (M <= 8 * NT). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
+// NT n-tiles of 8 tokens (M <= 8 * NT; NT = 4 needs all of an SM's shared memory for its 32 rows: one block per SM,
+// and up to 255 registers). x: [M, K] rows, residual / y: [M, N] (y [M, N / 2] with a gating act).
 template <typename T, int NT>
-__global__ void __launch_bounds__(kThreads, 2) ternary_mma_kernel(
+__global__ void __launch_bounds__(kThreads, NT > 2 ? 1 : 2) ternary_mma_kernel(
     const T* __restrict__ x, int M, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
     T* __restrict__ y, int N, int K, int KW, int act, int ksplit, const char* __restrict__ xq_in,
@@ -455,13 +458,20 @@ cudaError_t launch_mma_chunk(const T* x, int M, const at::Tensor& w, const at::T
                        rows.xq, rows.a, rows.xsum);
 }
 
-// Tokens per launch: 16 where their x_q rows fit in shared memory next to the static arrays, else 8 (the host wrapper
-// checks that 8 fit); larger M runs as several launches over chunks of tokens, each reading the weights once.
-inline int mma_chunk_tokens(int KW) {
-  return 16L * mma_row_bytes(KW / 4) + 16 * 1024 <= 227L * 1024 ? 16 : 8;
+// Tokens per launch: 32 where their x_q rows fit in shared memory next to the static arrays (only with the rows
+// quantized in front: 32 rows quantized in every block, one block per SM, was not tried), else 16 where they fit, else
+// 8 (the host wrapper checks that 8 fit); larger M runs as several launches over chunks of tokens, each reading the
+// weights once.
+inline int mma_chunk_tokens(int KW, bool in_front) {
+  const long long row = mma_row_bytes(KW / 4);
+  if (in_front && 32 * row + 20 * 1024 <= 227L * 1024) return 32;
+  return 16 * row + 16 * 1024 <= 227L * 1024 ? 16 : 8;
 }
 
-// From how many tokens the rows are quantized once in front (quantize_rows_kernel) rather than in every block.
+// From how many tokens the rows are quantized once in front (quantize_rows_kernel) rather than in every block:
+// bench/results/gpu_kernels_mma_front_3e90439_NVIDIA_H200_2026-12-03 (cuda_a8 in front, cuda_a8_inblock in every
+// block; us): M = 2 7B o 7.06 / 6.92, gate/up 16.22 / 16.58, down 11.61 / 13.97, BitNet-2B qkv 5.84 / 6.25; M = 16
+// o 11.62 / 19.68, gate/up 23.70 / 33.02, down 21.29 / 44.70.
 constexpr int kQuantizeInFrontFromM = 2;
 
 // version 1: every block quantizes its tokens itself (the kernel before quantize_rows_kernel; for comparison), else
@@ -470,13 +480,14 @@ template <typename T>
 cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
                        at::Tensor& y, int K, int version, bool pdl) {
   const int M = x.size(0), N = w.size(0), KW = w.size(1), n_out = e.act ? N / 2 : N;
-  const int chunk = mma_chunk_tokens(KW);
+  const bool in_front = version != 1 && M >= kQuantizeInFrontFromM;
+  const int chunk = mma_chunk_tokens(KW, in_front);
   const T* xp = reinterpret_cast<const T*>(x.data_ptr());
   T* yp = reinterpret_cast<T*>(y.data_ptr());
   at::Tensor quantized;  // x_q rows, then a[M], then xsum[M]; freed (stream-ordered) when the launches are queued
   QuantizedRows rows{nullptr, nullptr, nullptr};
   const long long row_bytes = mma_global_row_bytes(KW / 4);
-  if (version != 1 && M >= kQuantizeInFrontFromM) {
+  if (in_front) {
     quantized = at::empty({M * row_bytes + 8LL * M}, x.options().dtype(at::kByte));
     char* base = reinterpret_cast<char*>(quantized.data_ptr());
     rows = {base, reinterpret_cast<const float*>(base + M * row_bytes),
@@ -492,8 +503,9 @@ cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tenso
     const T* xc = xp + static_cast<long long>(m0) * K;
     T* yc = yp + static_cast<long long>(m0) * n_out;
     const QuantizedRows rc = rows.xq ? QuantizedRows{rows.xq + m0 * row_bytes, rows.a + m0, rows.xsum + m0} : rows;
-    const cudaError_t err = mc <= 8 ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl, rc)
-                                    : launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl, rc);
+    const cudaError_t err = mc <= 8    ? launch_mma_chunk<T, 1>(xc, mc, w, scale, res, e, yc, K, pdl, rc)
+                            : mc <= 16 ? launch_mma_chunk<T, 2>(xc, mc, w, scale, res, e, yc, K, pdl, rc)
+                                       : launch_mma_chunk<T, 4>(xc, mc, w, scale, res, e, yc, K, pdl, rc);
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;
