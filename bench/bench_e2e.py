@@ -59,7 +59,7 @@ MODELS = {
 PROMPT, NEW = 64, 128
 DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
 TORCH_ARGMAX = False  # '+torchargmax': the step's argmax by torch.argmax instead of the engine's (generate.greedy)
-MAX_MMA_M = cuda_backend.MAX_MMA_M  # the backend's own setting ('+mma16' changes it for one variant)
+MAX_MMA_M = cuda_backend.MAX_MMA_M  # the backend's own setting ('+mmaN' changes it for one variant)
 
 
 def next_token(logits: torch.Tensor) -> torch.Tensor:
@@ -74,8 +74,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
     its own kernel, not in the gate/up GEMV's epilogue), 'noattnpdl' (the decode attention kernels launched without
-    programmatic dependent launch), 'mma16' (Triton's kernels from 17 tokens per call on, not the C++ tensor-core
-    kernel: the backend before 3e90439); handled by set_variant_flags.
+    programmatic dependent launch), 'mmaN' (the C++ tensor-core kernel for up to N tokens per call, Triton's kernels
+    beyond: cuda_backend.MAX_MMA_M); handled by set_variant_flags.
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -209,8 +209,9 @@ def set_variant_flags(variant: str) -> None:
     # programmatic dependent launch of the decode attention kernels (off with +nopdl too)
     decode_attention.PDL = "+nopdl" not in variant and "+noattnpdl" not in variant
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
-    # most tokens per call on the C++ tensor-core kernel (more go to Triton); '+mma16': 16, as before 3e90439
-    cuda_backend.MAX_MMA_M = 16 if "+mma16" in variant else MAX_MMA_M
+    # most tokens per call on the C++ tensor-core kernel (more go to Triton); '+mmaN': N (16 before 3e90439)
+    mma = [int(mod[3:]) for mod in variant.split("+")[1:] if mod[:3] == "mma" and mod[3:].isdigit()]
+    cuda_backend.MAX_MMA_M = mma[0] if mma else MAX_MMA_M
 
 
 @torch.no_grad()

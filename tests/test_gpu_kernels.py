@@ -270,11 +270,11 @@ def test_cuda_gemv_gated(n, k, dtype):
 
 # The tensor-core kernel for a few tokens (csrc/cuda/ternary_mma_kernels.cuh): 32 tokens per launch, 16 / 8 where that
 # many rows of x_q do not fit in shared memory (16: K > ~6900; 8: K = 14336, 16384, 27904), chunks of launches beyond
-# (M = 40: the op takes it, the backend sends it to Triton, MAX_MMA_M; 17 and 32 are one launch or two). By default
+# (17 and 32 are one launch or two, 40 two or three, 64 two to eight; MAX_MMA_M is 64). By default
 # the rows are quantized once in front (quantize_rows_kernel) and copied in; version 1 quantizes them inside every
 # block (at most 16 tokens per launch), block-wide up to kBlockTokens (4 for 16-bit x, 2 for float32) and one warp
 # per token beyond: 2-5 cross that bound for every dtype.
-MMA_MS = (2, 3, 4, 5, 8, 9, 16, 17, 32, 40)
+MMA_MS = (2, 3, 4, 5, 8, 9, 16, 17, 32, 40, 64)
 
 
 @pytest.mark.parametrize("n,k", REAL + [(4096, 11008), (4096, 14336), (77, 1000), (130, 64), (1000, 16384),

@@ -35,9 +35,10 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 # more as several launches, each reading the weights again), in_features up to MAX_MMA_K (8 tokens' rows in 227 KB;
 # bindings.cpp mma_fits). Up to 16 until the tokens were quantized once in front instead of in every block:
 # bench/results/gpu_e2e_mma_front_3e90439_NVIDIA_H200_2026-12-03 (A/B in one run, 32 tokens as two launches of 16
-# against Triton's GEMM): batch 32 7B 3871 -> 5459 tok/s, BitNet-2B 6445 -> 9105; the kernel run of that commit
-# (gpu_kernels_mma_front_3e90439_...) at M = 32: 19-46 us against Triton's 27-93.
-MAX_MMA_M = 32
+# against Triton's GEMM): batch 32 7B 3871 -> 5459 tok/s, BitNet-2B 6445 -> 9105. 64: in gpu_kernels_front1_1dd5224_
+# NVIDIA_H200_2026-12-03 the kernel (cuda_a8_mma) beats Triton's (triton_a8) at M = 48 on all six 7B / BitNet-2B shapes
+# (7B down 57 vs 131 us, gate/up 59 vs 77) and at M = 64 on five, level on 7B qkv (48.8 vs 48.7 us).
+MAX_MMA_M = 64
 MAX_MMA_K = 27904
 # bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
 # from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).
