@@ -168,7 +168,7 @@ def variants(m, ext):
             v["cuda_a8"] = cuda_mma
             v["cuda_a8_nopdl"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=False)
             v["cuda_a8_inblock"] = inblock
-        elif m <= 64:  # beyond the backend's MAX_MMA_M: the kernel in launches of 16 tokens, for comparison
+        elif m <= 128:  # beyond the backend's MAX_MMA_M: the kernel in several launches, for comparison
             v["cuda_a8_mma"] = lambda x, w, s, k: ext.ternary_gemv_a8(x, w, s, k, None, pdl=True)
             v["cuda_a8_mma_inblock"] = inblock
     elif m <= 256:
