@@ -51,8 +51,10 @@ for step in $STEPS; do
       if [ "$T" -gt 20 ]; then
         # TEST_K: one -k expression (may hold spaces); TEST_ARGS is split on spaces ("-v" prints each result as it
         # comes, so a step cut by its timeout still shows which tests failed)
-        timeout "$T" python -m pytest -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_kernels.py tests/test_gpu_model.py \
-          tests/test_decode_attention.py} ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+        # the model tests first: they are the slowest (inductor compiles), and at the end of the list the step's
+        # time limit cut them in every call of 2026-12-03 (bench/results/gpu_tests_*_2026-12-03.log)
+        timeout "$T" python -m pytest -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_model.py tests/test_decode_attention.py \
+          tests/test_gpu_kernels.py} ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
         grep -E "^FAILED|^ERROR|passed|failed" "$OUT/tests.log" | tail -20
       fi ;;
   esac
