@@ -57,7 +57,7 @@ MODELS = {
                               num_heads=32, num_kv_heads=8, head_dim=128, rope_theta=500000.0),
 }
 PROMPT, NEW = 64, 128
-DEVICE = "cuda"  # the CPU smoke test in tests/ sets "cpu"
+DEVICE = "cuda"  # tests/test_bench_e2e_cpu.py sets "cpu"
 TORCH_ARGMAX = False  # '+torchargmax': the step's argmax by torch.argmax instead of the engine's (generate.greedy)
 MAX_MMA_M = cuda_backend.MAX_MMA_M  # the backend's own setting ('+mmaN' changes it for one variant)
 

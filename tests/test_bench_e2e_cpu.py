@@ -1,0 +1,50 @@
+"""bench/bench_e2e.py on the CPU, at toy sizes: the variant modifiers set the engine's switches they name (the
+GPU A/B rows depend on them: '+mma32' is the batch-64 A/B of README's eighth part), and a random-weight model builds
+and runs a forward pass (DEVICE = "cpu": the reference backend)."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+import bench_e2e  # noqa: E402
+
+from bitengine.backends import cuda as cuda_backend  # noqa: E402
+from bitengine.config import ModelConfig  # noqa: E402
+
+
+@pytest.fixture
+def restore_flags():
+    """The switches set_variant_flags writes, put back as they were (their defaults may come from the environment)."""
+    from bitengine.kernels import decode_attention
+
+    saved = [(mod, name, getattr(mod, name)) for mod, names in (
+        (cuda_backend, ("PDL", "FUSE_NORM_RESIDUAL", "COMBO_KERNELS", "FUSE_GATED", "MAX_MMA_M")),
+        (decode_attention, ("ENABLED", "VARIANT", "PDL")), (bench_e2e, ("TORCH_ARGMAX",))) for name in names]
+    yield
+    for mod, name, value in saved:
+        setattr(mod, name, value)
+
+
+def test_variant_flags(restore_flags):
+    bench_e2e.set_variant_flags("a8+compile+mma32+nopdl")
+    assert cuda_backend.MAX_MMA_M == 32 and cuda_backend.PDL is False
+    bench_e2e.set_variant_flags("a8+mma16")
+    assert cuda_backend.MAX_MMA_M == 16 and cuda_backend.PDL is True
+    bench_e2e.set_variant_flags("a8+compile")  # the backend's own setting again
+    assert cuda_backend.MAX_MMA_M == bench_e2e.MAX_MMA_M == 64
+
+
+@pytest.mark.parametrize("variant", ["a8", "fp16"])
+def test_build_and_forward_on_cpu(monkeypatch, variant):
+    monkeypatch.setattr(bench_e2e, "DEVICE", "cpu")
+    cfg = ModelConfig(arch="llama", vocab_size=96, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=16)
+    model = bench_e2e.build(cfg, variant, max_seq=16)
+    assert model.backend_name == ("reference" if variant == "a8" else "dense")
+    with torch.no_grad():
+        logits = model(torch.randint(0, 96, (2, 5)))
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    assert logits.shape[-1] == 96 and torch.isfinite(logits.float()).all()
