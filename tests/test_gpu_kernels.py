@@ -383,7 +383,7 @@ def test_cuda_gemv_pdl_chain_in_graph(version, m):
     output directly (the case where PDL lets it start before that grid ends), the others a PyTorch op's
     output. If a kernel read x before the previous grid finished (a missing griddepcontrol.wait), it
     would see a stale or half-written x. M = 8, 32: the tensor-core kernel (version 1: quantizing in every block; 2:
-    behind quantize_rows_kernel, at 32 two launches sharing its rows)."""
+    behind quantize_rows_kernel, a second PDL-chained kernel per layer)."""
     ext = _cuda_ext()
     if ext is None:
         pytest.skip("bitengine._C_cuda not built")

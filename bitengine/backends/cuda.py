@@ -37,7 +37,8 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 # bench/results/gpu_e2e_mma_front_3e90439_NVIDIA_H200_2026-12-03 (A/B in one run, 32 tokens as two launches of 16
 # against Triton's GEMM): batch 32 7B 3871 -> 5459 tok/s, BitNet-2B 6445 -> 9105. 64: in gpu_kernels_front1_1dd5224_
 # NVIDIA_H200_2026-12-03 the kernel (cuda_a8_mma) beats Triton's (triton_a8) at M = 48 on all six 7B / BitNet-2B shapes
-# (7B down 57 vs 131 us, gate/up 59 vs 77) and at M = 64 on five, level on 7B qkv (48.8 vs 48.7 us).
+# (7B down 57 vs 131 us, gate/up 59 vs 77) and at M = 64 on five, level on 7B qkv (48.8 vs 48.7 us); end to end
+# (gpu_e2e_mma64_0dfcd62_NVIDIA_H200_2026-12-03, A/B in one run) 7B batch 64 5580 -> 6304 tok/s against 32.
 MAX_MMA_M = 64
 MAX_MMA_K = 27904
 # bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
