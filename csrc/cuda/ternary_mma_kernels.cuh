@@ -28,7 +28,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include <ATen/ATen.h>
+#include <ATen/ops/empty.h>
 #include <ATen/cuda/CUDAContext.h>
 
 #include "gemv_common.cuh"
@@ -357,11 +357,10 @@ cudaError_t launch_mma(const at::Tensor& x, const at::Tensor& w, const at::Tenso
   if (in_front) {
     quantized = at::empty({M * row_bytes + 8LL * M}, x.options().dtype(at::kByte));
     char* base = reinterpret_cast<char*>(quantized.data_ptr());
-    rows = {base, reinterpret_cast<const float*>(base + M * row_bytes),
-            reinterpret_cast<const int*>(base + M * row_bytes + 4LL * M)};
-    const cudaError_t err = launch_kernel(quantize_rows_kernel<T>, M, 0, pdl, xp, e.norm_w, e.eps, K, KW, base,
-                                          reinterpret_cast<float*>(base + M * row_bytes),
-                                          reinterpret_cast<int*>(base + M * row_bytes + 4LL * M));
+    float* a = reinterpret_cast<float*>(base + M * row_bytes);
+    int* xsum = reinterpret_cast<int*>(a + M);
+    rows = {base, a, xsum};
+    const cudaError_t err = launch_kernel(quantize_rows_kernel<T>, M, 0, pdl, xp, e.norm_w, e.eps, K, KW, base, a, xsum);
     if (err != cudaSuccess) return err;
   }
   for (int m0 = 0; m0 < M; m0 += chunk) {
