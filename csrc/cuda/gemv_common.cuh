@@ -153,6 +153,17 @@ __device__ __forceinline__ XWord<T> load_word(const T* __restrict__ x, int wi, i
   return w;
 }
 
+// clamp(rint(v * a), -128, 127) as an int, on the FMA and integer pipes: the clamp first (the same result: rint is
+// monotone and the bounds are integers; a NaN product gives -128 either way, as fmaxf returns the other operand),
+// then round half to even by adding 1.5 * 2^23 (exact for |c| < 2^22: the sum's unit in the last place is 1) and
+// reading the integer off the float's low bits. rintf + the float-to-int conversion (FRND + F2I) ran on the
+// conversion pipe, a quarter warp per clock per SM, and every block of the GEMV quantizes all of x: with 2-4 blocks
+// per SM that pipe, not memory, set the prologue's length.
+__device__ __forceinline__ int quantize_value(float v, float a) {
+  const float c = fminf(fmaxf(__fmul_rn(v, a), -128.f), 127.f);
+  return __float_as_int(__fadd_rn(c, 12582912.f)) - 0x4B400000;
+}
+
 template <typename T>
 __device__ __forceinline__ int4 pack_word(const XWord<T>& v, float a, int& sum) {
   int packed[4];
@@ -161,7 +172,7 @@ __device__ __forceinline__ int4 pack_word(const XWord<T>& v, float a, int& sum) 
     unsigned word = 0;
 #pragma unroll
     for (int b = 0; b < 4; ++b) {
-      const int q = static_cast<int>(fminf(fmaxf(rintf(__fmul_rn(v.get(j * 4 + b), a)), -128.f), 127.f));
+      const int q = quantize_value(v.get(j * 4 + b), a);
       sum += q;
       word |= (static_cast<unsigned>(q) & 0xffu) << (8 * b);
     }
@@ -177,13 +188,38 @@ constexpr int kRegWords = 4;
 template <typename T>
 __device__ __forceinline__ float round_to(float v) { return to_float(from_float<T>(v)); }
 
+// Pairs of 16-bit values, for the prologue's packed arithmetic.
+template <typename T> struct Pair;
+template <> struct Pair<__half> {
+  using type = __half2;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __half22float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2half2_rn(a, b); }
+};
+template <> struct Pair<__nv_bfloat16> {
+  using type = __nv_bfloat162;
+  static __device__ __forceinline__ float2 to_float2(type v) { return __bfloat1622float2(v); }
+  static __device__ __forceinline__ type from_float2(float a, float b) { return __floats2bfloat162_rn(a, b); }
+};
+
 // The optional input RMSNorm, as bitengine.nn.RMSNorm computes it: n = T(x * rsqrt(mean(x^2) + eps)) in float32,
 // then T(weight * n) (a float32 x and weight round nowhere, as F.rms_norm). The result is a T again: it replaces
-// the word in place.
+// the word in place. For 16-bit T in pairs: two roundings per instruction, and T(weight * n) as one 16-bit multiply
+// (the float32 product of two 16-bit values is exact, so rounding it once is the 16-bit multiply's own rounding).
 template <typename T>
 __device__ __forceinline__ void norm_word(const XWord<T>& g, float r, XWord<T>& v) {
+  if constexpr (sizeof(T) == 2) {
+    using P = Pair<T>;
+    auto* pv = reinterpret_cast<typename P::type*>(v.raw);
+    const auto* pg = reinterpret_cast<const typename P::type*>(g.raw);
 #pragma unroll
-  for (int j = 0; j < 16; ++j) v.set(j, __fmul_rn(g.get(j), round_to<T>(__fmul_rn(v.get(j), r))));
+    for (int i = 0; i < 8; ++i) {
+      const float2 f = P::to_float2(pv[i]);
+      pv[i] = __hmul2(pg[i], P::from_float2(__fmul_rn(f.x, r), __fmul_rn(f.y, r)));
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) v.set(j, __fmul_rn(g.get(j), round_to<T>(__fmul_rn(v.get(j), r))));
+  }
 }
 
 __device__ __forceinline__ float block_sum(float v, float* red) {
@@ -205,11 +241,22 @@ __device__ __forceinline__ float sum_squares(const XWord<T>& v, float acc) {
   return acc;
 }
 
+// max(acc, max |v|); for 16-bit T on pairs (abs and max are exact in any precision; __hmax2 returns the other
+// operand for a NaN, as fmaxf does), converted once.
 template <typename T>
 __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
+  if constexpr (sizeof(T) == 2) {
+    const auto* p = reinterpret_cast<const typename Pair<T>::type*>(v.raw);
+    auto m = __habs2(p[0]);
 #pragma unroll
-  for (int j = 0; j < 16; ++j) acc = fmaxf(acc, fabsf(v.get(j)));
-  return acc;
+    for (int i = 1; i < 8; ++i) m = __hmax2(m, __habs2(p[i]));
+    const float2 f = Pair<T>::to_float2(m);
+    return fmaxf(acc, fmaxf(f.x, f.y));
+  } else {
+#pragma unroll
+    for (int j = 0; j < 16; ++j) acc = fmaxf(acc, fabsf(v.get(j)));
+    return acc;
+  }
 }
 
 // x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
