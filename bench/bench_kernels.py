@@ -150,6 +150,14 @@ def variants(m, ext):
             v["cuda_a8_norm_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, _ones(k, x), 1e-5, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
+            # each half of that alone: what the norm (one more block reduction in the prologue) and the residual add
+            # (a load in the epilogue) cost
+            v["cuda_a8_norm"] = lambda x, w, s, k: gemv(
+                x, w, s, k, None, _ones(k, x), 1e-5, None, version=ext.GEMV_VERSION,
+                rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
+            v["cuda_a8_res"] = lambda x, w, s, k: gemv(
+                x, w, s, k, None, None, 0.0, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
+                rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)
@@ -192,11 +200,13 @@ def bench_shape(name, n, k, ms, ext, rows):
         for vname, fn in variants(m, ext).items():
             try:
                 y = fn(xs[0], weights[0][1], scale, k)
-                if vname.endswith("norm_res"):  # of RMSNorm(x) (unit weight), plus a residual of ones
+                if vname.endswith(("norm_res", "norm")):  # of RMSNorm(x) (unit weight)
                     xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
-                    ref = ternary_linear_reference(xn, weights[0][0], scale, k, 8).float() + 1
+                    ref = ternary_linear_reference(xn, weights[0][0], scale, k, 8).float()
                 else:
                     ref = ref8 if "a8" in vname else ref16
+                if vname.endswith("res"):  # plus a residual of ones
+                    ref = ref + 1
                 err = rel_err(y, ref)
                 if not err < 2e-3:
                     raise AssertionError(f"wrong output: rel.err {err:.2e}")
@@ -219,7 +229,8 @@ def bench_shape(name, n, k, ms, ext, rows):
 
 def summary_line(row):
     parts = [f"{row['shape']:18s} {row['N']:6d}x{row['K']:<6d} M={row['M']:<5d}"]
-    for key in ("cuda_a8", "cuda_a8_mma", "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
+    for key in ("cuda_a8", "cuda_a8_norm", "cuda_a8_res", "cuda_a8_norm_res", "read_probe", "cuda_a8_mma",
+                "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
                 "triton_a8_regdecode", "triton_a16", "triton_a16_regdecode", "cublas_fp16"):
         if key in row:
             r = row[key]
