@@ -196,6 +196,44 @@ def test_cuda_gemv(n, k, dtype):
             assert torch.equal(gemv(x, words, scale, k, bias, version=version, pdl=True, **kw), y), f"pdl v{version}"
 
 
+def _identity_case(k, dtype, m=32):
+    """W = I (codes +1 on the diagonal) with a unit scale, and x: m rows of mixed magnitudes, the first with max 127
+    and half-integers (ties, where the rounding mode shows) at a = 127 * (1 / 127) = 1. Output n of row i is then
+    x_q[i, n] / a_i, one float32 division rounded to dtype. Returns (words, scale, x, that output)."""
+    from bitengine.kernels.layout import k4_to_i2w
+
+    words = k4_to_i2w(pack_ternary(torch.eye(k, dtype=torch.int8)).cuda(), k)
+    g = torch.Generator(device="cuda").manual_seed(k)
+    x = torch.randn(m, k, device="cuda", generator=g) * torch.rand(m, 1, device="cuda", generator=g) * 4
+    ties = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 126.5, -126.5, 63.5, -64.5, 0.0], device="cuda")
+    x[0] = ties.repeat(k // len(ties) + 1)[:k]
+    x = x.to(dtype)
+    x_q, a = quantize_activations(x)
+    return words, torch.ones(1, device="cuda"), x, (x_q / a).to(dtype)
+
+
+@pytest.mark.parametrize("k", [4096, 2600, 11008])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_cuda_quantized_rows_exact(k, dtype):
+    """The C++ kernels' int8 quantization of x, bit for bit against quant.quantize_activations (the other tests
+    compare with the float64 reference within a tolerance, which one x_q off by one would pass): through W = I, see
+    _identity_case. M = 1 on every GEMV version; M = 2, 8 and 32 on the tensor-core kernel, the rows quantized in
+    front (quantize_rows_kernel) and in every block (version 1)."""
+    ext = _cuda_ext()
+    if ext is None:
+        pytest.skip("bitengine._C_cuda not built")
+    words, scale, x, want = _identity_case(k, dtype)
+    for i in (0, 1, 2):
+        for version, kw in CUDA_VERSIONS:
+            y = ext.ternary_gemv_a8(x[i:i + 1], words, scale, k, version=version, **kw)
+            assert torch.equal(y, want[i:i + 1]), f"row {i} v{version} {kw}: {(y != want[i:i + 1]).sum().item()} differ"
+    for m in (2, 8, 32):
+        if ext.mma_takes(m, k, dtype):
+            for version in (1, 2):
+                y = ext.ternary_gemv_a8(x[:m], words, scale, k, version=version, pdl=True)
+                assert torch.equal(y, want[:m]), f"m={m} version {version}: {(y != want[:m]).sum().item()} differ"
+
+
 def _norm_case(n, k, dtype, seed):
     """For the C++ GEMV's fused-prologue tests: (the GEMV, the CUDA generator after the draws below, a channel-scaled
     weight as (packed, scale, words), a random RMSNorm over k inputs, x with |x| ~ 3 and a bias, in dtype)."""
