@@ -1,5 +1,5 @@
-"""bench/gpu_run.sh, the one-call GPU script: its default test step runs every test file that holds GPU tests (the
-19 GPU tests of test_argmax.py were left out of it until 2026-12-03, so no device call ran them)."""
+"""bench/gpu_run.sh, the one-call GPU script: its default test step runs every test file that holds GPU tests (until
+2026-12-03 it left out test_argmax.py's 19, which then ran only in calls that named them)."""
 
 import os
 import re
