@@ -222,6 +222,8 @@ __device__ __forceinline__ void norm_word(const XWord<T>& g, float r, XWord<T>& 
   }
 }
 
+// The sum of v over the block, in every thread. One barrier: `red` (kWarps floats) must not be written again in this
+// launch (quantize_to_shared gives each of its reductions its own array, so no second barrier guards a reuse).
 __device__ __forceinline__ float block_sum(float v, float* red) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int o = 16; o; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -230,7 +232,6 @@ __device__ __forceinline__ float block_sum(float v, float* red) {
   float total = 0.f;
 #pragma unroll
   for (int i = 0; i < kWarps; ++i) total += red[i];
-  __syncthreads();  // red may be reused
   return total;
 }
 
@@ -260,11 +261,14 @@ __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
 }
 
 // x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
-// quant.quantize_activations does on those values; *a_out the scale, *xsum_out sum(x_q).
+// quant.quantize_activations does on those values; a_out the scale, xsum_out sum(x_q), both in every thread.
+// Three block reductions (sum of squares, absmax, sum of x_q), one barrier each: each has its own shared array, and
+// the last one's barrier is also the one that makes xq visible to the block (these barriers sit on the prologue's
+// critical path, between the x loads and the first dot products).
 template <typename T, int RegWords = kRegWords>
 __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
-                                   int4* xq, float* a_out, int* xsum_out) {
-  __shared__ float red_f[kWarps];
+                                   int4* xq, float& a_out, int& xsum_out) {
+  __shared__ float red_ss[kWarps], red_max[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   XWord<T> v[RegWords];
@@ -287,7 +291,7 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
 #pragma unroll
     for (int i = 0; i < RegWords; ++i) ss = sum_squares(v[i], ss);
     for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) ss = sum_squares(load_word(x, wi, K), ss);
-    ss = block_sum(ss, red_f);
+    ss = block_sum(ss, red_ss);
     r = rsqrtf(__fadd_rn(__fdiv_rn(ss, static_cast<float>(K)), eps));
 #pragma unroll
     for (int i = 0; i < RegWords; ++i)
@@ -302,11 +306,11 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
     amax = abs_max(t, amax);
   }
   for (int o = 16; o; o >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  if (lane == 0) red_f[warp] = amax;
+  if (lane == 0) red_max[warp] = amax;
   __syncthreads();
-  amax = red_f[0];
+  amax = red_max[0];
 #pragma unroll
-  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red_f[i]);
+  for (int i = 1; i < kWarps; ++i) amax = fmaxf(amax, red_max[i]);
   const float a = __fmul_rn(__frcp_rn(fmaxf(amax, 1e-5f)), 127.f);  // as torch: 127 * (1 / amax)
   int sum = 0;
 #pragma unroll
@@ -321,15 +325,12 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
   }
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) red_i[warp] = sum;
-  __syncthreads();
-  if (tid == 0) {
-    int total = 0;
+  __syncthreads();  // also publishes xq
+  int total = 0;
 #pragma unroll
-    for (int i = 0; i < kWarps; ++i) total += red_i[i];
-    *xsum_out = total;
-    *a_out = a;
-  }
-  __syncthreads();
+  for (int i = 0; i < kWarps; ++i) total += red_i[i];
+  xsum_out = total;
+  a_out = a;
 }
 
 // One output: s * (dot - sum x_q) / a (+ bias), rounded to T, (+ residual, rounded again: as y + residual in torch).

@@ -50,8 +50,6 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
     T* __restrict__ y, int N, int K, int KW, int act) {
   extern __shared__ int4 xq[];
-  __shared__ float a_s;
-  __shared__ int xsum_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kw4 = KW / 4;  // 16-byte vectors per row
   const int row_step = gridDim.x * kWarps * R;
@@ -69,9 +67,9 @@ __global__ void __launch_bounds__(kThreads) ternary_gemv_a8_kernel(
   if (row0 < N) load_rows(row0, lane);
   wait_for_previous_grid();
   allow_next_grid();
-  quantize_to_shared(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
-  const float a = a_s;
-  const int xsum = xsum_s;
+  float a;
+  int xsum;
+  quantize_to_shared(x, norm_w, eps, K, KW, xq, a, xsum);
   for (; row0 < N; row0 += row_step) {
     DotAcc acc[R];
     for (int v0 = lane; v0 < kw4; v0 += 32 * U) {
@@ -98,8 +96,6 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
     int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
     T* __restrict__ y, int N, int K, int KW, int act) {
   extern __shared__ int4 xq[];
-  __shared__ float a_s;
-  __shared__ int xsum_s;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int kw4 = KW / 4;                          // 16-byte vectors per row
   const int chunks = (kw4 + 32 * U - 1) / (32 * U);  // K chunks per row group
@@ -121,9 +117,9 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   wait_for_previous_grid();
   allow_next_grid();
   // x words in registers: 1 per thread (register cap)
-  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, &a_s, &xsum_s);
-  const float a = a_s;
-  const int xsum = xsum_s;
+  float a;
+  int xsum;
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, a, xsum);
   DotAcc acc[R];
   // one tile: accumulate, and at the end of a row group write its outputs; returns false when done
   auto step = [&](uint4 (&cur)[U][R], uint4 (&nxt)[U][R]) -> bool {
