@@ -7,8 +7,8 @@
 # the end-to-end A/B (AB_ARGS, bench_e2e.py arguments), run twice in the order base, new, base, new so a drift of the
 # card shows as a difference between the two rounds; then gpu_run.sh's STEPS for the new code (e.g. "e2e tests" with
 # E2E_ARGS / TEST_ARGS / TEST_TIMEOUT; it sees the same DEADLINE_S, counted from its own start).
-# Everything goes into one archive, $OUT/ab_results.tar.gz, plus $OUT's own files from gpu_run.sh (the device tool
-# returns at most 8 files). From the repo root on the device machine:
+# The A/B's files go into one archive, $OUT/ab_results.tar.gz (made before gpu_run.sh's steps), beside gpu_run.sh's
+# own files in $OUT (the device tool returns at most 8 files). From the repo root on the device machine:
 #   BASE=base_ab BASE_COMMIT=<sha> BITENGINE_COMMIT=<sha> AB_ARGS='--plan ... --batches 1,8 --prefills=' bash bench/gpu_ab.sh
 set -o pipefail
 export PYTHONUNBUFFERED=1 MAX_JOBS=16
@@ -44,8 +44,8 @@ if [ -n "${AB_ARGS:-}" ]; then
     done
   done
 fi
+# archived before the further steps, so a call cut by its time limit still brings the A/B back as one file
+tar -czf "$OUT/ab_results.tar.gz" -C "$OUT" ab && rm -rf "$W"
 stamp "steps of gpu_run.sh"
 [ -n "${STEPS:-}" ] && bash bench/gpu_run.sh
-tar -czf "$OUT/ab_results.tar.gz" -C "$OUT" ab
-rm -rf "$W"
 stamp done
