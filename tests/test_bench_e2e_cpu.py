@@ -1,6 +1,6 @@
 """bench/bench_e2e.py on the CPU, at toy sizes: the variant modifiers set the engine's switches they name (the
-GPU A/B rows depend on them: '+mma32' is the batch-64 A/B of README's eighth part), and a random-weight model builds
-and runs a forward pass (DEVICE = "cpu": the reference backend)."""
+GPU A/B rows depend on them: '+mma32' is the batch-64 A/B of the eighth part in bench/GPU_LOG.md), and a random-weight
+model builds and runs a forward pass (DEVICE = "cpu": the reference backend)."""
 
 import os
 import sys
