@@ -158,7 +158,8 @@ __device__ __forceinline__ XWord<T> load_word(const T* __restrict__ x, int wi, i
 // then round half to even by adding 1.5 * 2^23 (exact for |c| < 2^22: the sum's unit in the last place is 1) and
 // reading the integer off the float's low bits. rintf + the float-to-int conversion (FRND + F2I) ran on the
 // conversion pipe, 16 results per clock per SM (an eighth of the float pipe's rate), and every block of the GEMV
-// quantizes all of x: with 2-4 blocks per SM that pipe, not memory, set the prologue's length (bench/GPU_LOG.md, ninth part).
+// quantizes all of x: with 2-4 blocks per SM that pipe, not memory, set the prologue's length (bench/GPU_LOG.md,
+// ninth part).
 __device__ __forceinline__ int quantize_value(float v, float a) {
   const float c = fminf(fmaxf(__fmul_rn(v, a), -128.f), 127.f);
   return __float_as_int(__fadd_rn(c, 12582912.f)) - 0x4B400000;
