@@ -75,7 +75,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
     its own kernel, not in the gate/up GEMV's epilogue), 'noattnpdl' (the decode attention kernels launched without
     programmatic dependent launch), 'mmaN' (the C++ tensor-core kernel for up to N tokens per call, Triton's kernels
-    beyond: cuda_backend.MAX_MMA_M); handled by set_variant_flags.
+    beyond: cuda_backend.MAX_MMA_M); handled by set_variant_flags; 'noglue' (with 'compile': the step's embedding /
+    rotary / mask / final-norm glue left eager, CausalLM.compile_layers(glue=False); handled by bench_model).
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -223,7 +224,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     set_variant_flags(variant)
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
-        model.compile_layers()
+        model.compile_layers(glue="+noglue" not in variant)
     wbytes = weight_bytes(model)
     base = {"model": name, "variant": variant, "backend": model.backend_name, "weight_GiB": wbytes / 2**30,
             "resident_GiB": resident_bytes(model) / 2**30}

@@ -53,7 +53,7 @@ def profile(name: str, variant: str, steps: int) -> dict:
     bench_e2e.set_variant_flags(variant)
     model = bench_e2e.build(cfg, variant, max_seq=bench_e2e.PROMPT + steps + 16)
     if "+compile" in variant:
-        model.compile_layers()
+        model.compile_layers(glue="+noglue" not in variant)
     g = torch.Generator(device="cuda").manual_seed(1)
     prompt = torch.randint(0, cfg.vocab_size, (1, bench_e2e.PROMPT), device="cuda", generator=g)
     dec = bench_e2e.GraphDecoder(model, 1, bench_e2e.PROMPT + steps + 16)

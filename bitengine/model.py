@@ -234,22 +234,37 @@ class CausalLM(nn.Module):
             position_ids = input_pos.expand(b, t)
         if dev.type == "cuda":
             _register_gpu_ops()
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))  # (B, 1, T, hd), once for all layers
-        mask = self._mask(b, t, input_pos, cache, kv_len, dev)
+        front, norm = self._front, self.model.norm
+        glue = self.__dict__.get("_compiled_glue")
+        if glue is not None and t == 1 and cache is not None and kv_len is None:  # the fixed-shape decode step
+            front, norm = glue
+        x, cos, sin, mask = front(input_ids, input_pos, position_ids, None if cache is None else cache.valid,
+                                  t if cache is None else (kv_len or cache.max_seq))
         for i, layer in enumerate(self.model.layers):
             kv = (getattr(cache, f"k{i}"), getattr(cache, f"v{i}")) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
-        x = self.model.norm(x)
+        x = norm(x)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)
+
+    def _front(self, input_ids, input_pos, position_ids, valid, s):
+        """What every layer takes: the embeddings (B, T, D), the rotary cos / sin (B, 1, T, hd) in their dtype (once
+        for all layers) and the attention mask over s slots (valid: the cache's (B, S) slot mask, or None)."""
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))
+        return x, cos, sin, self._mask_over(input_ids.shape[0], input_ids.shape[1], input_pos, valid, s)
 
     def _mask(self, b, t, input_pos, cache, kv_len, dev):
         """Boolean attention mask (B, 1, T, S): causal over slots, minus padding, minus outside the window.
 
         input_pos is (T,) shared by all rows, or (B, T) per row."""
         s = t if cache is None else (kv_len or cache.max_seq)
+        return self._mask_over(b, t, input_pos.to(dev), None if cache is None else cache.valid, s)
+
+    def _mask_over(self, b, t, input_pos, valid, s):
+        """_mask with the cache given as its (B, S) slot mask (None: no cache) and the slot count s."""
+        dev = input_pos.device
         slots = torch.arange(s, device=dev)
         pos = input_pos[..., None]  # (T, 1) or (B, T, 1)
         mask = slots <= pos
@@ -257,15 +272,16 @@ class CausalLM(nn.Module):
         if window:
             mask = mask & (slots > pos - window)
         mask = mask.view(-1, 1, t, s).expand(b, 1, t, s)
-        if cache is not None:
-            mask = mask & cache.valid[:, None, None, :s]
+        if valid is not None:
+            mask = mask & valid[:, None, None, :s]
             # a padding token sees no valid slot; let it see itself so its (unused) row is not NaN
             mask = mask | (slots == pos).view(-1, 1, t, s)
         return mask
 
-    def compile_layers(self, **kwargs) -> None:
+    def compile_layers(self, glue: bool = True, **kwargs) -> None:
         """torch.compile every decoder layer in place (norms, RoPE, cache writes, attention and the
-        elementwise glue fuse; the ternary kernels are custom ops that compile sees through).
+        elementwise glue fuse; the ternary kernels are custom ops that compile sees through), and with `glue` the
+        one-token step's embedding / rotary / mask and final norm (see below).
 
         All layers share one compiled graph (their parameters are graph inputs), so compiling costs
         about one layer's worth. Used for the CUDA-graph decode step; shapes are static there."""
@@ -278,6 +294,13 @@ class CausalLM(nn.Module):
             kwargs["options"] = {**inductor_options(self.device), **kwargs.get("options", {})}
         for layer in self.model.layers:
             layer.compile(dynamic=dynamic, **kwargs)
+        # the one-token step's glue around the layers (embedding, rotary cos / sin, mask; the final norm): ~20 small
+        # eager kernels per step, each a launch in the CUDA graph (the profile's "elementwise" and "copies"), fused
+        # into a few. Used only at that step's fixed shape (forward), so prompts of any length stay eager.
+        # glue=False leaves them eager (bench_e2e's "+noglue", for the A/B).
+        if glue:
+            self.__dict__["_compiled_glue"] = (torch.compile(self._front, dynamic=dynamic, **kwargs),
+                                               torch.compile(self.model.norm, dynamic=dynamic, **kwargs))
         self.layers_compiled = True
 
     def new_cache(self, batch: int = 1, max_seq: int | None = None, dtype=None) -> KVCache:
