@@ -268,18 +268,9 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         cache = model.new_cache(batch=1, max_seq=t)
         prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
         pos = torch.arange(t, device=DEVICE)
-        model(prompt, cache=cache, input_pos=pos, last_only=True)  # warm-up (and autotuning)
-        times = []
-        for _ in range(3):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(prompt, cache=cache, input_pos=pos, last_only=True)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        ms = statistics.median(times)
-        rows.append({**base, "prefill_tokens": t, "prefill_ms": ms, "prefill_tokens_per_s": 1000 * t / ms,
-                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+        forward = functools.partial(model, prompt, cache=cache, input_pos=pos, last_only=True)
+        times = _prefill_times(forward, _cuda_timed)
+        rows.append({**base, **_prefill_row(t, times), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
         print(json.dumps(rows[-1]), flush=True)
         del cache
     del model
@@ -308,6 +299,33 @@ def _sync() -> None:
 
 def _peak_gib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
+
+
+PREFILL_WARMUP, PREFILL_REPS = 2, 10  # single eager forwards vary: 3 repetitions left a 1.7x spread (GPU log, 11th part)
+
+
+def _prefill_times(fn, timer) -> list[float]:
+    """ms of PREFILL_REPS calls of fn after PREFILL_WARMUP untimed ones (autotuning, compiles, allocator)."""
+    for _ in range(PREFILL_WARMUP):
+        fn()
+    return [timer(fn) for _ in range(PREFILL_REPS)]
+
+
+def _prefill_row(t: int, times: list[float]) -> dict:
+    """The median and the spread, so a table shows how far one eager forward is from the next."""
+    ms = statistics.median(times)
+    return {"prefill_tokens": t, "prefill_ms": ms, "prefill_ms_min": min(times), "prefill_ms_max": max(times),
+            "prefill_reps": len(times), "prefill_tokens_per_s": 1000 * t / ms}
+
+
+def _cuda_timed(fn) -> float:
+    """GPU ms of fn() between two CUDA events (the eager forward's host launches included where the GPU waits)."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
 
 
 def _timed(fn) -> float:
@@ -379,10 +397,7 @@ def _bench_hf_model(model, name, batches, prefills, rows, budget_end, new):
             break
         prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
         forward = functools.partial(model, prompt, use_cache=True, logits_to_keep=1)
-        forward()  # warm-up
-        ms = statistics.median(_timed(forward) for _ in range(3))
-        rows.append({**base, "prefill_tokens": t, "prefill_ms": ms, "prefill_tokens_per_s": 1000 * t / ms,
-                     "peak_GiB": _peak_gib()})
+        rows.append({**base, **_prefill_row(t, _prefill_times(forward, _timed)), "peak_GiB": _peak_gib()})
         print(json.dumps(rows[-1]), flush=True)
 
 
@@ -400,12 +415,14 @@ def markdown(env, rows):
                          f"{r['decode_ms_per_step']:.3f} | {r['decode_tokens_per_s']:.0f} | {r['ttft_ms']:.1f} | "
                          f"{'-' if r['graph_matches_eager'] is None else r['graph_matches_eager']} | "
                          f"{'-' if r['peak_GiB'] is None else format(r['peak_GiB'], '.2f')} |")
-    lines += ["", "| model | weights | backend | prompt tokens | prefill ms | tokens/s |",
-              "| --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| model | weights | backend | prompt tokens | prefill ms (median) | min - max ms (reps) | tokens/s |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "prefill_tokens" in r:
+            spread = (f"{r['prefill_ms_min']:.1f} - {r['prefill_ms_max']:.1f} ({r['prefill_reps']})"
+                      if "prefill_reps" in r else "-")
             lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['prefill_tokens']} | {r['prefill_ms']:.1f} | "
-                         f"{r['prefill_tokens_per_s']:.0f} |")
+                         f"{spread} | {r['prefill_tokens_per_s']:.0f} |")
     notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
     if notes:
         lines += ["", "hf-fp16 = transformers LlamaForCausalLM, fp16, random weights, `generate(do_sample=False)` "
@@ -445,7 +462,7 @@ def main():
                 break
             try:
                 run = bench_hf if variant == "hf-fp16" else functools.partial(bench_model, variant=variant)
-                run(name, batches=[int(b) for b in args.batches.split(",")],
+                run(name, batches=[int(b) for b in args.batches.split(",") if b],
                     prefills=[int(t) for t in args.prefills.split(",") if t], rows=rows, budget_end=end)
             except Exception as e:  # noqa: BLE001 - record and continue with the next model
                 rows.append({"model": name, "variant": variant, "error": f"{type(e).__name__}: {e}"[:400]})

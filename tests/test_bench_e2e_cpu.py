@@ -47,3 +47,17 @@ def test_build_and_forward_on_cpu(monkeypatch, variant):
     with torch.no_grad():
         logits = model(torch.randint(0, 96, (2, 5)))
     assert logits.shape == (2, 5, 96) and torch.isfinite(logits.float()).all()
+
+
+def test_prefill_rows_report_the_spread():
+    """A prefill row is the median of PREFILL_REPS timed calls after the warm-ups, with min and max beside it, and
+    the markdown table shows the spread (single eager forwards varied 1.7x between rows of one run)."""
+    calls = []
+    times = iter([5.0, 1.0, 3.0, 2.0, 4.0] * 4)
+    got = bench_e2e._prefill_times(lambda: calls.append(1), lambda fn: (fn(), next(times))[1])
+    assert len(calls) == bench_e2e.PREFILL_WARMUP + bench_e2e.PREFILL_REPS == len(got) + bench_e2e.PREFILL_WARMUP
+    row = {"model": "m", "variant": "a8", "backend": "cpu", **bench_e2e._prefill_row(512, [5.0, 1.0, 3.0])}
+    assert (row["prefill_ms"], row["prefill_ms_min"], row["prefill_ms_max"], row["prefill_reps"]) == (3.0, 1.0, 5.0, 3)
+    assert row["prefill_tokens_per_s"] == pytest.approx(512 / 3.0 * 1000)
+    md = bench_e2e.markdown({"card": "c", "date": "d", "torch": "t", "cuda": "x", "git_commit": "abc"}, [row])
+    assert "| m | a8 | cpu | 512 | 3.0 | 1.0 - 5.0 (3) | 170667 |" in md
