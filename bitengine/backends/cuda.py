@@ -2,7 +2,7 @@
 kernels everywhere else.
 
 The C++ kernels cover W1.58A8 with per-tensor or per-channel scales (one fused launch: activation
-quantization + matmul): the decode GEMV at M = 1 where it measured faster than Triton (N * K >= 4M), and
+quantization + matmul): the decode GEMV at M = 1 where it measured faster than Triton (N * K >= CUDA_MIN_NK), and
 the tensor-core kernel for a few tokens (1 < M <= MAX_MMA_M: batched decode, short prompts) at every size.
 Other calls (small layers at M = 1, larger M, A16, group scales) go to the Triton op; the split is by
 shape, dtype and layer settings only. Both read the same i2w weight buffer. Layers carrying LoRA adapters
@@ -41,9 +41,11 @@ MAX_CUDA_K = 200 * 1024  # shared-memory bound of the C++ kernel: 16 bytes per 1
 # (gpu_e2e_mma64_0dfcd62_NVIDIA_H200_2026-12-03, A/B in one run) 7B batch 64 5580 -> 6304 tok/s against 32.
 MAX_MMA_M = 64
 MAX_MMA_K = 27904
-# bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (kernel version 2): the C++ GEMV beats the Triton one
-# from 2560 x 2560 (4.02 vs 4.31 us) upward and loses below (640 x 2560: 3.40 vs 3.25 us).
-CUDA_MIN_NK = 4_000_000
+# One token goes to the C++ GEMV from N * K >= CUDA_MIN_NK, to the Triton GEMV below. On 2026-11-28
+# (gpu_kernels_NVIDIA_H200_2026-11-28) the C++ kernel lost at 640 x 2560 (3.40 vs 3.25 us); since the kernel work of
+# 2026-12-02/03 it wins there in every run (gpu_kernels_v3_preload 2.75 vs 3.40 us, gpu_kernels_66d0dec 2.40 vs
+# 3.25), so the bound sits just under that shape (1.6M). Smaller shapes (SmolLM2's 576-wide layers) are unmeasured.
+CUDA_MIN_NK = 1_500_000
 
 
 # Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 2 (default) = two weight tiles in flight per warp up to K = 4096,
