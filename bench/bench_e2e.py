@@ -268,8 +268,8 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
         pos = torch.arange(t, device=DEVICE)
         forward = functools.partial(model, prompt, cache=cache, input_pos=pos, last_only=True)
-        times = _prefill_times(forward, _cuda_timed)
-        rows.append({**base, **_prefill_row(t, times), "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
+        rows.append({**base, **_prefill_row(t, *_prefill_times(forward, _cuda_timed)),
+                     "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
         print(json.dumps(rows[-1]), flush=True)
         del cache
     del model
@@ -308,18 +308,37 @@ def _first_token(dec, prompt) -> None:
     dec.graph.replay()
 
 
-def _prefill_times(fn, timer) -> list[float]:
-    """ms of PREFILL_REPS calls of fn after PREFILL_WARMUP untimed ones (autotuning, compiles, allocator)."""
+def _prefill_times(fn, timer) -> tuple[list[float], list[float], int]:
+    """(ms of PREFILL_REPS calls of fn timed by timer, host ms of the same calls (until fn returns, before any sync),
+    frames torch.compile compiled during them) after PREFILL_WARMUP untimed calls (autotuning, compiles, allocator).
+    The last two say what a slow or spread-out prefill is: host time close to the timed one means the GPU waited for
+    launches; a compile inside the timed calls is a bench problem, not a kernel's."""
     for _ in range(PREFILL_WARMUP):
         fn()
-    return [timer(fn) for _ in range(PREFILL_REPS)]
+    host = []
+
+    def host_timed():
+        t0 = time.perf_counter()
+        fn()
+        host.append(1000 * (time.perf_counter() - t0))
+
+    frames = _compiled_frames()
+    times = [timer(host_timed) for _ in range(PREFILL_REPS)]
+    return times, host, _compiled_frames() - frames
 
 
-def _prefill_row(t: int, times: list[float]) -> dict:
+def _compiled_frames() -> int:
+    from torch._dynamo.utils import counters
+
+    return counters["frames"]["total"]
+
+
+def _prefill_row(t: int, times: list[float], host: list[float] | None = None, compiles: int = 0) -> dict:
     """The median and the spread, so a table shows how far one eager forward is from the next."""
     ms = statistics.median(times)
     return {"prefill_tokens": t, "prefill_ms": ms, "prefill_ms_min": min(times), "prefill_ms_max": max(times),
-            "prefill_reps": len(times), "prefill_tokens_per_s": 1000 * t / ms}
+            "prefill_reps": len(times), "prefill_tokens_per_s": 1000 * t / ms,
+            "prefill_host_ms": statistics.median(host) if host else None, "prefill_compiles_timed": compiles}
 
 
 def _cuda_timed(fn) -> float:
@@ -401,8 +420,12 @@ def _bench_hf_model(model, name, batches, prefills, rows, budget_end, new):
             break
         prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
         forward = functools.partial(model, prompt, use_cache=True, logits_to_keep=1)
-        rows.append({**base, **_prefill_row(t, _prefill_times(forward, _timed)), "peak_GiB": _peak_gib()})
+        rows.append({**base, **_prefill_row(t, *_prefill_times(forward, _timed)), "peak_GiB": _peak_gib()})
         print(json.dumps(rows[-1]), flush=True)
+
+
+def _ms(v) -> str:
+    return "-" if v is None else f"{v:.1f}"
 
 
 def markdown(env, rows):
@@ -419,14 +442,16 @@ def markdown(env, rows):
                          f"{r['decode_ms_per_step']:.3f} | {r['decode_tokens_per_s']:.0f} | {r['ttft_ms']:.1f} | "
                          f"{'-' if r['graph_matches_eager'] is None else r['graph_matches_eager']} | "
                          f"{'-' if r['peak_GiB'] is None else format(r['peak_GiB'], '.2f')} |")
-    lines += ["", "| model | weights | backend | prompt tokens | prefill ms (median) | min - max ms (reps) | tokens/s |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", ("| model | weights | backend | prompt tokens | prefill ms (median) | min - max ms (reps) | host ms | "
+                   "compiles while timed | tokens/s |"),
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "prefill_tokens" in r:
             spread = (f"{r['prefill_ms_min']:.1f} - {r['prefill_ms_max']:.1f} ({r['prefill_reps']})"
                       if "prefill_reps" in r else "-")
             lines.append(f"| {r['model']} | {r['variant']} | {r['backend']} | {r['prefill_tokens']} | {r['prefill_ms']:.1f} | "
-                         f"{spread} | {r['prefill_tokens_per_s']:.0f} |")
+                         f"{spread} | {_ms(r.get('prefill_host_ms'))} | {r.get('prefill_compiles_timed', '-')} | "
+                         f"{r['prefill_tokens_per_s']:.0f} |")
     notes = sorted({f"{r['model']}: {r['note']}" for r in rows if r.get("note")})
     if notes:
         lines += ["", "hf-fp16 = transformers LlamaForCausalLM, fp16, random weights, `generate(do_sample=False)` "

@@ -50,14 +50,31 @@ def test_build_and_forward_on_cpu(monkeypatch, variant):
 
 
 def test_prefill_rows_report_the_spread():
-    """A prefill row is the median of PREFILL_REPS timed calls after the warm-ups, with min and max beside it, and
-    the markdown table shows the spread (single eager forwards varied 1.7x between rows of one run)."""
+    """A prefill row is the median of PREFILL_REPS timed calls after the warm-ups, with min and max beside it, the
+    host time of the timed calls and the compiles among them, and the markdown table shows them (single eager
+    forwards varied 1.7x between rows of one run)."""
     calls = []
     times = iter([5.0, 1.0, 3.0, 2.0, 4.0] * 4)
-    got = bench_e2e._prefill_times(lambda: calls.append(1), lambda fn: (fn(), next(times))[1])
+    got, host, compiles = bench_e2e._prefill_times(lambda: calls.append(1), lambda fn: (fn(), next(times))[1])
     assert len(calls) == bench_e2e.PREFILL_WARMUP + bench_e2e.PREFILL_REPS == len(got) + bench_e2e.PREFILL_WARMUP
-    row = {"model": "m", "variant": "a8", "backend": "cpu", **bench_e2e._prefill_row(512, [5.0, 1.0, 3.0])}
+    assert len(host) == len(got) and all(h >= 0 for h in host) and compiles == 0
+    row = bench_e2e._prefill_row(512, [5.0, 1.0, 3.0], [2.0, 0.5, 1.0], 1)
+    row = {"model": "m", "variant": "a8", "backend": "cpu", **row}
     assert (row["prefill_ms"], row["prefill_ms_min"], row["prefill_ms_max"], row["prefill_reps"]) == (3.0, 1.0, 5.0, 3)
+    assert (row["prefill_host_ms"], row["prefill_compiles_timed"]) == (1.0, 1)
     assert row["prefill_tokens_per_s"] == pytest.approx(512 / 3.0 * 1000)
     md = bench_e2e.markdown({"card": "c", "date": "d", "torch": "t", "cuda": "x", "git_commit": "abc"}, [row])
-    assert "| m | a8 | cpu | 512 | 3.0 | 1.0 - 5.0 (3) | 170667 |" in md
+    assert "| m | a8 | cpu | 512 | 3.0 | 1.0 - 5.0 (3) | 1.0 | 1 | 170667 |" in md
+
+
+def test_prefill_times_count_compiles_inside_the_timed_calls():
+    """A function torch.compile first sees during the timed calls (not the warm-ups) is counted."""
+    seen = []
+
+    def fn():
+        seen.append(1)
+        if len(seen) == bench_e2e.PREFILL_WARMUP + 1:  # the first timed call compiles a new function
+            torch.compile(lambda x: x + 1, backend="eager")(torch.ones(2))
+
+    _, _, compiles = bench_e2e._prefill_times(fn, lambda f: (f(), 1.0)[1])
+    assert compiles == 1
