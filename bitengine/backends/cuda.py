@@ -53,6 +53,14 @@ CUDA_MIN_NK = 1_500_000
 # BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); all give the same bits. 3 (an experiment, branch
 # exp/gemv-lanes, bench_e2e '+gemv3'): 8 lanes per row where a row has at most 40 16-byte vectors (K <= 2560), else 2.
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
+# Version 3 only for layers of at least this many outputs (others version 2): its blocks take 32 rows, so a layer
+# under 32 x 132 rows leaves SMs without a block (bench_e2e '+gemv3big' sets 4224 for the A/B against all).
+GEMV3_MIN_N = 0
+
+
+def gemv_version(n: int) -> int:
+    """The one-token GEMV's version for a layer of n outputs (GEMV_VERSION, GEMV3_MIN_N)."""
+    return 2 if GEMV_VERSION == 3 and n < GEMV3_MIN_N else GEMV_VERSION
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}  # per device index (asked once: this runs per GEMV call)
@@ -190,7 +198,7 @@ if _C_cuda is not None:
         gate/up rows, [M, N / 2] = act(gate) * up."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(), act=act,
-                               version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
+                               version=gemv_version(words.shape[0]), rows_per_warp=rows_per_warp(words.shape[0]),
                                pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake
