@@ -158,6 +158,11 @@ def variants(m, ext):
             v["cuda_a8_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, None, 0.0, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
+            # version 3 (branch exp/gemv-lanes): 8 lanes per row up to K = 2560 (else version 2), alone and with the
+            # fused norm, against cuda_a8 and cuda_a8_norm (version 2 at K <= 4096)
+            v["cuda_a8_v3"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=3, pdl=True)
+            v["cuda_a8_v3_norm"] = lambda x, w, s, k: gemv(x, w, s, k, None, _ones(k, x), 1e-5, None, version=3,
+                                                           pdl=True)
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)
@@ -229,7 +234,8 @@ def bench_shape(name, n, k, ms, ext, rows):
 
 def summary_line(row):
     parts = [f"{row['shape']:18s} {row['N']:6d}x{row['K']:<6d} M={row['M']:<5d}"]
-    for key in ("cuda_a8", "cuda_a8_norm", "cuda_a8_res", "cuda_a8_norm_res", "read_probe", "cuda_a8_mma",
+    for key in ("cuda_a8", "cuda_a8_v3", "cuda_a8_norm", "cuda_a8_v3_norm", "cuda_a8_res", "cuda_a8_norm_res",
+                "read_probe", "cuda_a8_mma",
                 "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
                 "triton_a8_regdecode", "triton_a16", "triton_a16_regdecode", "cublas_fp16"):
         if key in row:

@@ -37,7 +37,7 @@ def _inputs(**change):
     (dict(in_features=300, x=torch.randn(1, 300, dtype=torch.half)), "KW * 16 >= in_features (300)"),
     (dict(scale=torch.ones(3)), "scale must be float32 [1] or [N] (N = 8)"),
     (dict(scale=torch.ones(1, dtype=torch.float64)), "scale must be float32"),
-    (dict(version=3), "version must be 1 or 2"),
+    (dict(version=4), "version must be 1, 2 or 3"),
     (dict(rows_per_warp=3), "rows_per_warp 1, 2 or 4"),
     (dict(norm_eps=-1.0), "norm_eps must be >= 0"),
     (dict(bias=torch.ones(N)), "bias must be a contiguous [8] tensor in x's dtype"),

@@ -168,8 +168,9 @@ def test_gemv_fused_and_unfused(fused):
               torch.float16, f"fused={fused} m={m}")
 
 
-# Every C++ GEMV version (csrc/cuda/ternary_gemv_kernels.cuh) with its settings: version 1 with 1, 2, 4 rows per warp; version 2.
-CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {})]
+# Every C++ GEMV version (csrc/cuda/ternary_gemv_kernels.cuh) with its settings: version 1 with 1, 2, 4 rows per warp;
+# version 2; version 3 (the lane-group kernel up to K = 2560, else as 2; branch exp/gemv-lanes).
+CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {}), (3, {})]
 
 
 @pytest.mark.parametrize("n,k", REAL + [(640, 2560), (77, 1000), (1000, 333), (28672, 4096), (4096, 11008),

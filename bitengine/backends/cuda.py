@@ -50,8 +50,17 @@ CUDA_MIN_NK = 1_500_000
 
 # Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 2 (default) = two weight tiles in flight per warp up to K = 4096,
 # version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp).
-# BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); both give the same bits.
+# BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); all give the same bits. 3 (an experiment, branch
+# exp/gemv-lanes, bench_e2e '+gemv3'): 8 lanes per row where a row has at most 40 16-byte vectors (K <= 2560), else 2.
 GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
+# Version 3 only for layers of at least this many outputs (others version 2): its blocks take 32 rows, so a layer
+# under 32 x 132 rows leaves SMs without a block (bench_e2e '+gemv3big' sets 4224 for the A/B against all).
+GEMV3_MIN_N = 0
+
+
+def gemv_version(n: int) -> int:
+    """The one-token GEMV's version for a layer of n outputs (GEMV_VERSION, GEMV3_MIN_N)."""
+    return 2 if GEMV_VERSION == 3 and n < GEMV3_MIN_N else GEMV_VERSION
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}  # per device index (asked once: this runs per GEMV call)
@@ -141,8 +150,8 @@ def check_gemv_inputs(x, w, scale, in_features, bias=None, norm_weight=None, nor
                          f"{tuple(scale.shape)}")
     if (w.shape[1] + 127) // 128 * 128 * 16 > MAX_CUDA_K:
         raise ValueError(f"ternary_gemv_a8: in_features {in_features} too large for the CUDA GEMV (max {MAX_CUDA_K})")
-    if version not in (1, 2) or rows_per_warp not in (1, 2, 4):
-        raise ValueError(f"ternary_gemv_a8: version must be 1 or 2 and rows_per_warp 1, 2 or 4, got {version}, "
+    if version not in (1, 2, 3) or rows_per_warp not in (1, 2, 4):
+        raise ValueError(f"ternary_gemv_a8: version must be 1, 2 or 3 and rows_per_warp 1, 2 or 4, got {version}, "
                          f"{rows_per_warp}")
     if not norm_eps >= 0:
         raise ValueError(f"ternary_gemv_a8: norm_eps must be >= 0, got {norm_eps}")
@@ -165,9 +174,10 @@ def ternary_gemv_a8(x, w, scale, in_features, bias=None, norm_weight=None, norm_
     """The C++ GEMV (bitengine._C_cuda.ternary_gemv_a8) behind check_gemv_inputs: use this, not the extension.
     x [M, K]; y [M, N] = residual + W1.58A8 linear(RMSNorm(x) * norm_weight, or x) + bias (each optional; residual
     [M, N] or its M * N elements); act 1 (SiLU) or 2 (squared ReLU): w's rows are interleaved gate, up pairs and
-    y [M, N / 2] = act(gate) * up (fuse.py). M = 1: the GEMV, version 1 or 2 (2: version 2 up to K = 4096, version 1
-    beyond), rows_per_warp for version 1; M > 1: the tensor-core kernel (mma_takes; rows_per_warp unused), its
-    tokens quantized once in front (version 2) or inside every block (version 1, for comparison). pdl: programmatic
+    y [M, N / 2] = act(gate) * up (fuse.py). M = 1: the GEMV, version 1, 2 or 3 (2: version 2 up to K = 4096, version 1
+    beyond; 3: the lane-group kernel up to K = 2560, else as 2), rows_per_warp for version 1; M > 1: the tensor-core
+    kernel (mma_takes; rows_per_warp unused), its tokens quantized once in front (versions 2 and 3) or inside every
+    block (version 1, for comparison). pdl: programmatic
     dependent launch (sm_90+). Every version and setting gives the same bits, but for M > 1 with a norm_weight (the
     two versions add the sum of squares in other orders: the last bits may differ)."""
     if _C_cuda is None:
@@ -188,7 +198,7 @@ if _C_cuda is not None:
         gate/up rows, [M, N / 2] = act(gate) * up."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(), act=act,
-                               version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
+                               version=gemv_version(words.shape[0]), rows_per_warp=rows_per_warp(words.shape[0]),
                                pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake

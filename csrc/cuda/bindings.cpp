@@ -53,7 +53,7 @@ torch::Tensor ternary_gemv_a8(torch::Tensor x, torch::Tensor w, torch::Tensor sc
               "scale must be float32 [1] or [N] (N = ", w.size(0), "), got ", scale.sizes());
   TORCH_CHECK((w.size(1) + 127) / 128 * 128 * 16 <= 200 * 1024, "in_features ", in_features,
               " too large for the CUDA GEMV");
-  TORCH_CHECK(version == 1 || version == 2, "version must be 1 or 2, got ", version);
+  TORCH_CHECK(version >= 1 && version <= 3, "version must be 1, 2 or 3, got ", version);
   TORCH_CHECK(rows_per_warp == 1 || rows_per_warp == 2 || rows_per_warp == 4, "rows_per_warp must be 1, 2 or 4, got ",
               rows_per_warp);
   check_vector(bias, x, w.size(0), "bias");

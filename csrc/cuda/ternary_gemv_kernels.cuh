@@ -146,7 +146,89 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
-// One launcher for both versions. The grid is persistent (at most the blocks that fit at once); `balanced`
+// Version 3 (an experiment, branch exp/gemv-lanes; version = 3 asks for it): version 2's double-buffered tiles with
+// a warp's lanes split into groups of kGroupLanes, one row per group, for short rows. Version 2 gives a row all 32
+// lanes, U = 2 vectors each (one K chunk of 64 16-byte vectors); a K = 2560 row has 40 vectors, so 24 of the 64
+// load and dp4a slots idle (62.5% used; at K <= 2048 in the gated 2-row kernel, half). Here 8 lanes take a row, U
+// vectors each (U * 8 >= the row's vectors; K = 2560: U = 5, every slot used), and a warp works on 4 rows per tile,
+// 2560 bytes at K = 2560 against version 2's 1280. Why: in the 66d0dec kernel run the GEMV at K = 2560 streams at
+// 2.17 TB/s at the margin (time against packed bytes over BitNet-2B-4T's five shapes) against 3.25 TB/s at K = 4096
+// and 3.8-4.0 TB/s for the read probe at both. x_q reads: the 8 lanes of a group read 8 consecutive vectors' words
+// (xq_slot: consecutive slots, conflict-free), the 4 groups the same ones (broadcast). The group's sum: 3 shuffles;
+// a gated layer's (gate, up) pair sits in groups (0, 1) and (2, 3), the up sum moved over by one shuffle.
+constexpr int kGroupLanes = 8;
+
+template <typename T>
+__device__ __forceinline__ void store_group_row(const DotAcc& acc, int row0, int group, int t, int xsum, float a,
+                                                const float* __restrict__ scale, int per_channel,
+                                                const T* __restrict__ bias, const T* __restrict__ residual,
+                                                T* __restrict__ y, int N, int act) {
+  int s = acc.total();
+#pragma unroll
+  for (int o = kGroupLanes / 2; o; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);  // xor < 8: within the group
+  const int n = row0 + group;
+  if (act != 0) {  // rows interleaved gate, up; row0 is a multiple of 4, so groups 0 and 2 hold gate rows
+    const int u = __shfl_down_sync(0xffffffffu, s, kGroupLanes);
+    if (t == 0 && !(group & 1) && n < N)
+      store_gated(s, u, xsum, scale[per_channel ? n : 0], scale[per_channel ? n + 1 : 0], a, bias, y, n, act);
+    return;
+  }
+  if (t == 0 && n < N) store_output(s, xsum, scale[per_channel ? n : 0], a, bias, residual, y, n);
+}
+
+template <typename T, int U>
+__global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v3_kernel(
+    const T* __restrict__ x, const int* __restrict__ w, long long stride_w, const float* __restrict__ scale,
+    int per_channel, const T* __restrict__ bias, const T* __restrict__ norm_w, float eps, const T* __restrict__ residual,
+    T* __restrict__ y, int N, int K, int KW, int act) {
+  constexpr int G = 32 / kGroupLanes;  // rows per warp and tile
+  extern __shared__ int4 xq[];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int group = lane / kGroupLanes, t = lane % kGroupLanes;
+  const int kw4 = KW / 4;  // 16-byte vectors per row (<= kGroupLanes * U: dispatch_version)
+  const int row_step = gridDim.x * kWarps * G;
+  int row0 = (blockIdx.x * kWarps + warp) * G;  // warp-uniform; this lane's row is row0 + group
+  uint4 buf[2][U];
+  auto load_tile = [&](uint4 (&b)[U], int first_row) {
+    const uint4* row = reinterpret_cast<const uint4*>(w + static_cast<long long>(min(first_row + group, N - 1)) * stride_w);
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (t + kGroupLanes * u < kw4) b[u] = load_stream(row + t + kGroupLanes * u);
+  };
+  if (row0 < N) load_tile(buf[0], row0);
+  wait_for_previous_grid();
+  allow_next_grid();
+  float a;
+  int xsum;
+  quantize_to_shared<T, 1>(x, norm_w, eps, K, KW, xq, a, xsum);
+  // one tile (this lane's row of the warp's G): the next tile's loads first, then the dot product and the outputs;
+  // returns false when the warp is done (row0 is warp-uniform, so every lane takes the shuffles together)
+  auto step = [&](uint4 (&cur)[U], uint4 (&nxt)[U]) -> bool {
+    if (row0 >= N) return false;
+    const int nrow = row0 + row_step;
+    if (nrow < N) load_tile(nxt, nrow);
+    DotAcc acc;
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int v = t + kGroupLanes * u;
+      if (v < kw4) {
+        const int4 x0 = xq[xq_slot(4 * v)], x1 = xq[xq_slot(4 * v + 1)];
+        const int4 x2 = xq[xq_slot(4 * v + 2)], x3 = xq[xq_slot(4 * v + 3)];
+        acc.add(cur[u].x, x0);
+        acc.add(cur[u].y, x1);
+        acc.add(cur[u].z, x2);
+        acc.add(cur[u].w, x3);
+      }
+    }
+    store_group_row<T>(acc, row0, group, t, xsum, a, scale, per_channel, bias, residual, y, N, act);
+    row0 = nrow;
+    return true;
+  };
+  while (step(buf[0], buf[1]) && step(buf[1], buf[0])) {
+  }
+}
+
+// One launcher for all versions. The grid is persistent (at most the blocks that fit at once); `balanced`
 // (version 2) sizes it so every block gets the same number of row groups instead of filling every slot.
 // Returns the first CUDA error (the caller, bindings.cpp, raises it; see there why not here).
 template <typename T, typename Kernel>
@@ -185,9 +267,21 @@ cudaError_t launch_v2(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return launch_gemv<T>(ternary_gemv_a8_v2_kernel<T, R, U>, kWarps * R, true, x, w, scale, e, y, K, pdl);
 }
 
+template <typename T, int U>
+cudaError_t launch_v3(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, const Extras<T>& e,
+                      at::Tensor& y, int K, bool pdl) {
+  return launch_gemv<T>(ternary_gemv_a8_v3_kernel<T, U>, kWarps * (32 / kGroupLanes), true, x, w, scale, e, y, K, pdl);
+}
+
 template <typename T>
 cudaError_t dispatch_version(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
                              const Extras<T>& e, at::Tensor& y, int K, int version, int rows_per_warp, bool pdl) {
+  if (version == 3) {  // the lane-group kernel where a row fits 8 lanes x 4 or 5 vectors (K <= 2560), else as 2
+    const int kw4 = static_cast<int>(w.size(1)) / 4;
+    if (kw4 <= kGroupLanes * 4) return launch_v3<T, 4>(x, w, scale, e, y, K, pdl);
+    if (kw4 <= kGroupLanes * 5) return launch_v3<T, 5>(x, w, scale, e, y, K, pdl);
+    version = 2;
+  }
   if (version == 2) {  // auto: version 2 up to K = 4096, version 1 beyond
     // bench/results/gpu_kernels_NVIDIA_H200_2026-11-28 (cuda_a8 = version 2, cuda_a8_v1): version 2 is 2-20%
     // faster up to K = 4096 (one K chunk per row, x held in registers) and 2-22% slower on longer rows
