@@ -60,7 +60,7 @@ PROMPT, NEW = 64, 128
 DEVICE = "cuda"  # tests/test_bench_e2e_cpu.py sets "cpu"
 TORCH_ARGMAX = False  # '+torchargmax': the step's argmax by torch.argmax instead of the engine's (generate.greedy)
 MAX_MMA_M = cuda_backend.MAX_MMA_M  # the backend's own setting ('+mmaN' changes it for one variant)
-GEMV_VERSION = cuda_backend.GEMV_VERSION  # likewise ('+gemv3')
+GEMV_VERSION = cuda_backend.GEMV_VERSION  # likewise ('+gemv2')
 
 
 def next_token(logits: torch.Tensor) -> torch.Tensor:
@@ -76,8 +76,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
     its own kernel, not in the gate/up GEMV's epilogue), 'noattnpdl' (the decode attention kernels launched without
     programmatic dependent launch), 'mmaN' (the C++ tensor-core kernel for up to N tokens per call, Triton's kernels
-    beyond: cuda_backend.MAX_MMA_M), 'gemv3' (the one-token C++ GEMV's version 3, the lane-group kernel: an
-    experiment; 'gemv3big' only for layers of >= 4224 outputs, version 2 below); handled by set_variant_flags;
+    beyond: cuda_backend.MAX_MMA_M), 'gemv2' (the one-token C++ GEMV's version 2, the default before the lane-group
+    kernel, version 3, took rows of K <= 2560); handled by set_variant_flags;
     'noglue' (with 'compile': the step's embedding / rotary / mask / final-norm glue left eager,
     CausalLM.compile_layers(glue=False); handled by bench_model).
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
@@ -216,9 +216,8 @@ def set_variant_flags(variant: str) -> None:
     # most tokens per call on the C++ tensor-core kernel (more go to Triton); '+mmaN': N (16 before 3e90439)
     mma = [int(mod[3:]) for mod in variant.split("+")[1:] if mod[:3] == "mma" and mod[3:].isdigit()]
     cuda_backend.MAX_MMA_M = mma[0] if mma else MAX_MMA_M
-    # the one-token C++ GEMV's version: '+gemv3' the lane-group kernel (branch exp/gemv-lanes), else the default
-    cuda_backend.GEMV_VERSION = 3 if "+gemv3" in variant else GEMV_VERSION
-    cuda_backend.GEMV3_MIN_N = 32 * 132 if "+gemv3big" in variant else 0  # '+gemv3big': only layers of >= 4224 rows
+    # the one-token C++ GEMV's version: '+gemv2' the one before the lane-group kernel (version 3), else the default
+    cuda_backend.GEMV_VERSION = 2 if "+gemv2" in variant else GEMV_VERSION
 
 
 @torch.no_grad()

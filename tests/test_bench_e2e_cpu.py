@@ -21,8 +21,7 @@ def restore_flags():
     from bitengine.kernels import decode_attention
 
     saved = [(mod, name, getattr(mod, name)) for mod, names in (
-        (cuda_backend, ("PDL", "FUSE_NORM_RESIDUAL", "COMBO_KERNELS", "FUSE_GATED", "MAX_MMA_M", "GEMV_VERSION",
-                          "GEMV3_MIN_N")),
+        (cuda_backend, ("PDL", "FUSE_NORM_RESIDUAL", "COMBO_KERNELS", "FUSE_GATED", "MAX_MMA_M", "GEMV_VERSION")),
         (decode_attention, ("ENABLED", "VARIANT", "PDL")), (bench_e2e, ("TORCH_ARGMAX",))) for name in names]
     yield
     for mod, name, value in saved:
@@ -36,10 +35,8 @@ def test_variant_flags(restore_flags):
     assert cuda_backend.MAX_MMA_M == 16 and cuda_backend.PDL is True
     bench_e2e.set_variant_flags("a8+compile")  # the backend's own setting again
     assert cuda_backend.MAX_MMA_M == bench_e2e.MAX_MMA_M == 64
-    bench_e2e.set_variant_flags("a8+compile+gemv3")  # the one-token GEMV's version 3, then the default again
-    assert cuda_backend.GEMV_VERSION == 3 and cuda_backend.gemv_version(2560) == 3
-    bench_e2e.set_variant_flags("a8+compile+gemv3big")  # version 3 from 4224 rows
-    assert cuda_backend.gemv_version(2560) == 2 and cuda_backend.gemv_version(13824) == 3
+    bench_e2e.set_variant_flags("a8+compile+gemv2")  # the one-token GEMV's version 2, then the default again
+    assert cuda_backend.GEMV_VERSION == 2
     bench_e2e.set_variant_flags("a8+compile")
     assert cuda_backend.GEMV_VERSION == bench_e2e.GEMV_VERSION
 

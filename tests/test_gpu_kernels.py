@@ -393,7 +393,7 @@ one = torch.ones(1, device="cuda")
 cases = {"scale": lambda: c.ternary_gemv_a8(x, w, torch.ones(3, device="cuda"), 64),
          "shape": lambda: c.ternary_gemv_a8(x, w, one, 80),
          "dtype": lambda: c.ternary_gemv_a8(x.double(), w, one, 64),
-         "version": lambda: c.ternary_gemv_a8(x, w, one, 64, version=3),
+         "version": lambda: c.ternary_gemv_a8(x, w, one, 64, version=4),
          "cpu": lambda: c.ternary_gemv_a8(x.cpu(), w, one, 64),
          "norm": lambda: c.ternary_gemv_a8(x, w, one, 64, norm_weight=torch.ones(63, device="cuda").half()),
          "residual": lambda: c.ternary_gemv_a8(x, w, one, 64, residual=torch.ones(8, device="cuda")),

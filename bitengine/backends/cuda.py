@@ -48,19 +48,13 @@ MAX_MMA_K = 27904
 CUDA_MIN_NK = 1_500_000
 
 
-# Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 2 (default) = two weight tiles in flight per warp up to K = 4096,
-# version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per warp).
-# BITENGINE_CUDA_GEMV=1 forces version 1 (for comparison); all give the same bits. 3 (an experiment, branch
-# exp/gemv-lanes, bench_e2e '+gemv3'): 8 lanes per row where a row has at most 40 16-byte vectors (K <= 2560), else 2.
-GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "2"))
-# Version 3 only for layers of at least this many outputs (others version 2): its blocks take 32 rows, so a layer
-# under 32 x 132 rows leaves SMs without a block (bench_e2e '+gemv3big' sets 4224 for the A/B against all).
-GEMV3_MIN_N = 0
-
-
-def gemv_version(n: int) -> int:
-    """The one-token GEMV's version for a layer of n outputs (GEMV_VERSION, GEMV3_MIN_N)."""
-    return 2 if GEMV_VERSION == 3 and n < GEMV3_MIN_N else GEMV_VERSION
+# Kernel version (csrc/cuda/ternary_gemv_kernels.cuh): 3 (default) = 8 lanes per row and 4 rows per warp tile where
+# a row has at most 40 16-byte vectors (K <= 2560), else version 2; 2 = two weight tiles in flight per warp up to
+# K = 4096 (a row per warp), version 1 beyond; 1 = version 1 everywhere (one row group of register loads in flight per
+# warp). BITENGINE_CUDA_GEMV=2 or 1 forces those (for comparison); all give the same bits. Version 3 became the
+# default on 2026-12-03: BitNet-2B-4T batch 1 1230 vs 1170 tok/s (int8 head, one run; bench_e2e '+gemv2' is the
+# previous default); models with K > 2560 run as before.
+GEMV_VERSION = int(os.environ.get("BITENGINE_CUDA_GEMV", "3"))
 
 
 _CAPABILITY: dict[int, tuple[int, int]] = {}  # per device index (asked once: this runs per GEMV call)
@@ -198,7 +192,7 @@ if _C_cuda is not None:
         gate/up rows, [M, N / 2] = act(gate) * up."""
         return ternary_gemv_a8(x.contiguous(), words, scale, in_features, bias, norm_weight, norm_eps,
                                None if residual is None else residual.reshape(-1).contiguous(), act=act,
-                               version=gemv_version(words.shape[0]), rows_per_warp=rows_per_warp(words.shape[0]),
+                               version=GEMV_VERSION, rows_per_warp=rows_per_warp(words.shape[0]),
                                pdl=pdl_supported(x.device))
 
     @ternary_gemv_cuda.register_fake

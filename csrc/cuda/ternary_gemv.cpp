@@ -12,7 +12,7 @@
 // RMSNorm(x, eps) * norm_weight); residual: [N] in x's dtype or None (added to the output); act: 0, or 1 (SiLU) / 2
 // (squared ReLU) for an interleaved gate/up layer (N even, no residual), then y is [1, N / 2] = act(gate) * up;
 // version 1 (rows_per_warp 1, 2, 4 rows per warp), 2 (version 2 up to K = 4096, version 1 beyond) or 3 (the
-// lane-group kernel up to K = 2560, else as 2; an experiment); pdl: launch as a
+// lane-group kernel up to K = 2560, else as 2; the engine's default); pdl: launch as a
 // programmatic dependent launch on sm_90+ (see wait_for_previous_grid). Versions and PDL give bit-identical outputs.
 // Returns y [1, N] (or [1, N / 2]) in x's dtype; *err: the launch's CUDA status.
 torch::Tensor ternary_gemv_a8_cuda_checked(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,

@@ -146,9 +146,9 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
-// Version 3 (an experiment, branch exp/gemv-lanes; version = 3 asks for it): version 2's double-buffered tiles with
-// a warp's lanes split into groups of kGroupLanes, one row per group, for short rows. Version 2 gives a row all 32
-// lanes, U = 2 vectors each (one K chunk of 64 16-byte vectors); a K = 2560 row has 40 vectors, so 24 of the 64
+// Version 3 (the engine's default since 2026-12-03: BitNet-2B-4T batch 1 1230 vs 1170 tok/s with version 2, one
+// run): version 2's double-buffered tiles with a warp's lanes split into groups of kGroupLanes, one row per
+// group, for short rows. Version 2 gives a row all 32 lanes, U = 2 vectors each (one K chunk of 64 16-byte vectors); a K = 2560 row has 40 vectors, so 24 of the 64
 // load and dp4a slots idle (62.5% used; at K <= 2048 in the gated 2-row kernel, half). Here 8 lanes take a row, U
 // vectors each (U * 8 >= the row's vectors; K = 2560: U = 5, every slot used), and a warp works on 4 rows per tile,
 // 2560 bytes at K = 2560 against version 2's 1280. Why: in the 66d0dec kernel run the GEMV at K = 2560 streams at
