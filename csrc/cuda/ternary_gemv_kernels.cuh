@@ -146,16 +146,16 @@ __global__ void __launch_bounds__(kThreads, 4) ternary_gemv_a8_v2_kernel(
   }
 }
 
-// Version 3 (the engine's default since 2026-12-03: BitNet-2B-4T batch 1 1230 vs 1170 tok/s with version 2, one
-// run): version 2's double-buffered tiles with a warp's lanes split into groups of kGroupLanes, one row per
-// group, for short rows. Version 2 gives a row all 32 lanes, U = 2 vectors each (one K chunk of 64 16-byte vectors); a K = 2560 row has 40 vectors, so 24 of the 64
-// load and dp4a slots idle (62.5% used; at K <= 2048 in the gated 2-row kernel, half). Here 8 lanes take a row, U
-// vectors each (U * 8 >= the row's vectors; K = 2560: U = 5, every slot used), and a warp works on 4 rows per tile,
-// 2560 bytes at K = 2560 against version 2's 1280. Why: in the 66d0dec kernel run the GEMV at K = 2560 streams at
-// 2.17 TB/s at the margin (time against packed bytes over BitNet-2B-4T's five shapes) against 3.25 TB/s at K = 4096
-// and 3.8-4.0 TB/s for the read probe at both. x_q reads: the 8 lanes of a group read 8 consecutive vectors' words
-// (xq_slot: consecutive slots, conflict-free), the 4 groups the same ones (broadcast). The group's sum: 3 shuffles;
-// a gated layer's (gate, up) pair sits in groups (0, 1) and (2, 3), the up sum moved over by one shuffle.
+// Version 3 (the engine's default since 2026-12-03: BitNet-2B-4T batch 1 1230 vs 1170 tok/s with version 2, one run):
+// version 2's double-buffered tiles with a warp's lanes split into groups of kGroupLanes, one row per group, for short
+// rows. Version 2 gives a row all 32 lanes, U = 2 vectors each (one K chunk of 64 16-byte vectors); a K = 2560 row has
+// 40 vectors, so 24 of the 64 load and dp4a slots idle (62.5% used; at K <= 2048 in the gated 2-row kernel, half). Here
+// 8 lanes take a row, U vectors each (U * 8 >= the row's vectors; K = 2560: U = 5, every slot used), and a warp works
+// on 4 rows per tile, 2560 bytes at K = 2560 against version 2's 1280. Why: in the 66d0dec kernel run the GEMV at K =
+// 2560 streams at 2.17 TB/s at the margin (time against packed bytes over BitNet-2B-4T's five shapes) against 3.25 TB/s
+// at K = 4096 and 3.8-4.0 TB/s for the read probe at both. x_q reads: the 8 lanes of a group read 8 consecutive
+// vectors' words (xq_slot: consecutive slots, conflict-free), the 4 groups the same ones (broadcast). The group's sum:
+// 3 shuffles; a gated layer's (gate, up) pair sits in groups (0, 1) and (2, 3), the up sum moved over by one shuffle.
 constexpr int kGroupLanes = 8;
 
 template <typename T>
