@@ -284,10 +284,16 @@ class CausalLM(nn.Module):
         one-token step's embedding / rotary / mask and final norm (see below).
 
         All layers share one compiled graph (their parameters are graph inputs), so compiling costs
-        about one layer's worth. Used for the CUDA-graph decode step; shapes are static there."""
+        about one layer's worth. Used for the CUDA-graph decode step, whose shapes are fixed for one cache.
+
+        dynamic=None (torch's automatic dynamic shapes): the first shapes compile static; the first other cache
+        length, batch or prompt length recompiles once with that size symbolic (a size of 1 stays specialized, so
+        the one-token step keeps its own graph). dynamic=False, the default until 2026-12-03, compiled again for
+        every new cache length (every generate() call of another prompt + max_new_tokens): an inductor compile
+        each time, and after torch's recompile limit (8) the layers silently ran eager."""
         if getattr(self, "layers_compiled", False):
             return
-        dynamic = kwargs.pop("dynamic", False)
+        dynamic = kwargs.pop("dynamic", None)
         if self.device.type == "cuda":
             from .backends.cuda import inductor_options
 

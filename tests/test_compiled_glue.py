@@ -65,3 +65,29 @@ def test_decode_step_takes_the_compiled_glue(ckpt, monkeypatch):
     assert taken == ["front", "norm"] * 4  # the four one-token steps, not the prompt
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_new_cache_lengths_stop_recompiling(ckpt):
+    """generate() sizes its cache to prompt + max_new_tokens, so every call of another length brings new shapes:
+    compile_layers' layers and glue recompile once with the changed size symbolic, then not again (they compiled
+    every new length before, an inductor compile each, and ran eager past torch's recompile limit), and the steps
+    still give the eager model's logits. Dynamo's own backend: what is counted is dynamo's recompiles."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    eager = bitengine.load(ckpt, backend="reference", dtype=torch.float32)
+    compiled = bitengine.load(ckpt, backend="reference", dtype=torch.float32)
+    compiled.compile_layers(backend="eager")
+    compiles = []
+    # the first seven: each size changes once (prompt length, cache length, batch, for the prompt and the step)
+    for b, t, s in [(1, 6, 16), (1, 1, 16), (1, 9, 24), (1, 1, 24), (1, 1, 32), (2, 1, 32), (2, 5, 32), (2, 1, 40),
+                    (1, 1, 48), (2, 7, 48), (1, 13, 56), (1, 1, 64), (2, 1, 72)]:
+        ids = torch.randint(3, compiled.config.vocab_size, (b, t), generator=torch.Generator().manual_seed(s + t))
+        pos = torch.arange(t) if t > 1 else torch.tensor([s - 1])
+        before = counters["frames"]["total"]
+        with torch.no_grad():
+            got = compiled(ids, cache=compiled.new_cache(b, s), input_pos=pos)
+            want = eager(ids, cache=eager.new_cache(b, s), input_pos=pos)
+        compiles.append(counters["frames"]["total"] - before)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sum(compiles[:7]) > 0 and compiles[7:] == [0] * 6, compiles
