@@ -20,6 +20,7 @@ import argparse
 import cProfile
 import datetime
 import functools
+import gc
 import io
 import json
 import os
@@ -126,8 +127,10 @@ def main():
                 f.write("\n".join(text))
             with open(os.path.join(args.out, f"prefill_host_{tag}.json"), "w") as f:
                 json.dump({"env": env, "rows": rows}, f, indent=1)
+            del forward, cache  # the partial holds the model
         del model
         torch._dynamo.reset()
+        gc.collect()  # a compiled model is in a reference cycle
         torch.cuda.empty_cache()
 
 
