@@ -163,6 +163,11 @@ def variants(m, ext):
             v["cuda_a8_v3"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=3, pdl=True)
             v["cuda_a8_v3_norm"] = lambda x, w, s, k: gemv(x, w, s, k, None, _ones(k, x), 1e-5, None, version=3,
                                                            pdl=True)
+            # the gated gate/up GEMV with the fused norm, as BitNet-2B-4T's step runs it (act 2, squared ReLU; rows
+            # read as interleaved gate, up pairs), version 2 against 3: end to end, version 3 on the gate/up alone
+            # gained nothing while the plain kernel rows said it should (GPU log, twelfth part)
+            for ver in (2, 3):
+                v[f"cuda_a8_gated_norm_v{ver}"] = functools.partial(_gated_norm, gemv, ver)
             # the backend's kernel choice without programmatic dependent launch (A/B in the same run)
             v["cuda_a8_nopdl"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=ext.GEMV_VERSION,
                                                          rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=False)
@@ -189,6 +194,17 @@ def variants(m, ext):
     return v
 
 
+def _gated_norm(gemv, version, x, w, s, k):
+    if w.shape[0] % 2:
+        raise ValueError("a gated layer has an even number of rows")
+    return gemv(x, w, s, k, None, _ones(k, x), 1e-5, None, act=2, version=version, pdl=True)
+
+
+def gated_reference(y: torch.Tensor) -> torch.Tensor:
+    """relu(gate)^2 * up of a linear output whose rows are interleaved gate, up pairs (fuse.py's layout)."""
+    return torch.relu(y[:, 0::2]).square() * y[:, 1::2]
+
+
 def bench_shape(name, n, k, ms, ext, rows):
     packed_bytes = n * ((k + 3) // 4)
     copies = max(1, min(16, math.ceil(L2_ROTATE_BYTES / packed_bytes)))
@@ -212,6 +228,9 @@ def bench_shape(name, n, k, ms, ext, rows):
                     ref = ref8 if "a8" in vname else ref16
                 if vname.endswith("res"):  # plus a residual of ones
                     ref = ref + 1
+                if "_gated_norm" in vname:  # act(gate) * up of RMSNorm(x)
+                    xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
+                    ref = gated_reference(ternary_linear_reference(xn, weights[0][0], scale, k, 8).float())
                 err = rel_err(y, ref)
                 if not err < 2e-3:
                     raise AssertionError(f"wrong output: rel.err {err:.2e}")
@@ -234,7 +253,8 @@ def bench_shape(name, n, k, ms, ext, rows):
 
 def summary_line(row):
     parts = [f"{row['shape']:18s} {row['N']:6d}x{row['K']:<6d} M={row['M']:<5d}"]
-    for key in ("cuda_a8", "cuda_a8_v3", "cuda_a8_norm", "cuda_a8_v3_norm", "cuda_a8_res", "cuda_a8_norm_res",
+    for key in ("cuda_a8", "cuda_a8_v3", "cuda_a8_norm", "cuda_a8_v3_norm", "cuda_a8_gated_norm_v2", "cuda_a8_gated_norm_v3",
+                "cuda_a8_res", "cuda_a8_norm_res",
                 "read_probe", "cuda_a8_mma",
                 "triton_a8", "triton_a8_fused", "triton_a8_prepass", "triton_a8_gemv",
                 "triton_a8_regdecode", "triton_a16", "triton_a16_regdecode", "cublas_fp16"):
