@@ -284,7 +284,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
 
 def _free_previous_models() -> None:
     """Collect what the previous row left before its peak memory is measured: a compiled CausalLM sits in a reference
-    cycle (its compiled glue holds its bound methods), so only the cyclic collector frees it; in the 935c090 run the
+    cycle (its compiled layers and glue hold their bound methods), so only the cyclic collector frees it; in the 935c090 run the
     previous variant's weights stayed allocated into the next variant's rows (+1.1 to +12.6 GiB of peak)."""
     gc.collect()
     torch.cuda.empty_cache()

@@ -158,8 +158,8 @@ def variants(m, ext):
             v["cuda_a8_res"] = lambda x, w, s, k: gemv(
                 x, w, s, k, None, None, 0.0, _ones(w.shape[0], x), version=ext.GEMV_VERSION,
                 rows_per_warp=ext.rows_per_warp(w.shape[0]), pdl=True)
-            # version 3 (branch exp/gemv-lanes): 8 lanes per row up to K = 2560 (else version 2), alone and with the
-            # fused norm, against cuda_a8 and cuda_a8_norm (version 2 at K <= 4096)
+            # version 3 (the default since 2026-12-03; 8 lanes per row up to K = 2560, else version 2), alone and with
+            # the fused norm, named, so the rows still say which version ran where the default changes
             v["cuda_a8_v3"] = lambda x, w, s, k: gemv(x, w, s, k, None, version=3, pdl=True)
             v["cuda_a8_v3_norm"] = lambda x, w, s, k: gemv(x, w, s, k, None, _ones(k, x), 1e-5, None, version=3,
                                                            pdl=True)

@@ -169,7 +169,7 @@ def test_gemv_fused_and_unfused(fused):
 
 
 # Every C++ GEMV version (csrc/cuda/ternary_gemv_kernels.cuh) with its settings: version 1 with 1, 2, 4 rows per warp;
-# version 2; version 3 (the lane-group kernel up to K = 2560, else as 2; branch exp/gemv-lanes).
+# version 2; version 3 (the lane-group kernel up to K = 2560, else as 2; the backend's default).
 CUDA_VERSIONS = [(1, {"rows_per_warp": 1}), (1, {"rows_per_warp": 2}), (1, {"rows_per_warp": 4}), (2, {}), (3, {})]
 
 
