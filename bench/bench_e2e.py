@@ -247,7 +247,9 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         dec.capture()  # advances one step; reset state below
         torch.cuda.synchronize()
         # time to first token: the prompt's eager forward, then the first graph step (each repetition starts over)
-        ttfts = [_cuda_timed(functools.partial(_first_token, dec, prompt)) for _ in range(PREFILL_REPS // 2)]
+        # (GPU ms, host ms until the calls return): host close to GPU says the GPU waited for the host's launches
+        ttft_both = [_cuda_and_host_timed(functools.partial(_first_token, dec, prompt)) for _ in range(PREFILL_REPS // 2)]
+        ttfts = [gpu for gpu, _ in ttft_both]
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph_tokens = [dec.tok.clone()]
@@ -261,6 +263,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         ms = start.elapsed_time(end) / (NEW - 2)
         rows.append({**base, "batch": b, "decode_ms_per_step": ms, "decode_tokens_per_s": 1000 * b / ms,
                      "ttft_ms": statistics.median(ttfts), "ttft_ms_min": min(ttfts), "ttft_ms_max": max(ttfts),
+                     "ttft_host_ms": statistics.median(host for _, host in ttft_both),
                      "graph_matches_eager": same,
                      "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
         print(json.dumps(rows[-1]), flush=True)
@@ -362,6 +365,18 @@ def _cuda_timed(fn) -> float:
     end.record()
     end.synchronize()
     return start.elapsed_time(end)
+
+
+def _cuda_and_host_timed(fn) -> tuple[float, float]:
+    """(_cuda_timed's GPU ms of fn(), host ms until fn() returned, before the sync)."""
+    host = []
+
+    def run():
+        t0 = time.perf_counter()
+        fn()
+        host.append(1000 * (time.perf_counter() - t0))
+
+    return _cuda_timed(run), host[0]
 
 
 def _timed(fn) -> float:

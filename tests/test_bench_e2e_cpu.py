@@ -82,3 +82,12 @@ def test_prefill_times_count_compiles_inside_the_timed_calls():
 
     _, _, compiles = bench_e2e._prefill_times(fn, lambda f: (f(), 1.0)[1])
     assert compiles == 1
+
+
+def test_cuda_and_host_timed_reports_both(monkeypatch):
+    """Time to first token keeps the host's time beside the GPU's (a host-bound first token shows as host ~ GPU)."""
+    import time
+
+    monkeypatch.setattr(bench_e2e, "_cuda_timed", lambda fn: (fn(), 7.0)[1])
+    gpu, host = bench_e2e._cuda_and_host_timed(lambda: time.sleep(0.01))
+    assert gpu == 7.0 and 9.0 <= host < 1000
