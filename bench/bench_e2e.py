@@ -332,15 +332,19 @@ def _prefill_times(fn, timer) -> tuple[list[float], list[float], int]:
     for _ in range(PREFILL_WARMUP):
         fn()
     host = []
+    frames = _compiled_frames()
+    times = [timer(_host_timed(fn, host)) for _ in range(PREFILL_REPS)]
+    return times, host, _compiled_frames() - frames
 
-    def host_timed():
+
+def _host_timed(fn, host: list[float]):
+    """fn, appending to host the ms until it returns (before any sync: with CUDA, the time to issue its work)."""
+    def run():
         t0 = time.perf_counter()
         fn()
         host.append(1000 * (time.perf_counter() - t0))
 
-    frames = _compiled_frames()
-    times = [timer(host_timed) for _ in range(PREFILL_REPS)]
-    return times, host, _compiled_frames() - frames
+    return run
 
 
 def _compiled_frames() -> int:
@@ -370,13 +374,7 @@ def _cuda_timed(fn) -> float:
 def _cuda_and_host_timed(fn) -> tuple[float, float]:
     """(_cuda_timed's GPU ms of fn(), host ms until fn() returned, before the sync)."""
     host = []
-
-    def run():
-        t0 = time.perf_counter()
-        fn()
-        host.append(1000 * (time.perf_counter() - t0))
-
-    return _cuda_timed(run), host[0]
+    return _cuda_timed(_host_timed(fn, host)), host[0]
 
 
 def _timed(fn) -> float:

@@ -1,4 +1,4 @@
-"""Where a prefill forward's host time goes (one GPU call; writes prefill_host_<card>_<date>.md / .json).
+"""Where a prefill forward's host time goes (one GPU call; writes gpu_prefill_host_<card>_<date>.md / .json).
 
 Why: in the 935c090 run (bench/results/gpu_e2e_935c090_...) the ternary A8 prefill took the same time for 512 and for
 2048 tokens (BitNet-2B-4T ~40 ms, Llama-2-7B ~51 ms) and its host time (until the forward returns, no sync) was the
@@ -123,9 +123,9 @@ def main():
                      f"{launches['launch_calls']} launch calls ({launches['launch_host_ms']:.1f} ms on the host)", "",
                      "Kernels by count: " + ", ".join(f"{n} x{c}" for n, c in launches["top_kernels"]), "",
                      "```", python_profile(forward), "```", ""]
-            with open(os.path.join(args.out, f"prefill_host_{tag}.md"), "w") as f:
+            with open(os.path.join(args.out, f"gpu_prefill_host_{tag}.md"), "w") as f:
                 f.write("\n".join(text))
-            with open(os.path.join(args.out, f"prefill_host_{tag}.json"), "w") as f:
+            with open(os.path.join(args.out, f"gpu_prefill_host_{tag}.json"), "w") as f:
                 json.dump({"env": env, "rows": rows}, f, indent=1)
             del forward, cache  # the partial holds the model
         del model
