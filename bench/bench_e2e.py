@@ -45,6 +45,7 @@ from bitengine.kernels import decode_attention  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
+from bitengine.prefill_graph import GraphPrefill  # noqa: E402
 from bitengine.quant import pack_ternary  # noqa: E402
 
 MODELS = {
@@ -79,7 +80,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     beyond: cuda_backend.MAX_MMA_M), 'gemv2' (the one-token C++ GEMV's version 2, the default before the lane-group
     kernel, version 3, took rows of K <= 2560); handled by set_variant_flags;
     'noglue' (with 'compile': the step's embedding / rotary / mask / final-norm glue left eager,
-    CausalLM.compile_layers(glue=False); handled by bench_model).
+    CausalLM.compile_layers(glue=False); handled by bench_model); 'graphprefill' (the prompt's forward replayed from a
+    CUDA graph, bitengine.prefill_graph, in the prefill rows and the time to first token; handled by bench_model).
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -177,11 +179,16 @@ class GraphDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
         self.pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
         self.graph = None
+        self.prefiller = None  # '+graphprefill': a GraphPrefill over self.cache (bench_model sets it)
 
     def prefill(self, prompt):  # (B, T) -> first new token in self.tok, position after the prompt
-        t = prompt.shape[1]
-        logits = self.model(prompt, cache=self.cache, input_pos=torch.arange(t, device=DEVICE), last_only=True)
-        self.tok.copy_(next_token(logits[:, -1]))
+        b, t = prompt.shape
+        pos = torch.arange(t, device=DEVICE)
+        if self.prefiller is not None:
+            logits = self.prefiller(prompt, pos.expand(b, t))
+        else:
+            logits = self.model(prompt, cache=self.cache, input_pos=pos, last_only=True)[:, -1]
+        self.tok.copy_(next_token(logits))
         self.pos.fill_(t)
 
     def step(self):
@@ -225,6 +232,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     cfg = MODELS[name]
     _free_previous_models()
     compiled = "+compile" in variant
+    graph_prefill = "+graphprefill" in variant
     set_variant_flags(variant)
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
@@ -238,6 +246,8 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
             break
         prompt = torch.randint(0, cfg.vocab_size, (b, PROMPT), device=DEVICE, generator=g)
         dec = GraphDecoder(model, b, PROMPT + NEW)
+        if graph_prefill:
+            dec.prefiller = GraphPrefill(model, dec.cache)
         # eager reference tokens for the first steps
         dec.prefill(prompt)
         eager = []
@@ -274,7 +284,10 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
         cache = model.new_cache(batch=1, max_seq=t)
         prompt = torch.randint(0, cfg.vocab_size, (1, t), device=DEVICE, generator=g)
         pos = torch.arange(t, device=DEVICE)
-        forward = functools.partial(model, prompt, cache=cache, input_pos=pos, last_only=True)
+        if graph_prefill:  # the first (warm-up) call captures the graph; the timed ones replay it
+            forward = functools.partial(GraphPrefill(model, cache), prompt, pos.expand(1, t))
+        else:
+            forward = functools.partial(model, prompt, cache=cache, input_pos=pos, last_only=True)
         rows.append({**base, **_prefill_row(t, *_prefill_times(forward, _cuda_timed)),
                      "peak_GiB": torch.cuda.max_memory_allocated() / 2**30})
         print(json.dumps(rows[-1]), flush=True)

@@ -153,8 +153,10 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
     token ids (list[int], or list of lists). With stream=True (single sequence only) returns an
     iterator of text pieces (or token ids when given `input_ids`) as they are decoded.
     temperature 0 is greedy; `stop` strings end a sequence (not included in the output).
-    On CUDA the decode step runs as a captured CUDA graph (cuda_graph=False for eager); compile=True
-    also torch.compiles the decoder layers first (a one-time cost, then faster steps). On the CPU
+    On CUDA the prompt's forward and the decode step run as captured CUDA graphs (cuda_graph=False for eager),
+    kept with their KV cache for the next call of the same batch size and length (graph_session.py; release them
+    with `bitengine.graph_session.release_graphs(model)`); compile=True also torch.compiles the decoder layers
+    first (a one-time cost, then faster steps). On the CPU
     each decode step runs the decoder layers in C++ (cpu_decode.py) when the model qualifies;
     compile=True instead runs it through one compiled graph of the whole model (`compiled_forward`);
     bench/results/cpu_e2e.md has both measured.
@@ -226,58 +228,92 @@ def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repet
     max_new_tokens = min(max_new_tokens, context - t)
     pad = [t - len(r) for r in rows]
     ids = torch.tensor([[0] * p + r for p, r in zip(pad, rows)], device=device)  # (B, T) left-padded
-    cache = model.new_cache(batch=b, max_seq=t + max_new_tokens)
-    offset = torch.tensor(pad, device=device)
-    slots = torch.arange(t + max_new_tokens, device=device)
-    cache.valid.copy_(slots[None, :] >= offset[:, None])
-    gen = torch.Generator(device=device)
-    if seed is not None:
-        gen.manual_seed(seed)
-    else:
-        gen.seed()
-    vocab = model.config.vocab_size
-    seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
-    if repetition_penalty != 1.0:
-        for r, row in enumerate(rows):  # the prompt's own tokens (not the padding)
-            seen[r, torch.tensor(row, device=device)] = True
-    eos = torch.tensor(sorted(eos_ids(model)) if not ignore_eos else [], device=device, dtype=torch.long)
+    on_cuda = device.type == "cuda"
+    session = None
+    if _keeps_session(device, cuda_graph):
+        # the cache and captured graphs kept between calls (graph_session.py)
+        from .graph_session import session_for
 
-    input_pos = slots[:t]
-    positions = (input_pos[None] - offset[:, None]).clamp(min=0)
-    logits = model(ids, cache=cache, input_pos=input_pos, position_ids=positions, kv_len=t, last_only=True)[:, -1].float()
-    step = make_decoder(model, cache, offset, cuda_graph, compile)
-    tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
-    out = [[] for _ in range(b)]
-    stopped = [False] * b  # finished by EOS or a stop string (host side)
-    synced = 0
-    for i in range(max_new_tokens):
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-        nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
-        tokens[:, i] = nxt
-        last = i == max_new_tokens - 1
-        # Host syncs only every `sync_every` steps (every step when streaming or matching stop strings):
-        # the decode loop itself never waits for the device.
-        if last or (i + 1) % sync_every == 0:
-            host_tokens = tokens[:, synced:i + 1].tolist()
-            host_is_eos = (tokens[:, synced:i + 1, None] == eos).any(-1).tolist() if eos.numel() else None
-            for r in range(b):
-                for j, tok in enumerate(host_tokens[r]):
-                    if stopped[r] or (host_is_eos is not None and host_is_eos[r][j]):
-                        stopped[r] = True  # EOS: this row is finished
-                        break
-                    out[r].append(tok)
-                if stops and text_mode and not stopped[r]:
-                    tail = model.tokenizer.decode(out[r][-16 - max(map(len, stops)):], skip_special_tokens=True)
-                    stopped[r] = _cut(tail, stops)[1]
-            synced = i + 1
-            yield out
-            if all(stopped):
-                return
-        if last:
-            return
+        session = session_for(model, b, t + max_new_tokens, compile)
+        session.busy = True  # a second generate() while this one streams gets a session of its own
+        session.start(pad)
+        cache, offset = session.cache, session.offset
+    else:
+        from .graph_session import cache_capacity
+
+        # on CUDA the eager path runs the graphs' shapes (cache length, padded prompt): the same kernels and tokens
+        cache = model.new_cache(batch=b, max_seq=cache_capacity(model, t + max_new_tokens) if on_cuda
+                                else t + max_new_tokens)
+        offset = torch.tensor(pad, device=device)
+        slots = torch.arange(cache.max_seq, device=device)
+        cache.valid.copy_(slots[None, :] >= offset[:, None])
+    try:
+        gen = torch.Generator(device=device)
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()
+        vocab = model.config.vocab_size
+        seen = torch.zeros(b, vocab, dtype=torch.bool, device=device)
         if repetition_penalty != 1.0:
-            seen[torch.arange(b, device=device), nxt] = True
-        logits = step(nxt[:, None], t + i)
+            for r, row in enumerate(rows):  # the prompt's own tokens (not the padding)
+                seen[r, torch.tensor(row, device=device)] = True
+        eos = torch.tensor(sorted(eos_ids(model)) if not ignore_eos else [], device=device, dtype=torch.long)
+
+        input_pos = torch.arange(t, device=device)
+        positions = (input_pos[None] - offset[:, None]).clamp(min=0)
+        if session is not None:
+            logits = session.prefill(ids, positions)  # replayed from the prompt length's captured graph
+            step = session.decoder()
+        else:
+            if on_cuda:  # the graph path's padded prompt, eagerly
+                from .prefill_graph import GraphPrefill
+
+                logits = GraphPrefill(model, cache, graphs=False)(ids, positions)
+            else:
+                logits = model(ids, cache=cache, input_pos=input_pos, position_ids=positions, kv_len=t,
+                               last_only=True)[:, -1].float()
+            step = make_decoder(model, cache, offset, False, compile)
+        tokens = torch.zeros(b, max_new_tokens, dtype=torch.long, device=device)
+        out = [[] for _ in range(b)]
+        stopped = [False] * b  # finished by EOS or a stop string (host side)
+        synced = 0
+        for i in range(max_new_tokens):
+            logits = apply_repetition_penalty(logits, seen, repetition_penalty)
+            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=gen)
+            tokens[:, i] = nxt
+            last = i == max_new_tokens - 1
+            # Host syncs only every `sync_every` steps (every step when streaming or matching stop strings):
+            # the decode loop itself never waits for the device.
+            if last or (i + 1) % sync_every == 0:
+                host_tokens = tokens[:, synced:i + 1].tolist()
+                host_is_eos = (tokens[:, synced:i + 1, None] == eos).any(-1).tolist() if eos.numel() else None
+                for r in range(b):
+                    for j, tok in enumerate(host_tokens[r]):
+                        if stopped[r] or (host_is_eos is not None and host_is_eos[r][j]):
+                            stopped[r] = True  # EOS: this row is finished
+                            break
+                        out[r].append(tok)
+                    if stops and text_mode and not stopped[r]:
+                        tail = model.tokenizer.decode(out[r][-16 - max(map(len, stops)):], skip_special_tokens=True)
+                        stopped[r] = _cut(tail, stops)[1]
+                synced = i + 1
+                yield out
+                if all(stopped):
+                    return
+            if last:
+                return
+            if repetition_penalty != 1.0:
+                seen[torch.arange(b, device=device), nxt] = True
+            logits = step(nxt[:, None], t + i)
+    finally:
+        if session is not None:
+            session.busy = False  # the next call may use it (this one finished, failed or was dropped)
+
+
+def _keeps_session(device: torch.device, cuda_graph: bool | None) -> bool:
+    """Whether a call runs on the model's kept CUDA-graph session (graph_session.py): on CUDA unless cuda_graph=False."""
+    return device.type == "cuda" and cuda_graph is not False
 
 
 def make_decoder(model, cache, offset, cuda_graph, compile=False):

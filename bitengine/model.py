@@ -192,7 +192,8 @@ class CausalLM(nn.Module):
     With a KVCache: `input_pos` (T,) or (B, T) int64 are the cache slots the tokens go to, `position_ids`
     (B, T) their rotary positions (they differ from the slots under left padding), and `kv_len`
     an optional host-side bound on the slots to attend over (eager decoding; None = all slots,
-    for fixed-shape CUDA-graph decoding).
+    for fixed-shape CUDA-graph decoding). `last_only` returns the last token's logits (B, 1, vocab);
+    `last_index`, an int64 (1,) tensor, those of the token at that index instead (prefill_graph.py's padded prompts).
     """
 
     def __init__(self, cfg: ModelConfig, make_linear, max_seq: int | None = None):
@@ -225,7 +226,7 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, kv_len: int | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, last_index: torch.Tensor | None = None) -> torch.Tensor:
         b, t = input_ids.shape
         dev = input_ids.device
         if input_pos is None:
@@ -244,7 +245,9 @@ class CausalLM(nn.Module):
             kv = (getattr(cache, f"k{i}"), getattr(cache, f"v{i}")) if cache is not None else None
             x = layer(x, cos, sin, mask, kv, input_pos, kv_len)
         x = norm(x)
-        if last_only:
+        if last_index is not None:  # one token per row at a device-side index (a prompt padded at its end)
+            x = x.index_select(1, last_index)
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(x)
 

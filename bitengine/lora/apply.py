@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..fuse import refresh as refresh_fused
+from ..graph_session import release_graphs
 from ..nn import BitLinear, DenseLinear
 from .merge import delta_weight, merge_ternary
 from .peft_format import ModuleFactors, normalize_adapters, read_adapter, resolve
@@ -60,6 +61,7 @@ def apply_adapters(model, adapters, mode: str = "fused", adapter_dtype: str | No
     `model.lora_state.report` and logged. Raises AdapterError / FileNotFoundError (one line)
     before changing anything.
     """
+    release_graphs(model)  # generate()'s captured graphs hold the old weights' and side paths' addresses
     if mode not in MODES:
         raise ValueError(f"adapter mode must be one of {', '.join(MODES)}, got {mode!r}")
     if adapter_dtype not in ADAPTER_DTYPES:
@@ -120,6 +122,7 @@ def set_adapters(model, adapters, mode: str | None = None, adapter_dtype: str | 
 
 def remove_adapters(model) -> None:
     """Back to the base model, bit-exactly: side paths dropped, merged layers' own tensors restored."""
+    release_graphs(model)
     state = getattr(model, "lora_state", None)
     layers = linear_layers(model)
     _clear_fused(layers)
