@@ -5,9 +5,10 @@ Llama-3-8B shapes through bitengine.model.CausalLM. Variants: ternary W1.58A8 (b
 its extension is built, else "triton"), ternary W1.58A16 ("triton"), and FP16 dense weights through
 the same model code. Decode: one step (embedding -> logits -> greedy argmax -> next token and
 position, all on the GPU) captured in a CUDA graph over a static KV cache of prompt + new tokens,
-replayed once per token; the first tokens are checked against eager decoding. Prefill: one eager
-forward of T tokens into the cache. Reports ms/token, tokens/s, time to first token (prefill of the
-64-token prompt + one step), peak GPU memory and weight bytes.
+replayed once per token; the first tokens are checked against eager decoding. Prefill: one forward of T
+tokens into the cache, replayed from its CUDA graph as generate() runs it (bitengine.prefill_graph; captured in
+the untimed warm-up calls; '+eagerprefill' runs it eagerly, as before 2026-12-03's thirteenth part). Reports
+ms/token, tokens/s, time to first token (prefill of the 64-token prompt + one step), peak GPU memory and weight bytes.
 
 Variant "hf-fp16" is the outside baseline, measured in the same run: a random-weight transformers
 LlamaForCausalLM at the same sizes in fp16 (the BitNet-2B-4T shape as a Llama config: same sizes and
@@ -80,8 +81,9 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     beyond: cuda_backend.MAX_MMA_M), 'gemv2' (the one-token C++ GEMV's version 2, the default before the lane-group
     kernel, version 3, took rows of K <= 2560); handled by set_variant_flags;
     'noglue' (with 'compile': the step's embedding / rotary / mask / final-norm glue left eager,
-    CausalLM.compile_layers(glue=False); handled by bench_model); 'graphprefill' (the prompt's forward replayed from a
-    CUDA graph, bitengine.prefill_graph, in the prefill rows and the time to first token; handled by bench_model).
+    CausalLM.compile_layers(glue=False); handled by bench_model); 'eagerprefill' (the prompt's forward eager in the
+    prefill rows and the time to first token, not replayed from its CUDA graph, bitengine.prefill_graph, as generate()
+    runs it; handled by bench_model).
     Ternary models are placed as bitengine.load places them: the kernel layout on the GPU, the checkpoint layout
     (k4) on the host, projections fused."""
     base, *mods = variant.split("+")
@@ -179,7 +181,7 @@ class GraphDecoder:
         self.tok = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
         self.pos = torch.zeros(1, dtype=torch.long, device=DEVICE)
         self.graph = None
-        self.prefiller = None  # '+graphprefill': a GraphPrefill over self.cache (bench_model sets it)
+        self.prefiller = None  # a GraphPrefill over self.cache (bench_model sets it unless '+eagerprefill')
 
     def prefill(self, prompt):  # (B, T) -> first new token in self.tok, position after the prompt
         b, t = prompt.shape
@@ -232,7 +234,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     cfg = MODELS[name]
     _free_previous_models()
     compiled = "+compile" in variant
-    graph_prefill = "+graphprefill" in variant
+    graph_prefill = "+eagerprefill" not in variant
     set_variant_flags(variant)
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
@@ -256,7 +258,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
             eager.append(dec.tok.clone())
         dec.capture()  # advances one step; reset state below
         torch.cuda.synchronize()
-        # time to first token: the prompt's eager forward, then the first graph step (each repetition starts over)
+        # time to first token: the prompt's forward, then the first graph step (each repetition starts over)
         # (GPU ms, host ms until the calls return): host close to GPU says the GPU waited for the host's launches
         ttft_both = [_cuda_and_host_timed(functools.partial(_first_token, dec, prompt)) for _ in range(PREFILL_REPS // 2)]
         ttfts = [gpu for gpu, _ in ttft_both]
@@ -367,7 +369,7 @@ def _compiled_frames() -> int:
 
 
 def _prefill_row(t: int, times: list[float], host: list[float] | None = None, compiles: int = 0) -> dict:
-    """The median and the spread, so a table shows how far one eager forward is from the next."""
+    """The median and the spread, so a table shows how far one forward is from the next."""
     ms = statistics.median(times)
     return {"prefill_tokens": t, "prefill_ms": ms, "prefill_ms_min": min(times), "prefill_ms_max": max(times),
             "prefill_reps": len(times), "prefill_tokens_per_s": 1000 * t / ms,
@@ -469,7 +471,8 @@ def _ms(v) -> str:
 def markdown(env, rows):
     lines = [f"# End-to-end decode / prefill on {env['card']} ({env['date']})", "",
              (f"torch {env['torch']}, CUDA {env['cuda']}, commit `{env['git_commit'][:12]}`. Random weights; decode = "
-              f"{PROMPT}-token prompt then CUDA-graph greedy steps over a static cache; prefill = one eager forward."),
+              f"{PROMPT}-token prompt then CUDA-graph greedy steps over a static cache; prefill = one forward replayed "
+              "from its CUDA graph (eager in '+eagerprefill' rows)."),
              "", ("| model | weights | backend | weight GiB (read / held) | batch | ms/step | tokens/s | TTFT ms | "
                   "graph == eager | peak GiB |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
