@@ -155,7 +155,7 @@ def generate(model, prompt=None, *, input_ids=None, messages=None, prompts=None,
     temperature 0 is greedy; `stop` strings end a sequence (not included in the output).
     On CUDA the prompt's forward and the decode step run as captured CUDA graphs (cuda_graph=False for eager),
     kept with their KV cache for the next call of the same batch size and length (graph_session.py; release them
-    with `bitengine.graph_session.release_graphs(model)`); compile=True also torch.compiles the decoder layers
+    with `release_graphs(model)` from bitengine.graph_session); compile=True also torch.compiles the decoder layers
     first (a one-time cost, then faster steps). On the CPU
     each decode step runs the decoder layers in C++ (cpu_decode.py) when the model qualifies;
     compile=True instead runs it through one compiled graph of the whole model (`compiled_forward`);
