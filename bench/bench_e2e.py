@@ -239,6 +239,7 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
     model = build(cfg, variant, max_seq=PROMPT + NEW)
     if compiled:  # torch.compile each decoder layer (one shared graph) before the CUDA graph is captured
         model.compile_layers(glue="+noglue" not in variant)
+    _free_previous_models()  # again: the peak columns start from the built model, not the random init's transients
     wbytes = weight_bytes(model)
     base = {"model": name, "variant": variant, "backend": model.backend_name, "weight_GiB": wbytes / 2**30,
             "resident_GiB": resident_bytes(model) / 2**30}
@@ -303,7 +304,10 @@ def bench_model(name, variant, batches, prefills, rows, budget_end):
 def _free_previous_models() -> None:
     """Collect what the previous row left before its peak memory is measured: a compiled CausalLM sits in a reference
     cycle (its compiled layers and glue hold their bound methods), so only the cyclic collector frees it; in the 935c090 run the
-    previous variant's weights stayed allocated into the next variant's rows (+1.1 to +12.6 GiB of peak)."""
+    previous variant's weights stayed allocated into the next variant's rows (+1.1 to +12.6 GiB of peak). Called again
+    once the model is built: until 8ed9970 the peak also held build()'s transients (float32 random tensors of the
+    embedding and head, the int8 head's conversion): every BitNet-2B-4T ternary row read the same 4.94 GiB, batch 1
+    included, whatever its weights."""
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -413,6 +417,8 @@ def bench_hf(name, batches, prefills, rows, budget_end, new_tokens=None):
     torch.manual_seed(0)
     with torch.device(DEVICE):
         model = transformers.AutoModelForCausalLM.from_config(hf_llama_config(cfg), dtype=dtype).eval()
+    if DEVICE == "cuda":
+        _free_previous_models()  # the peak from the built model on, as bench_model
     try:
         _bench_hf_model(model, name, batches, prefills, rows, budget_end, new_tokens or NEW)
     finally:  # free the fp16 model before the next row, also after an error
