@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .graph_session import release_graphs
+
 PAD = 32  # the dense kernels want K padded to a multiple of 32 (zeros)
 
 
@@ -167,6 +169,8 @@ def quantize_head_int8(model: nn.Module, head: str = "lm_head", embeddings: bool
     Int8Embedding. Tied weights are fine: each gets its own int8 copy. Returns the replaced
     module names; ValueError if no head was found.
     """
+    release_graphs(model)  # generate()'s captured graphs read the old head's weights
+
     def make_head(m):
         if isinstance(m, (Int8Linear,)):
             return None

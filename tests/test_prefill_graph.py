@@ -135,6 +135,15 @@ def test_adapters_release_the_session(world):
     assert "_graph_session" not in model.__dict__
 
 
+def test_int8_head_releases_the_session(world):
+    from bitengine.int8_head import quantize_head_int8
+
+    model = bitengine.load(world / "bit", device="cpu", dtype=torch.float32)
+    session_for(model, 1, 10, compile=False)
+    quantize_head_int8(model)
+    assert "_graph_session" not in model.__dict__
+
+
 def test_generate_through_a_kept_session(world, monkeypatch):
     """generate()'s session path, run on the CPU with eager stand-ins for the graphs (the padded prompt forward, the
     full-cache eager step): the tokens of the plain CPU path, and the second call reuses the session."""
