@@ -239,14 +239,13 @@ def _generate_rows(model, rows, max_new_tokens, temperature, top_k, top_p, repet
         session.start(pad)
         cache, offset = session.cache, session.offset
     else:
-        from .graph_session import cache_capacity
+        from .graph_session import cache_capacity, mask_padding
 
         # on CUDA the eager path runs the graphs' shapes (cache length, padded prompt): the same kernels and tokens
         cache = model.new_cache(batch=b, max_seq=cache_capacity(model, t + max_new_tokens) if on_cuda
                                 else t + max_new_tokens)
         offset = torch.tensor(pad, device=device)
-        slots = torch.arange(cache.max_seq, device=device)
-        cache.valid.copy_(slots[None, :] >= offset[:, None])
+        mask_padding(cache, offset)
     try:
         gen = torch.Generator(device=device)
         if seed is not None:

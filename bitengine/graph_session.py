@@ -25,6 +25,13 @@ def cache_capacity(model, needed: int) -> int:
     return min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, max(model.max_seq, needed))
 
 
+def mask_padding(cache, offset: torch.Tensor) -> None:
+    """Set the cache's slot mask for rows left-padded by `offset` (B,): each row's slots before its first token are
+    hidden."""
+    slots = torch.arange(cache.max_seq, device=offset.device)
+    cache.valid.copy_(slots[None, :] >= offset[:, None])
+
+
 class GraphSession:
     """One cache of `capacity` slots for `batch` rows, with its GraphPrefill and (made on first use) GraphDecoder."""
 
@@ -42,8 +49,7 @@ class GraphSession:
         """A new call: its rows' left padding; the cache's slot mask hides the padding (stale slots past the prompt
         are written by the call before they are read)."""
         self.offset.copy_(torch.tensor(pad, dtype=torch.long))
-        slots = torch.arange(self.capacity, device=self.offset.device)
-        self.cache.valid.copy_(slots[None, :] >= self.offset[:, None])
+        mask_padding(self.cache, self.offset)
 
     def decoder(self):
         if self._decoder is None:
