@@ -1,0 +1,141 @@
+"""Where the long-prompt ternary linear (M = 2048) spends its time, and which GEMM tile is fastest per shape.
+
+The A8 prefill linear (kernels/gemm_decoded.py) is three kernels: per-token int8 quantization of x, the weight's
+decode to an int8 scratch, the int8 tensor-core GEMM (autotuned over a few tiles). This times each alone, the
+whole call as the engine runs it, cuBLAS FP16 at the same shape, and the GEMM over a wider grid of tiles than the
+autotuner's; every tile's output is checked bit-equal to the engine's (int32 accumulation, same epilogue).
+GPU only:  python bench/sweep_prefill_gemm.py --out DIR  (writes prefill_sweep.json and .md)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_kernels import environment, random_ternary, time_calls  # noqa: E402
+
+from bitengine.kernels.act_quant import quantize_activations_int8  # noqa: E402
+from bitengine.kernels.gemm_decoded import _gemm_dense_kernel, decode_weight, ternary_gemm_decoded  # noqa: E402
+
+SHAPES = [("bitnet2b.qkv_q", 2560, 2560), ("bitnet2b.kv", 640, 2560), ("bitnet2b.qkv", 3840, 2560),
+          ("bitnet2b.up", 6912, 2560), ("bitnet2b.gate_up", 13824, 2560), ("bitnet2b.down", 2560, 6912),
+          ("llama2_7b.o", 4096, 4096), ("llama2_7b.down", 4096, 11008)]
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); int8 operands: stages * (BM + BN) * BK bytes of shared memory
+TILES = [(bm, bn, bk, w, s)
+         for bm, bn in ((128, 256), (256, 128), (128, 128), (64, 256), (128, 64), (64, 128), (64, 64))
+         for bk in (64, 128, 256)
+         for w, s in ((4, 4), (8, 3), (8, 4), (8, 5))
+         if s * (bm + bn) * bk <= 200 * 1024 and not (w == 4 and bm * bn > 128 * 128)
+         and not (w == 8 and bm * bn < 64 * 128)]
+
+
+def gemm_only(xin, a, w, scale, y, bm, bn, bk, warps, stages, group_m=8):
+    m, n = xin.shape[0], w.shape[0]
+    grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
+    _gemm_dense_kernel.fn[grid](xin, xin.stride(0), a, w, w.stride(0), scale, scale, y, y.stride(0),
+                                y, 0, scale, 0, 0, m, n, xin.shape[1], w.shape[1], 2048,
+                                A8=True, SCALE_MODE=0, HAS_BIAS=False, HAS_LORA=False,
+                                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
+                                num_warps=warps, num_stages=stages)
+    return y
+
+
+def sweep_shape(name, n, k, m, budget_end):
+    torch.manual_seed(0)
+    (_, words), = random_ternary(n, k, 1, seed=n + k)
+    scale = torch.full((1,), 0.02, dtype=torch.float32, device="cuda")
+    x = torch.randn(m, k, dtype=torch.float16, device="cuda")
+    w16 = torch.randn(n, k, dtype=torch.float16, device="cuda")
+    row = {"shape": name, "N": n, "K": k, "M": m}
+    row["engine_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)])
+    best = getattr(_gemm_dense_kernel, "best_config", None)
+    row["engine_tile"] = str(best) if best is not None else None
+    row["cublas_fp16_us"] = time_calls([lambda: x @ w16.t()])
+    row["quantize_us"] = time_calls([lambda: quantize_activations_int8(x, words.shape[1])])
+    row["decode_us"] = time_calls([lambda: decode_weight(words, torch.int8)])
+    xin, a = quantize_activations_int8(x, words.shape[1])
+    wd = decode_weight(words, torch.int8)
+    want = ternary_gemm_decoded(x, words, scale, k, 8)
+    y = torch.empty_like(want)
+    tiles = []
+    for bm, bn, bk, warps, stages in TILES:
+        if time.time() > budget_end:
+            row["cut_by_budget"] = True
+            break
+        try:
+            gemm_only(xin, a, wd, scale, y, bm, bn, bk, warps, stages)
+            torch.cuda.synchronize()
+            ok = torch.equal(y, want)
+            us = time_calls([lambda: gemm_only(xin, a, wd, scale, y, bm, bn, bk, warps, stages)])
+        except Exception as e:  # out of resources for this tile: recorded, not fatal
+            tiles.append({"tile": [bm, bn, bk, warps, stages], "error": str(e).splitlines()[0][:120]})
+            continue
+        tiles.append({"tile": [bm, bn, bk, warps, stages], "us": us, "bit_equal": ok})
+    good = [t for t in tiles if "us" in t and t["bit_equal"]]
+    row["tiles"] = tiles
+    row["wrong_tiles"] = [t["tile"] for t in tiles if "us" in t and not t["bit_equal"]]
+    if good:
+        b = min(good, key=lambda t: t["us"])
+        row["best_tile"], row["best_gemm_us"] = b["tile"], b["us"]
+    return row
+
+
+def markdown(env, rows):
+    lines = [f"# Prefill linear (A8, M = 2048) breakdown and tile sweep on {env['card']} ({env['date']})", "",
+             f"torch {env['torch']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`. Median us of CUDA-graph "
+             "replays. engine = quantize + decode + autotuned GEMM as ternary_gemm_decoded runs it; best GEMM = the "
+             "fastest bit-equal tile of the sweep, GEMM alone.", "",
+             "| shape | N x K | engine us | cuBLAS FP16 us | engine / FP16 | quantize us | decode us | "
+             "best GEMM us (tile BM,BN,BK,warps,stages) | quantize + decode + best GEMM / FP16 | engine tile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        best = r.get("best_gemm_us")
+        total = r["quantize_us"] + r["decode_us"] + best if best else None
+        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | {r['cublas_fp16_us']:.2f} | "
+                     f"{r['cublas_fp16_us'] / r['engine_us']:.2f}x | {r['quantize_us']:.2f} | {r['decode_us']:.2f} | "
+                     + (f"{best:.2f} ({','.join(map(str, r['best_tile']))}) | "
+                        f"{r['cublas_fp16_us'] / total:.2f}x" if best else "- | -")
+                     + f" | {r['engine_tile']} |")
+    lines += ["", "Speed ratios are FP16 time / ternary time (above 1x: the ternary linear is faster).",
+              "Tiles off the bit-equal check: " + (", ".join(f"{r['shape']} {r['wrong_tiles']}" for r in rows
+                                                             if r["wrong_tiles"]) or "none")]
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--m", type=int, default=2048)
+    p.add_argument("--budget-s", type=float, default=240)
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("sweep_prefill_gemm: needs a CUDA GPU")
+    env = environment()
+    end = time.time() + args.budget_s
+    rows = []
+    for name, n, k in SHAPES:
+        rows.append(sweep_shape(name, n, k, args.m, end))
+        r = rows[-1]
+        print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (fp16 {r['cublas_fp16_us']:.1f}), quantize "
+              f"{r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, best GEMM {r.get('best_gemm_us', 0):.1f} "
+              f"{r.get('best_tile')}, engine tile {r['engine_tile']}", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "prefill_sweep.json"), "w") as f:
+        json.dump({"env": env, "tiles": TILES, "rows": rows}, f, indent=1)
+    with open(os.path.join(args.out, "prefill_sweep.md"), "w") as f:
+        f.write(markdown(env, rows))
+    print(markdown(env, rows))
+
+
+if __name__ == "__main__":
+    main()
