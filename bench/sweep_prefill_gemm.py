@@ -25,10 +25,16 @@ from bench_kernels import environment, random_ternary, time_calls  # noqa: E402
 
 from bitengine.kernels.act_quant import quantize_activations_int8  # noqa: E402
 from bitengine.kernels.gemm_decoded import _gemm_dense_kernel, decode_weight, ternary_gemm_decoded  # noqa: E402
+from bitengine.kernels.gemm_persistent import gemm_persistent  # noqa: E402
+from bitengine.kernels.gemv import lora_operands  # noqa: E402
 
 SHAPES = [("bitnet2b.qkv_q", 2560, 2560), ("bitnet2b.kv", 640, 2560), ("bitnet2b.qkv", 3840, 2560),
           ("bitnet2b.up", 6912, 2560), ("bitnet2b.gate_up", 13824, 2560), ("bitnet2b.down", 2560, 6912),
           ("llama2_7b.o", 4096, 4096), ("llama2_7b.down", 4096, 11008)]
+
+# calls per CUDA graph: a graph of one call also times the replay's own launch (the first run of this script
+# read 10-15 us for a decode of 0.4 MB)
+CALLS = 10
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages); int8 operands: stages * (BM + BN) * BK bytes of shared memory
 TILES = [(bm, bn, bk, w, s)
@@ -37,6 +43,11 @@ TILES = [(bm, bn, bk, w, s)
          for w, s in ((4, 4), (8, 3), (8, 4), (8, 5))
          if s * (bm + bn) * bk <= 200 * 1024 and not (w == 4 and bm * bn > 128 * 128)
          and not (w == 8 and bm * bn < 64 * 128)]
+# the persistent TMA kernel (kernels/gemm_persistent.py): one program per SM over all tiles
+PERSISTENT_TILES = [(128, 128, 128, 8, 3, 2), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1),
+                    (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (256, 128, 128, 8, 3, 1),
+                    (128, 128, 64, 8, 4, 2), (64, 128, 128, 8, 3, 2), (128, 64, 128, 8, 3, 2), (64, 64, 128, 4, 4, 2),
+                    (128, 256, 64, 8, 4, 1), (64, 256, 128, 8, 3, 2)]
 
 
 def gemm_only(xin, a, w, scale, y, bm, bn, bk, warps, stages, group_m=8):
@@ -50,65 +61,93 @@ def gemm_only(xin, a, w, scale, y, bm, bn, bk, warps, stages, group_m=8):
     return y
 
 
-def sweep_shape(name, n, k, m, budget_end):
+def persistent_only(xin, a, w, scale, y, *config):
+    return gemm_persistent(xin, a, w, scale, None, y, lora_operands(xin, w.shape[0], None, None, scale), config)
+
+
+def time_tiles(fn, tiles, args, want, budget_end, row):
+    """[{tile, us, bit_equal} | {tile, error}] of fn(*args, y, *tile) over the tiles, until the budget ends."""
+    y = torch.empty_like(want)
+    out = []
+    for tile in tiles:
+        if time.time() > budget_end:
+            row["cut_by_budget"] = True
+            break
+        try:
+            fn(*args, y, *tile)
+            torch.cuda.synchronize()
+            ok = torch.equal(y, want)
+            us = time_calls([lambda tile=tile: fn(*args, y, *tile)] * CALLS)
+        except Exception as e:  # out of resources for this tile: recorded, not fatal
+            out.append({"tile": list(tile), "error": str(e).splitlines()[0][:120] if str(e) else type(e).__name__})
+            continue
+        out.append({"tile": list(tile), "us": us, "bit_equal": ok})
+    return out
+
+
+def best_of(tiles):
+    good = [t for t in tiles if "us" in t and t["bit_equal"]]
+    return min(good, key=lambda t: t["us"]) if good else None
+
+
+def sweep_shape(name, n, k, m, budget_end, kernels):
     torch.manual_seed(0)
     (_, words), = random_ternary(n, k, 1, seed=n + k)
     scale = torch.full((1,), 0.02, dtype=torch.float32, device="cuda")
     x = torch.randn(m, k, dtype=torch.float16, device="cuda")
     w16 = torch.randn(n, k, dtype=torch.float16, device="cuda")
     row = {"shape": name, "N": n, "K": k, "M": m}
-    row["engine_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)])
+    row["engine_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)] * CALLS)
     best = getattr(_gemm_dense_kernel, "best_config", None)
     row["engine_tile"] = str(best) if best is not None else None
-    row["cublas_fp16_us"] = time_calls([lambda: x @ w16.t()])
-    row["quantize_us"] = time_calls([lambda: quantize_activations_int8(x, words.shape[1])])
-    row["decode_us"] = time_calls([lambda: decode_weight(words, torch.int8)])
+    row["cublas_fp16_us"] = time_calls([lambda: x @ w16.t()] * CALLS)
+    row["quantize_us"] = time_calls([lambda: quantize_activations_int8(x, words.shape[1])] * CALLS)
+    row["decode_us"] = time_calls([lambda: decode_weight(words, torch.int8)] * CALLS)
     xin, a = quantize_activations_int8(x, words.shape[1])
     wd = decode_weight(words, torch.int8)
     want = ternary_gemm_decoded(x, words, scale, k, 8)
-    y = torch.empty_like(want)
-    tiles = []
-    for bm, bn, bk, warps, stages in TILES:
-        if time.time() > budget_end:
-            row["cut_by_budget"] = True
-            break
-        try:
-            gemm_only(xin, a, wd, scale, y, bm, bn, bk, warps, stages)
-            torch.cuda.synchronize()
-            ok = torch.equal(y, want)
-            us = time_calls([lambda: gemm_only(xin, a, wd, scale, y, bm, bn, bk, warps, stages)])
-        except Exception as e:  # out of resources for this tile: recorded, not fatal
-            tiles.append({"tile": [bm, bn, bk, warps, stages], "error": str(e).splitlines()[0][:120]})
+    for kind, fn, tiles in (("dense", gemm_only, TILES), ("persistent", persistent_only, PERSISTENT_TILES)):
+        if kind not in kernels:
             continue
-        tiles.append({"tile": [bm, bn, bk, warps, stages], "us": us, "bit_equal": ok})
-    good = [t for t in tiles if "us" in t and t["bit_equal"]]
-    row["tiles"] = tiles
-    row["wrong_tiles"] = [t["tile"] for t in tiles if "us" in t and not t["bit_equal"]]
-    if good:
-        b = min(good, key=lambda t: t["us"])
-        row["best_tile"], row["best_gemm_us"] = b["tile"], b["us"]
+        row[f"{kind}_tiles"] = time_tiles(fn, tiles, (xin, a, wd, scale), want, budget_end, row)
+        row[f"{kind}_wrong_tiles"] = [t["tile"] for t in row[f"{kind}_tiles"] if "us" in t and not t["bit_equal"]]
+        best = best_of(row[f"{kind}_tiles"])
+        if best is not None:
+            row[f"{kind}_best_tile"], row[f"{kind}_best_us"] = best["tile"], best["us"]
     return row
 
 
+def _best_cell(r, kind):
+    us = r.get(f"{kind}_best_us")
+    if us is None:
+        return "- | -"
+    total = r["quantize_us"] + r["decode_us"] + us
+    return f"{us:.2f} ({','.join(map(str, r[f'{kind}_best_tile']))}) | {r['cublas_fp16_us'] / total:.2f}x"
+
+
 def markdown(env, rows):
-    lines = [f"# Prefill linear (A8, M = 2048) breakdown and tile sweep on {env['card']} ({env['date']})", "",
+    lines = [f"# Prefill linear (A8, M = {rows[0]['M'] if rows else '-'}) breakdown and tile sweep on {env['card']} "
+             f"({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`. Median us of CUDA-graph "
-             "replays. engine = quantize + decode + autotuned GEMM as ternary_gemm_decoded runs it; best GEMM = the "
-             "fastest bit-equal tile of the sweep, GEMM alone.", "",
-             "| shape | N x K | engine us | cuBLAS FP16 us | engine / FP16 | quantize us | decode us | "
-             "best GEMM us (tile BM,BN,BK,warps,stages) | quantize + decode + best GEMM / FP16 | engine tile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"replays, {CALLS} calls per graph (inputs warm in L2, as after the op that wrote them). engine = quantize + "
+             "decode + autotuned GEMM as ternary_gemm_decoded runs it; dense / persistent "
+             "= the fastest bit-equal tile (BM,BN,BK,warps,stages[,programs per SM]) of kernels/gemm_decoded.py's GEMM / "
+             "kernels/gemm_persistent.py's, the GEMM alone; \"with q + d\" = quantize + decode + that GEMM, as "
+             "FP16 time / that time.", "",
+             "| shape | N x K | engine us | cuBLAS FP16 us | engine vs FP16 | quantize us | decode us | "
+             "dense GEMM us (tile) | with q + d vs FP16 | persistent GEMM us (tile) | with q + d vs FP16 | engine tile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        best = r.get("best_gemm_us")
-        total = r["quantize_us"] + r["decode_us"] + best if best else None
         lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | {r['cublas_fp16_us']:.2f} | "
                      f"{r['cublas_fp16_us'] / r['engine_us']:.2f}x | {r['quantize_us']:.2f} | {r['decode_us']:.2f} | "
-                     + (f"{best:.2f} ({','.join(map(str, r['best_tile']))}) | "
-                        f"{r['cublas_fp16_us'] / total:.2f}x" if best else "- | -")
-                     + f" | {r['engine_tile']} |")
+                     f"{_best_cell(r, 'dense')} | {_best_cell(r, 'persistent')} | {r['engine_tile']} |")
+    wrong = [f"{r['shape']} {kind} {r[f'{kind}_wrong_tiles']}" for r in rows for kind in ("dense", "persistent")
+             if r.get(f"{kind}_wrong_tiles")]
+    errors = [f"{r['shape']} {kind} {t['tile']}: {t['error']}" for r in rows for kind in ("dense", "persistent")
+              for t in r.get(f"{kind}_tiles", []) if "error" in t]
     lines += ["", "Speed ratios are FP16 time / ternary time (above 1x: the ternary linear is faster).",
-              "Tiles off the bit-equal check: " + (", ".join(f"{r['shape']} {r['wrong_tiles']}" for r in rows
-                                                             if r["wrong_tiles"]) or "none")]
+              "Tiles off the bit-equal check: " + ("; ".join(wrong) or "none"),
+              "Tiles that failed to run: " + ("; ".join(errors[:20]) or "none")]
     return "\n".join(lines) + "\n"
 
 
@@ -117,21 +156,27 @@ def main():
     p.add_argument("--out", default="bench/results")
     p.add_argument("--m", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=240)
+    p.add_argument("--kernels", default="dense,persistent", help="which GEMMs to sweep: dense, persistent")
+    p.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_prefill_gemm: needs a CUDA GPU")
     env = environment()
     end = time.time() + args.budget_s
+    kernels = args.kernels.split(",")
     rows = []
     for name, n, k in SHAPES:
-        rows.append(sweep_shape(name, n, k, args.m, end))
+        if args.shapes and name not in args.shapes.split(","):
+            continue
+        rows.append(sweep_shape(name, n, k, args.m, end, kernels))
         r = rows[-1]
         print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (fp16 {r['cublas_fp16_us']:.1f}), quantize "
-              f"{r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, best GEMM {r.get('best_gemm_us', 0):.1f} "
-              f"{r.get('best_tile')}, engine tile {r['engine_tile']}", flush=True)
+              f"{r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, dense {r.get('dense_best_us')} "
+              f"{r.get('dense_best_tile')}, persistent {r.get('persistent_best_us')} {r.get('persistent_best_tile')}, "
+              f"engine tile {r['engine_tile']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefill_sweep.json"), "w") as f:
-        json.dump({"env": env, "tiles": TILES, "rows": rows}, f, indent=1)
+        json.dump({"env": env, "dense_tiles": TILES, "persistent_tiles": PERSISTENT_TILES, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "prefill_sweep.md"), "w") as f:
         f.write(markdown(env, rows))
     print(markdown(env, rows))

@@ -50,8 +50,12 @@ def _configs():
     """Autotune candidates; BITENGINE_TUNE=0 uses one fixed tile (tests, where tuning costs more than it saves)."""
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
-    shapes = [(128, 256, 128, 8, 3), (128, 128, 128, 4, 4), (256, 128, 128, 8, 3), (128, 256, 64, 8, 4),
-              (64, 256, 128, 4, 4), (128, 128, 128, 8, 4), (64, 128, 128, 4, 4), (128, 64, 128, 4, 4)]
+    # tiles whose shared memory lets two programs share an SM (int8: 3 x (128 + 128) x 128 B = 96 KB; fp16 at
+    # BLOCK_K 64 the same) won the M = 2048 sweep on every shape (gpu_prefill_sweep_..._2026-12-03: 128 x 128 x 128,
+    # 8 warps, 3 stages, 0.60-0.87x the time of the tile the old candidate list tuned to); the smaller ones are
+    # for short prompts and few output columns (the 640-row k / v: 64 x 64)
+    shapes = [(128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3),
+              (128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 256, 128, 8, 3), (64, 128, 64, 4, 4)]
     if os.environ.get("BITENGINE_TUNE") == "0":
         # one tile that fits both operand widths: 4 stages x (128x64 + 64x128) x 2 bytes = 128 KB of shared
         # memory for fp16 (the first candidate above needs 288 KB in fp16; the autotuner prunes it there)
