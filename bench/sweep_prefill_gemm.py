@@ -1,7 +1,7 @@
 """Where the long-prompt ternary linear (M = 2048) spends its time, and which GEMM tile is fastest per shape.
 
-The A8 prefill linear (kernels/gemm_decoded.py) is three kernels: per-token int8 quantization of x, the weight's
-decode to an int8 scratch, the int8 tensor-core GEMM (autotuned over a few tiles). This times each alone, the
+The A8 prefill linear (kernels/gemm_decoded.py) is three kernels: the weight's decode to an int8 scratch, per-token
+int8 quantization of x, the int8 tensor-core GEMM (autotuned over a few tiles). This times each alone, the
 whole call as the engine runs it, cuBLAS FP16 at the same shape, and the GEMM over a wider grid of tiles than the
 autotuner's; every tile's output is checked bit-equal to the engine's (int32 accumulation, same epilogue).
 GPU only:  python bench/sweep_prefill_gemm.py --out DIR  (writes prefill_sweep.json and .md)
@@ -23,10 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_kernels import environment, random_ternary, time_calls  # noqa: E402
 
+from bitengine.kernels import gemm_decoded  # noqa: E402
 from bitengine.kernels.act_quant import quantize_activations_int8  # noqa: E402
 from bitengine.kernels.gemm_decoded import _gemm_dense_kernel, decode_weight, ternary_gemm_decoded  # noqa: E402
-from bitengine.kernels.gemm_persistent import gemm_persistent  # noqa: E402
-from bitengine.kernels.gemv import lora_operands  # noqa: E402
 
 SHAPES = [("bitnet2b.qkv_q", 2560, 2560), ("bitnet2b.kv", 640, 2560), ("bitnet2b.qkv", 3840, 2560),
           ("bitnet2b.up", 6912, 2560), ("bitnet2b.gate_up", 13824, 2560), ("bitnet2b.down", 2560, 6912),
@@ -43,11 +42,6 @@ TILES = [(bm, bn, bk, w, s)
          for w, s in ((4, 4), (8, 3), (8, 4), (8, 5))
          if s * (bm + bn) * bk <= 200 * 1024 and not (w == 4 and bm * bn > 128 * 128)
          and not (w == 8 and bm * bn < 64 * 128)]
-# the persistent TMA kernel (kernels/gemm_persistent.py): one program per SM over all tiles
-PERSISTENT_TILES = [(128, 128, 128, 8, 3, 2), (128, 128, 128, 8, 3, 1), (128, 128, 128, 8, 4, 1),
-                    (128, 256, 128, 8, 3, 1), (128, 256, 128, 8, 4, 1), (256, 128, 128, 8, 3, 1),
-                    (128, 128, 64, 8, 4, 2), (64, 128, 128, 8, 3, 2), (128, 64, 128, 8, 3, 2), (64, 64, 128, 4, 4, 2),
-                    (128, 256, 64, 8, 4, 1), (64, 256, 128, 8, 3, 2)]
 
 
 def gemm_only(xin, a, w, scale, y, bm, bn, bk, warps, stages, group_m=8):
@@ -59,10 +53,6 @@ def gemm_only(xin, a, w, scale, y, bm, bn, bk, warps, stages, group_m=8):
                                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=group_m,
                                 num_warps=warps, num_stages=stages)
     return y
-
-
-def persistent_only(xin, a, w, scale, y, *config):
-    return gemm_persistent(xin, a, w, scale, None, y, lora_operands(xin, w.shape[0], None, None, scale), config)
 
 
 def time_tiles(fn, tiles, args, want, budget_end, row):
@@ -90,7 +80,7 @@ def best_of(tiles):
     return min(good, key=lambda t: t["us"]) if good else None
 
 
-def sweep_shape(name, n, k, m, budget_end, kernels):
+def sweep_shape(name, n, k, m, budget_end, tiles):
     torch.manual_seed(0)
     (_, words), = random_ternary(n, k, 1, seed=n + k)
     scale = torch.full((1,), 0.02, dtype=torch.float32, device="cuda")
@@ -99,6 +89,9 @@ def sweep_shape(name, n, k, m, budget_end, kernels):
     row = {"shape": name, "N": n, "K": k, "M": m}
     row["engine_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)] * CALLS)
     best = getattr(_gemm_dense_kernel, "best_config", None)
+    pdl, gemm_decoded.PDL = gemm_decoded.PDL, False  # the same call without programmatic dependent launch
+    row["engine_nopdl_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)] * CALLS)
+    gemm_decoded.PDL = pdl
     row["engine_tile"] = str(best) if best is not None else None
     row["cublas_fp16_us"] = time_calls([lambda: x @ w16.t()] * CALLS)
     row["quantize_us"] = time_calls([lambda: quantize_activations_int8(x, words.shape[1])] * CALLS)
@@ -106,47 +99,36 @@ def sweep_shape(name, n, k, m, budget_end, kernels):
     xin, a = quantize_activations_int8(x, words.shape[1])
     wd = decode_weight(words, torch.int8)
     want = ternary_gemm_decoded(x, words, scale, k, 8)
-    for kind, fn, tiles in (("dense", gemm_only, TILES), ("persistent", persistent_only, PERSISTENT_TILES)):
-        if kind not in kernels:
-            continue
-        row[f"{kind}_tiles"] = time_tiles(fn, tiles, (xin, a, wd, scale), want, budget_end, row)
-        row[f"{kind}_wrong_tiles"] = [t["tile"] for t in row[f"{kind}_tiles"] if "us" in t and not t["bit_equal"]]
-        best = best_of(row[f"{kind}_tiles"])
+    if tiles:
+        row["dense_tiles"] = time_tiles(gemm_only, TILES, (xin, a, wd, scale), want, budget_end, row)
+        row["dense_wrong_tiles"] = [t["tile"] for t in row["dense_tiles"] if "us" in t and not t["bit_equal"]]
+        best = best_of(row["dense_tiles"])
         if best is not None:
-            row[f"{kind}_best_tile"], row[f"{kind}_best_us"] = best["tile"], best["us"]
+            row["dense_best_tile"], row["dense_best_us"] = best["tile"], best["us"]
     return row
-
-
-def _best_cell(r, kind):
-    us = r.get(f"{kind}_best_us")
-    if us is None:
-        return "- | -"
-    total = r["quantize_us"] + r["decode_us"] + us
-    return f"{us:.2f} ({','.join(map(str, r[f'{kind}_best_tile']))}) | {r['cublas_fp16_us'] / total:.2f}x"
 
 
 def markdown(env, rows):
     lines = [f"# Prefill linear (A8, M = {rows[0]['M'] if rows else '-'}) breakdown and tile sweep on {env['card']} "
              f"({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`. Median us of CUDA-graph "
-             f"replays, {CALLS} calls per graph (inputs warm in L2, as after the op that wrote them). engine = quantize + "
-             "decode + autotuned GEMM as ternary_gemm_decoded runs it; dense / persistent "
-             "= the fastest bit-equal tile (BM,BN,BK,warps,stages[,programs per SM]) of kernels/gemm_decoded.py's GEMM / "
-             "kernels/gemm_persistent.py's, the GEMM alone; \"with q + d\" = quantize + decode + that GEMM, as "
-             "FP16 time / that time.", "",
-             "| shape | N x K | engine us | cuBLAS FP16 us | engine vs FP16 | quantize us | decode us | "
-             "dense GEMM us (tile) | with q + d vs FP16 | persistent GEMM us (tile) | with q + d vs FP16 | engine tile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"replays, {CALLS} calls per graph (inputs warm in L2, as after the op that wrote them). engine = decode + "
+             "quantize + autotuned GEMM as ternary_gemm_decoded runs it (programmatic dependent launch between the "
+             "three; \"no PDL\" without); best GEMM = the fastest bit-equal tile (BM,BN,BK,warps,stages) of "
+             "gemm_decoded's GEMM, the GEMM alone. Ratios are FP16 time / ternary time (above 1x: the ternary linear "
+             "is faster).", "",
+             "| shape | N x K | engine us | no PDL us | cuBLAS FP16 us | engine vs FP16 | quantize us | decode us | "
+             "best GEMM us (tile) | engine tile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | {r['cublas_fp16_us']:.2f} | "
-                     f"{r['cublas_fp16_us'] / r['engine_us']:.2f}x | {r['quantize_us']:.2f} | {r['decode_us']:.2f} | "
-                     f"{_best_cell(r, 'dense')} | {_best_cell(r, 'persistent')} | {r['engine_tile']} |")
-    wrong = [f"{r['shape']} {kind} {r[f'{kind}_wrong_tiles']}" for r in rows for kind in ("dense", "persistent")
-             if r.get(f"{kind}_wrong_tiles")]
-    errors = [f"{r['shape']} {kind} {t['tile']}: {t['error']}" for r in rows for kind in ("dense", "persistent")
-              for t in r.get(f"{kind}_tiles", []) if "error" in t]
-    lines += ["", "Speed ratios are FP16 time / ternary time (above 1x: the ternary linear is faster).",
-              "Tiles off the bit-equal check: " + ("; ".join(wrong) or "none"),
+        best = (f"{r['dense_best_us']:.2f} ({','.join(map(str, r['dense_best_tile']))})"
+                if "dense_best_us" in r else "-")
+        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | {r['engine_nopdl_us']:.2f} | "
+                     f"{r['cublas_fp16_us']:.2f} | {r['cublas_fp16_us'] / r['engine_us']:.2f}x | {r['quantize_us']:.2f} | "
+                     f"{r['decode_us']:.2f} | {best} | {r['engine_tile']} |")
+    wrong = [f"{r['shape']} {r['dense_wrong_tiles']}" for r in rows if r.get("dense_wrong_tiles")]
+    errors = [f"{r['shape']} {t['tile']}: {t['error']}" for r in rows for t in r.get("dense_tiles", []) if "error" in t]
+    lines += ["", "Tiles off the bit-equal check: " + ("; ".join(wrong) or "none"),
               "Tiles that failed to run: " + ("; ".join(errors[:20]) or "none")]
     return "\n".join(lines) + "\n"
 
@@ -156,27 +138,25 @@ def main():
     p.add_argument("--out", default="bench/results")
     p.add_argument("--m", type=int, default=2048)
     p.add_argument("--budget-s", type=float, default=240)
-    p.add_argument("--kernels", default="dense,persistent", help="which GEMMs to sweep: dense, persistent")
+    p.add_argument("--no-tiles", action="store_true", help="only the engine, FP16 and per-kernel rows")
     p.add_argument("--shapes", default="", help="comma-separated shape names (default: all)")
     args = p.parse_args()
     if not torch.cuda.is_available():
         sys.exit("sweep_prefill_gemm: needs a CUDA GPU")
     env = environment()
     end = time.time() + args.budget_s
-    kernels = args.kernels.split(",")
     rows = []
     for name, n, k in SHAPES:
         if args.shapes and name not in args.shapes.split(","):
             continue
-        rows.append(sweep_shape(name, n, k, args.m, end, kernels))
+        rows.append(sweep_shape(name, n, k, args.m, end, not args.no_tiles))
         r = rows[-1]
-        print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (fp16 {r['cublas_fp16_us']:.1f}), quantize "
-              f"{r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, dense {r.get('dense_best_us')} "
-              f"{r.get('dense_best_tile')}, persistent {r.get('persistent_best_us')} {r.get('persistent_best_tile')}, "
-              f"engine tile {r['engine_tile']}", flush=True)
+        print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (no PDL {r['engine_nopdl_us']:.1f}; fp16 "
+              f"{r['cublas_fp16_us']:.1f}), quantize {r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, best GEMM "
+              f"{r.get('dense_best_us')} {r.get('dense_best_tile')}, engine tile {r['engine_tile']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "prefill_sweep.json"), "w") as f:
-        json.dump({"env": env, "dense_tiles": TILES, "persistent_tiles": PERSISTENT_TILES, "rows": rows}, f, indent=1)
+        json.dump({"env": env, "tiles": TILES, "rows": rows}, f, indent=1)
     with open(os.path.join(args.out, "prefill_sweep.md"), "w") as f:
         f.write(markdown(env, rows))
     print(markdown(env, rows))

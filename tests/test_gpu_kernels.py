@@ -98,15 +98,17 @@ def test_i2w_round_trip():
 
 @pytest.mark.parametrize("m", [1, 17, 1000])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_activation_quantization_exact(m, dtype):
+@pytest.mark.parametrize("k", [2000, 9000, 16400])  # rows kernel, 4 rows / 1 row of 16 warps; two-pass loop
+@pytest.mark.parametrize("pdl", [False, True])
+def test_activation_quantization_exact(m, dtype, k, pdl):
     from bitengine.kernels.act_quant import quantize_activations_int8
 
-    x = (torch.randn(m, 2000, device="cuda") * 3).to(dtype)
-    q, a = quantize_activations_int8(x, 128)
+    x = (torch.randn(m, k, device="cuda") * 3).to(dtype)
+    q, a = quantize_activations_int8(x, -(-k // 16), pdl)
     q_ref, a_ref = quantize_activations(x)
     assert torch.equal(a, a_ref[:, 0])
-    assert torch.equal(q[:, :2000].float(), q_ref)
-    assert not q[:, 2000:].any()
+    assert torch.equal(q[:, :k].float(), q_ref)
+    assert not q[:, k:].any()
 
 
 @pytest.mark.parametrize("n,k", [(2560, 2560), (77, 1000), (300, 4100)])

@@ -131,6 +131,17 @@ def _main() -> int:
                 print(f"{name:14s} {n}x{k} {gran:7s} m={m:2d} {str(dtype)[6:]:8s} rel.err {err:.2e} {'ok' if ok else 'FAIL'}")
                 if not ok:
                     failures.append(f"{name} {n}x{k} {gran} m={m}: {err:.2e}")
+    # the activation quantization's two kernels past the small shapes above: whole rows in registers, several per
+    # program (K 2560: 2 rows of 4096 slots) or one with 16 warps (K 9000), and the two-pass loop beyond
+    # act_quant.ROW_KERNEL_MAX (K 16400)
+    for m, k, kw in ((5, 2560, 160), (3, 9000, 563), (2, 16400, 1025)):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = (torch.randn(m, k) * torch.rand(m, 1) * 10).to(dtype)
+            q, a = quantize_activations_int8(x, kw)
+            q_ref, a_ref = quantize_activations(x)
+            if not (q.shape == (m, 16 * kw) and torch.equal(q[:, :k].float(), q_ref) and torch.equal(a, a_ref[:, 0])
+                    and not q[:, k:].any()):
+                failures.append(f"act quant m={m} k={k} {dtype}")
     print(f"{time.time() - start:.1f} s; failures: {failures}")
     return 1 if failures else 0
 

@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 
 from .layout import WEIGHTS_PER_WORD
+from .pdl import pdl_launch, wait_for_previous_grid
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
@@ -47,11 +48,35 @@ def _act_quant_kernel(x_ptr, stride_xm, q_ptr, stride_qm, a_ptr, K, KQ, BLOCK: t
         tl.store(q_ptr + row * stride_qm + k, q.to(tl.int8), mask=k < KQ)
 
 
-def quantize_activations_int8(x: torch.Tensor, words: int) -> tuple[torch.Tensor, torch.Tensor]:
+@triton.jit
+def _act_quant_rows_kernel(x_ptr, stride_xm, q_ptr, stride_qm, a_ptr, M, K, KQ, ROWS: tl.constexpr,
+                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """ROWS whole rows per program, each read once into registers (BLOCK >= KQ): the two-pass loop above reads a
+    row twice and pays a row's load latency twice per program; at M = 2048 it was 7-30 us of the prefill linear
+    (gpu_prefill_sweep_..._2026-12-03), next to a 30-130 us GEMM."""
+    wait_for_previous_grid(PDL)
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK)
+    r_mask = rows < M
+    x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_xm + offs[None, :],
+                mask=r_mask[:, None] & (offs < K)[None, :], other=0.0).to(tl.float32)
+    a = quant_scale(tl.max(tl.abs(x), axis=1))
+    tl.store(a_ptr + rows, a, mask=r_mask)
+    q = tl.minimum(tl.maximum(round_half_even(x * a[:, None]), -128.0), 127.0)
+    tl.store(q_ptr + rows.to(tl.int64)[:, None] * stride_qm + offs[None, :], q.to(tl.int8),
+             mask=r_mask[:, None] & (offs < KQ)[None, :])
+
+
+# rows of up to this many (padded) features are quantized by _act_quant_rows_kernel, longer ones by the loop
+ROW_KERNEL_MAX = 16384
+
+
+def quantize_activations_int8(x: torch.Tensor, words: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows of x for the ternary kernels.
 
     x: float16/bfloat16/float32 [M, K], last dim contiguous. words: the weight's i2w row length KW.
     Returns (x_q int8 [M, 16*KW], zero past K; a float32 [M], the multiplier: x ~= x_q / a).
+    pdl: launch with programmatic dependent launch where the device has it (pdl.py; rows up to ROW_KERNEL_MAX).
     """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"expected a 2-D row-major activation, got shape {tuple(x.shape)} strides {x.stride()}")
@@ -61,7 +86,13 @@ def quantize_activations_int8(x: torch.Tensor, words: int) -> tuple[torch.Tensor
         raise ValueError(f"weight rows hold {kq} weights, activation has {k} features")
     q = torch.empty(m, kq, dtype=torch.int8, device=x.device)
     a = torch.empty(m, dtype=torch.float32, device=x.device)
-    if m:
+    if m and kq <= ROW_KERNEL_MAX:
+        block = triton.next_power_of_2(kq)
+        rows = min(max(1, 8192 // block), triton.next_power_of_2(m))
+        _act_quant_rows_kernel[(triton.cdiv(m, rows),)](x, x.stride(0), q, q.stride(0), a, m, k, kq, ROWS=rows,
+                                                        BLOCK=block, num_warps=16 if block > 8192 else 8,
+                                                        enable_fp_fusion=False, **pdl_launch(x.device, pdl))
+    elif m:
         block = min(triton.next_power_of_2(kq), 4096)
         _act_quant_kernel[(m,)](x, x.stride(0), q, q.stride(0), a, k, kq, BLOCK=block, num_warps=4,
                                 enable_fp_fusion=False)

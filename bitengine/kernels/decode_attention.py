@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .gemv import INTERPRET  # the Triton interpreter (no PDL there)
+from .pdl import pdl_launch, wait_for_previous_grid
 
 BLOCK_S = 64
 # The CUDA decode step uses this kernel where it pays (kernel_pays; ops.decode_attention); BITENGINE_DECODE_ATTENTION=0,
@@ -43,9 +43,10 @@ ENABLED = os.environ.get("BITENGINE_DECODE_ATTENTION", "1") != "0"
 # in all 18 cases (5.0 vs 5.9 us for Llama-2-7B at 192 slots, batch 1; 8.5 vs 19.6 us for BitNet-2B-4T at 4096 slots),
 # and end to end (gpu_e2e_grouped_combo_ab_NVIDIA_H200_2026-12-02, batch 1) 7B 634 -> 682 tok/s, BitNet-2B-4T 741 -> 782.
 VARIANT = os.environ.get("BITENGINE_DECODE_ATTENTION_KERNEL", "grouped")
-# Programmatic dependent launch of the attention kernels (Hopper+; _wait_for_previous_grid): on unless BITENGINE_PDL=0 or
-# BITENGINE_ATTENTION_PDL=0 (bench_e2e's "+noattnpdl"); read at each launch, so at each CUDA-graph capture.
-PDL = os.environ.get("BITENGINE_PDL", "1") != "0" and os.environ.get("BITENGINE_ATTENTION_PDL", "1") != "0"
+# Programmatic dependent launch of the attention kernels (pdl.py; the C++ GEMV after the attention issues its first
+# weight loads, then waits): on unless BITENGINE_PDL=0 or BITENGINE_ATTENTION_PDL=0 (bench_e2e's "+noattnpdl"); read
+# at each launch, so at each CUDA-graph capture.
+PDL = os.environ.get("BITENGINE_ATTENTION_PDL", "1") != "0"
 # The grouped kernel's limit (kernel_pays): at most this many key blocks per program. Measured: faster than
 # scaled_dot_product_attention with up to 13 blocks per program (Llama-3-8B shape, batch 8, 4096 slots: 40 vs 44 us),
 # slower with 32 (Llama-2-7B shape, batch 8, 4096 slots all visible: 157 vs 130 us, where cuDNN reads the cache at
@@ -53,16 +54,6 @@ PDL = os.environ.get("BITENGINE_PDL", "1") != "0" and os.environ.get("BITENGINE_
 GROUPED_MAX_BLOCKS = 16
 # finite "minus infinity" for the running max, so a slice with no visible slot gives weight 0, not NaN
 NEG = tl.constexpr(-1.0e30)
-
-
-@triton.jit
-def _wait_for_previous_grid(PDL: tl.constexpr):
-    """Programmatic dependent launch (see pdl_launch): the kernel may start while the one before it in the stream
-    finishes; it waits for that grid here, before its first load (everything it reads may come from it), and lets
-    the next kernel launch at once (the C++ GEMV after the attention issues its first weight loads, then waits)."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -98,7 +89,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
                         H, S, GROUP, SLICE, N_SLICES, sm_scale,
                         D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, SINGLE: tl.constexpr,
                         PDL: tl.constexpr = False):
-    _wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL)
     bh = tl.program_id(0)
     sl = tl.program_id(1)
     b = bh // H
@@ -138,7 +129,7 @@ def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part_ptr,
 @triton.jit
 def _merge_kernel(part_ptr, o_ptr, stride_ob, stride_oh, H, N_SLICES, D: tl.constexpr, BLOCK_D: tl.constexpr,
                   BLOCK_N: tl.constexpr, PDL: tl.constexpr = False):
-    _wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL)
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
@@ -168,7 +159,7 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
     of a BLOCK_H x D tile (padded to 16 for tl.dot), so q.K^T and p.V run as matrix products on the tensor cores
     (fewer instructions per slot than the split kernel's reductions, and loads Triton can pipeline) and each K/V
     block is read once per kv head instead of once per query head. Same inputs, outputs and partials layout."""
-    _wait_for_previous_grid(PDL)
+    wait_for_previous_grid(PDL)
     bk = tl.program_id(0)
     sl = tl.program_id(1)
     b = bk // HKV
@@ -215,20 +206,6 @@ def _decode_attn_grouped_kernel(q_ptr, k_ptr, v_ptr, m_ptr, pos_ptr, o_ptr, part
         tl.store(base[:, None] + 2 + offs_d[None, :], acc, mask=h_mask[:, None] & d_mask[None, :])
 
 
-def pdl_launch(device: torch.device) -> dict:
-    """The launch options for programmatic dependent launch where it applies (PDL on, a CUDA device of compute
-    capability 9+, not the Triton interpreter), else none: {"PDL": True, "launch_pdl": True} or {}."""
-    if not PDL or device.type != "cuda" or INTERPRET:
-        return {}
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return {"PDL": True, "launch_pdl": True} if _capability(index) >= 9 else {}
-
-
-@functools.cache
-def _capability(index: int) -> int:
-    return torch.cuda.get_device_capability(index)[0]
-
-
 def slicing(batch_heads: int, s: int, n_sm: int, block_s: int = BLOCK_S) -> tuple[int, int]:
     """(slots per slice, slices): enough programs for ~2 per SM, slices a multiple of block_s, at most 64."""
     blocks = triton.cdiv(s, block_s)
@@ -273,7 +250,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     if pos.numel() not in (1, b):
         raise ValueError(f"input_pos must hold 1 or B = {b} positions, got {tuple(input_pos.shape)}")
     y = torch.empty(b, h, 1, d, dtype=q.dtype, device=q.device)
-    pdl = pdl_launch(q.device)
+    pdl = pdl_launch(q.device, PDL)
     hkv = k.shape[1]
     grouped = variant == "grouped"
     # the grouped kernel's programs are per kv head; tl.dot wants every tile dimension >= 16

@@ -21,16 +21,14 @@ h = x @ A^T computed before the launch, sum_r h[m, r] * B[n, r] added to the acc
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .act_quant import quant_scale, quantize_activations_int8, round_half_even
+from .pdl import INTERPRET
 from .tiling import column_tile
-
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit

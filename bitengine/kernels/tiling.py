@@ -9,20 +9,16 @@ import triton.language as tl
 
 
 @triton.jit
-def grouped_tile_index(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of output tile number `tile` in the grouped order (also the persistent GEMM's, which
-    walks the tile numbers itself)."""
-    num_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (tile // per_group) * GROUP_M
-    size_m = tl.minimum(num_m - first_m, GROUP_M)
-    return first_m + (tile % per_group) % size_m, (tile % per_group) // size_m
-
-
-@triton.jit
 def grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """This program's output rows and columns, and which of them exist: (offs_m, offs_n, m_mask, n_mask)."""
-    pid_m, pid_n = grouped_tile_index(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     return offs_m, offs_n, offs_m < M, offs_n < N
