@@ -42,7 +42,7 @@ from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
 from bitengine.generate import greedy  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
-from bitengine.kernels import decode_attention, gemm_decoded  # noqa: E402
+from bitengine.kernels import decode_attention  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
@@ -221,8 +221,6 @@ def set_variant_flags(variant: str) -> None:
     cuda_backend.FUSE_GATED = "+nogated" not in variant  # the MLP's gating in the gate/up GEMV's epilogue or apart
     # programmatic dependent launch of the decode attention kernels (off with +nopdl too)
     decode_attention.PDL = "+nopdl" not in variant and "+noattnpdl" not in variant
-    # and of the long-prompt linear's three kernels (decode, quantize, GEMM; off with +nopdl too)
-    gemm_decoded.PDL = "+nopdl" not in variant and "+noprefillpdl" not in variant
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
     # most tokens per call on the C++ tensor-core kernel (more go to Triton); '+mmaN': N (16 before 3e90439)
     mma = [int(mod[3:]) for mod in variant.split("+")[1:] if mod[:3] == "mma" and mod[3:].isdigit()]

@@ -54,6 +54,10 @@ MICROSOFT_US = {
              (20480, 3200): 11.29, (3200, 10240): 8.07},
 }
 L2_ROTATE_BYTES = 160 * 2**20
+# calls per CUDA graph at M > 16 (the same weight and x each time; at large M the weight read is not the cost): a
+# graph of one call also timed the replay's own launch, several us that the M = 2048 rows of K = 2560 shapes (~40
+# us) carried on both sides until 2026-12-03 (bench/sweep_prefill_gemm.py measured 10 calls per graph)
+LARGE_M_CALLS = 10
 
 
 def cuda_ext():
@@ -194,6 +198,12 @@ def variants(m, ext):
     return v
 
 
+# the gated rows run at this fraction of the shape's scale (bench_shape passes it): act(gate) * up is cubic in the
+# outputs, and with the random weights' scale (~1) it passed float16's range at K = 3200 (the ms.* rows read
+# "rel.err inf" in gpu_kernels_m2048_3355c86_...); a real layer's scale (its weights' absmean, ~0.02) stays in range
+GATED_SCALE = 0.05
+
+
 def _gated_norm(gemv, version, x, w, s, k):
     if w.shape[0] % 2:
         raise ValueError("a gated layer has an even number of rows")
@@ -214,13 +224,14 @@ def bench_shape(name, n, k, ms, ext, rows):
     w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) * 0.02 for _ in range(w16_copies)]
     for m in ms:
         xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _ in range(copies)]
-        rot = copies if m <= 16 else 1  # at large M the weight read is not the cost
+        rot = copies if m <= 16 else LARGE_M_CALLS
         row = {"shape": name, "N": n, "K": k, "M": m, "packed_MB": packed_bytes / 1e6}
         ref8 = ternary_linear_reference(xs[0], weights[0][0], scale, k, 8).float()
         ref16 = ternary_linear_reference(xs[0], weights[0][0], scale, k, 16).float()
         for vname, fn in variants(m, ext).items():
+            s_v = scale * GATED_SCALE if "_gated_norm" in vname else scale
             try:
-                y = fn(xs[0], weights[0][1], scale, k)
+                y = fn(xs[0], weights[0][1], s_v, k)
                 if vname.endswith(("norm_res", "norm")):  # of RMSNorm(x) (unit weight)
                     xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
                     ref = ternary_linear_reference(xn, weights[0][0], scale, k, 8).float()
@@ -230,17 +241,18 @@ def bench_shape(name, n, k, ms, ext, rows):
                     ref = ref + 1
                 if "_gated_norm" in vname:  # act(gate) * up of RMSNorm(x)
                     xn = (xs[0].float() * torch.rsqrt(xs[0].float().pow(2).mean(-1, keepdim=True) + 1e-5)).half()
-                    ref = gated_reference(ternary_linear_reference(xn, weights[0][0], scale, k, 8).float())
+                    ref = gated_reference(ternary_linear_reference(xn, weights[0][0], s_v, k, 8).float())
                 err = rel_err(y, ref)
                 if not err < 2e-3:
                     raise AssertionError(f"wrong output: rel.err {err:.2e}")
-                us = time_calls([functools.partial(fn, xs[i], weights[i][1], scale, k) for i in range(rot)])
+                us = time_calls([functools.partial(fn, xs[i % copies], weights[i % copies][1], s_v, k)
+                                 for i in range(rot)])
                 row[vname] = {"us": us, "rel_err": err, "eff_TBps": packed_bytes / us / 1e6,
                               "TFLOPs": 2 * m * n * k / us / 1e6}
             except Exception as e:  # noqa: BLE001 - record and go on with the other variants
                 row[vname] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        w16rot = w16_copies if m <= 16 else 1
-        us = time_calls([functools.partial(F.linear, xs[i % len(xs)], w16[i]) for i in range(w16rot)])
+        w16rot = w16_copies if m <= 16 else LARGE_M_CALLS
+        us = time_calls([functools.partial(F.linear, xs[i % len(xs)], w16[i % w16_copies]) for i in range(w16rot)])
         row["cublas_fp16"] = {"us": us, "eff_TBps": 2 * n * k / us / 1e6, "TFLOPs": 2 * m * n * k / us / 1e6}
         if m == 1 and ext is not None:  # the read ceiling at this size: the same bytes, streamed and dropped
             sink = torch.empty(1, dtype=torch.int32, device="cuda")
@@ -344,7 +356,8 @@ def markdown(env, rows, targets):
     lines = [f"# Ternary kernels vs cuBLAS FP16 on {env['card']} ({env['date']})", "",
              (f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`; "
               f"copy bandwidth {env['copy_TBps']:.2f} TB/s (read + write). Times: median us per call, CUDA-graph "
-              "replays over rotating weight copies. eff. TB/s = packed weight bytes / time."), "",
+              f"replays over rotating weight copies ({LARGE_M_CALLS} calls per graph at M > 16, ternary and FP16 alike). "
+              "eff. TB/s = packed weight bytes / time."), "",
              ("| shape | N x K | M | engine A8 kernel | us | eff. TB/s | TFLOP/s | cuBLAS FP16 us | speedup vs FP16 |"
               " read probe us (TB/s) | cuda_a8 us | triton_a8 us | triton_a16 us | other variants (us) |"),
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

@@ -79,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-batch", type=int, default=8)
     s.add_argument("--max-queue", type=int, default=64)
     s.add_argument("--max-seq", type=int, default=None, help="context per request row (default: the model's)")
+    s.add_argument("--no-cuda-graph", action="store_true",
+                   help="GPU: run the decode steps eagerly instead of replaying CUDA graphs (same results; slower)")
+    s.add_argument("--compile", action="store_true",
+                   help="GPU: torch.compile the decoder layers before the decode graphs are captured (a one-time "
+                        "cost at start-up, then faster steps)")
     _add_runtime_args(s)
 
     x = sub.add_parser("export", help="export a bitengine checkpoint to GGUF (llama.cpp)")
@@ -210,7 +215,8 @@ def cmd_serve(args) -> int:
 
     serve(args.path, host=args.host, port=args.port, device=_device(args.device), backend=args.backend,
           dtype=args.dtype, adapters=_adapters(args), adapter_mode=args.adapter_mode, max_batch=args.max_batch,
-          max_queue=args.max_queue, head=args.head, max_seq=args.max_seq)
+          max_queue=args.max_queue, head=args.head, max_seq=args.max_seq, cuda_graph=not args.no_cuda_graph,
+          compile=args.compile)
     return 0
 
 

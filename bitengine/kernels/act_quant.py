@@ -14,7 +14,6 @@ import triton
 import triton.language as tl
 
 from .layout import WEIGHTS_PER_WORD
-from .pdl import pdl_launch, wait_for_previous_grid
 
 _RNE_MAGIC = 12582912.0  # 1.5 * 2**23
 
@@ -50,11 +49,10 @@ def _act_quant_kernel(x_ptr, stride_xm, q_ptr, stride_qm, a_ptr, K, KQ, BLOCK: t
 
 @triton.jit
 def _act_quant_rows_kernel(x_ptr, stride_xm, q_ptr, stride_qm, a_ptr, M, K, KQ, ROWS: tl.constexpr,
-                           BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+                           BLOCK: tl.constexpr):
     """ROWS whole rows per program, each read once into registers (BLOCK >= KQ): the two-pass loop above reads a
     row twice and pays a row's load latency twice per program; at M = 2048 it was 7-30 us of the prefill linear
     (gpu_prefill_sweep_..._2026-12-03), next to a 30-130 us GEMM."""
-    wait_for_previous_grid(PDL)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
     r_mask = rows < M
@@ -71,12 +69,11 @@ def _act_quant_rows_kernel(x_ptr, stride_xm, q_ptr, stride_qm, a_ptr, M, K, KQ, 
 ROW_KERNEL_MAX = 16384
 
 
-def quantize_activations_int8(x: torch.Tensor, words: int, pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_activations_int8(x: torch.Tensor, words: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize rows of x for the ternary kernels.
 
     x: float16/bfloat16/float32 [M, K], last dim contiguous. words: the weight's i2w row length KW.
     Returns (x_q int8 [M, 16*KW], zero past K; a float32 [M], the multiplier: x ~= x_q / a).
-    pdl: launch with programmatic dependent launch where the device has it (pdl.py; rows up to ROW_KERNEL_MAX).
     """
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"expected a 2-D row-major activation, got shape {tuple(x.shape)} strides {x.stride()}")
@@ -91,7 +88,7 @@ def quantize_activations_int8(x: torch.Tensor, words: int, pdl: bool = False) ->
         rows = min(max(1, 8192 // block), triton.next_power_of_2(m))
         _act_quant_rows_kernel[(triton.cdiv(m, rows),)](x, x.stride(0), q, q.stride(0), a, m, k, kq, ROWS=rows,
                                                         BLOCK=block, num_warps=16 if block > 8192 else 8,
-                                                        enable_fp_fusion=False, **pdl_launch(x.device, pdl))
+                                                        enable_fp_fusion=False)
     elif m:
         block = min(triton.next_power_of_2(kq), 4096)
         _act_quant_kernel[(m,)](x, x.stride(0), q, q.stride(0), a, k, kq, BLOCK=block, num_warps=4,

@@ -21,14 +21,11 @@ import triton.language as tl
 
 from .act_quant import quantize_activations_int8
 from .gemv import INTERPRET, _scale_epilogue, lora_operands
-from .pdl import pdl_launch, wait_for_previous_grid
 from .tiling import grouped_tile
 
 
 @triton.jit
-def _decode_kernel(w_ptr, stride_wn, out_ptr, stride_on, N, KW, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr,
-                   PDL: tl.constexpr = False):
-    wait_for_previous_grid(PDL)  # the scratch it writes may be the one the GEMM before it still reads
+def _decode_kernel(w_ptr, stride_wn, out_ptr, stride_on, N, KW, BLOCK_N: tl.constexpr, BLOCK_KW: tl.constexpr):
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     kw = tl.program_id(1) * BLOCK_KW + tl.arange(0, BLOCK_KW)
     mask = (offs_n < N)[:, None] & (kw < KW)[None, :]
@@ -40,19 +37,13 @@ def _decode_kernel(w_ptr, stride_wn, out_ptr, stride_on, N, KW, BLOCK_N: tl.cons
     tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask[:, :, None])
 
 
-def decode_weight(words: torch.Tensor, dtype: torch.dtype, pdl: bool = False) -> torch.Tensor:
-    """int32 [N, KW] (i2w) -> dense [N, 16 * KW] of w in {-1, 0, 1} (zero past K) in `dtype` (pdl: see pdl.py)."""
+def decode_weight(words: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """int32 [N, KW] (i2w) -> dense [N, 16 * KW] of w in {-1, 0, 1} (zero past K) in `dtype`."""
     n, kw = words.shape
     out = torch.empty(n, kw * 16, dtype=dtype, device=words.device)
     grid = (triton.cdiv(n, 16), triton.cdiv(kw, 32))
-    _decode_kernel[grid](words, words.stride(0), out, out.stride(0), n, kw, BLOCK_N=16, BLOCK_KW=32, num_warps=4,
-                         **pdl_launch(words.device, pdl))
+    _decode_kernel[grid](words, words.stride(0), out, out.stride(0), n, kw, BLOCK_N=16, BLOCK_KW=32, num_warps=4)
     return out
-
-
-# the three kernels of a call (decode, quantize, GEMM) launched with programmatic dependent launch (pdl.py), so each
-# starts during the previous one's tail; BITENGINE_PREFILL_PDL=0 (or setting PDL to False) turns it off
-PDL = os.environ.get("BITENGINE_PREFILL_PDL", "1") != "0"
 
 
 def _configs():
@@ -78,9 +69,7 @@ def _configs():
 def _gemm_dense_kernel(x_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, b_ptr, y_ptr, stride_ym,
                        h_ptr, stride_hm, lb_ptr, stride_lbn, R, M, N, K, KP, M_BUCKET,
                        A8: tl.constexpr, SCALE_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LORA: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                       PDL: tl.constexpr = False):
-    wait_for_previous_grid(PDL)
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     offs_m, offs_n, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn
@@ -125,9 +114,9 @@ def ternary_gemm_decoded(x: torch.Tensor, words: torch.Tensor, scale: torch.Tens
     if m == 0 or n == 0:
         return y
     a8 = act_bits == 8
-    w = decode_weight(words, torch.int8 if a8 else x.dtype, PDL)
+    w = decode_weight(words, torch.int8 if a8 else x.dtype)
     if a8:
-        xin, a = quantize_activations_int8(x, kw, PDL)
+        xin, a = quantize_activations_int8(x, kw)
         k_eff = xin.shape[1]
     else:
         xin, a, k_eff = x, scale, in_features
@@ -140,6 +129,5 @@ def ternary_gemm_decoded(x: torch.Tensor, words: torch.Tensor, scale: torch.Tens
     _gemm_dense_kernel[grid](xin, xin.stride(0), a, w, w.stride(0), scale, bias if bias is not None else scale,
                              y, y.stride(0), h, stride_hm, lb, stride_lbn, r,
                              m, n, k_eff, w.shape[1], min(triton.next_power_of_2(m), 4096),
-                             A8=a8, SCALE_MODE=mode, HAS_BIAS=bias is not None, HAS_LORA=has_lora,
-                             **pdl_launch(x.device, PDL))
+                             A8=a8, SCALE_MODE=mode, HAS_BIAS=bias is not None, HAS_LORA=has_lora)
     return y

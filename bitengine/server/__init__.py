@@ -11,11 +11,13 @@ from pathlib import Path
 
 def build(path, *, device: str = "cpu", backend: str | None = None, adapters=None, adapter_mode: str = "fused",
           dtype=None, head: str | None = None, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
-          model_name: str | None = None, drain_timeout: float = 30.0, warmup: bool = False):
+          model_name: str | None = None, drain_timeout: float = 30.0, warmup: bool = False, cuda_graph: bool = True,
+          compile: bool = False):
     """Load the checkpoint at `path` and return (FastAPI app, Engine); the engine starts with the app.
 
     warmup: run each decode batch size and a range of prefill lengths once before serving (/health says
-    "starting" meanwhile), so kernel compilation and autotuning do not land on the first requests."""
+    "starting" meanwhile), so kernel compilation and autotuning do not land on the first requests.
+    cuda_graph / compile (GPU): replay the decode steps from CUDA graphs; torch.compile the layers first."""
     from ..loader import load
     from .app import create_app
     from .engine import Engine
@@ -23,7 +25,8 @@ def build(path, *, device: str = "cpu", backend: str | None = None, adapters=Non
     extra = {"head": head} if head else {}
     model = load(path, device=device, backend=backend, max_seq=max_seq, adapters=adapters, adapter_mode=adapter_mode,
                  dtype=dtype, **extra)
-    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, warmup=warmup)
+    engine = Engine(model, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, warmup=warmup,
+                    cuda_graph=cuda_graph, compile=compile)
     return create_app(engine, model_name or Path(path).resolve().name, drain_timeout), engine
 
 
@@ -47,7 +50,7 @@ def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", 
           adapters=None, adapter_mode: str = "fused", dtype=None, head: str | None = None, max_batch: int = 8,
           max_queue: int = 64, max_seq: int | None = None,
           model_name: str | None = None, drain_timeout: float = 30.0, log_level: str = "info",
-          warmup: bool = True) -> None:
+          warmup: bool = True, cuda_graph: bool = True, compile: bool = False) -> None:
     """Serve the checkpoint at `path` until interrupted (Ctrl-C / SIGTERM drain in-flight requests
     for up to `drain_timeout` seconds, then cancel what is left)."""
     try:
@@ -56,8 +59,9 @@ def serve(path, host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", 
         raise SystemExit("bitengine serve needs fastapi and uvicorn: pip install 'bitengine[serve]'") from None
     app, engine = build(path, device=device, backend=backend, adapters=adapters, adapter_mode=adapter_mode, dtype=dtype,
                         head=head, max_batch=max_batch, max_queue=max_queue, max_seq=max_seq, model_name=model_name,
-                        drain_timeout=drain_timeout, warmup=warmup)
-    print(f"bitengine serve: {app.state.model_name} on {device} ({engine.model.backend_name} backend), "
+                        drain_timeout=drain_timeout, warmup=warmup, cuda_graph=cuda_graph, compile=compile)
+    print(f"bitengine serve: {app.state.model_name} on {device} ({engine.model.backend_name} backend, decode: "
+          f"{engine.decode_path}), "
           f"max_batch {max_batch}, max_queue {max_queue}, context {engine.max_seq}: http://{host}:{port}/v1",
           flush=True)
     try:

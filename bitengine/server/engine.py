@@ -6,6 +6,8 @@ view of the cache), then joins the running decode batch: every step runs one tok
 [0, hi) (hi = highest busy row + 1) with per-row cache slots (`input_pos` (B, 1)), so the batched
 (M > 1) linear kernels serve all requests at once. A finished or cancelled row leaves the batch at
 once and its slot is reused; free rows inside [0, hi) compute a throw-away token at slot 0.
+On a GPU the decode step replays a CUDA graph per (hi, slot bucket) (graphs.py; `cuda_graph=False`
+runs the same shapes eagerly); the prefill runs eagerly.
 
 Rows never share positions, so batching changes no result beyond float rounding: the ternary
 A8 sums are exact integers, and extra masked cache slots add exact zeros to attention. On the CPU
@@ -28,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from ..generate import eos_ids, greedy, sample
+from .graphs import CacheView, DecodeGraphs
 
 log = logging.getLogger("bitengine.server")
 
@@ -80,17 +83,6 @@ class Request:
         self.cancelled = True
 
 
-class _CacheView:
-    """Rows [lo, hi) of a KVCache, as views (writes land in the shared buffers)."""
-
-    def __init__(self, cache, lo: int, hi: int):
-        for i in range(cache.num_layers):  # (hi-lo, n_kv, S, hd) per layer
-            setattr(self, f"k{i}", getattr(cache, f"k{i}")[lo:hi])
-            setattr(self, f"v{i}", getattr(cache, f"v{i}")[lo:hi])
-        self.valid = cache.valid[lo:hi]
-        self.num_layers, self.batch, self.max_seq = cache.num_layers, hi - lo, cache.max_seq
-
-
 def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
@@ -100,7 +92,9 @@ class Engine:
     """Owns the model and its KV cache; `submit()` from any thread, `run()` on the engine thread."""
 
     def __init__(self, model, max_batch: int = 8, max_queue: int = 64, max_seq: int | None = None,
-                 warmup: bool = False):
+                 warmup: bool = False, cuda_graph: bool = True, compile: bool = False):
+        """cuda_graph: on a GPU, replay the decode step from CUDA graphs (else the same shapes eagerly).
+        compile: on a GPU, torch.compile the decoder layers first (as generate(compile=True))."""
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model, self.tokenizer = model, getattr(model, "tokenizer", None)
@@ -116,7 +110,16 @@ class Engine:
             from .. import cpu_decode
 
             self.cpp_layers = cpu_decode.plan(model)
-        self.decode_path = "C++ layers" if self.cpp_layers is not None else "PyTorch layers"
+        # on a GPU, decode steps run through DecodeGraphs: captured per (rows, slot bucket), or eagerly on the same
+        # views with cuda_graph=False
+        self.decode_graphs = None
+        if self.device.type == "cuda":
+            if compile:
+                model.compile_layers()
+            self.decode_graphs = DecodeGraphs(model, self.cache, graphs=cuda_graph)
+        self.decode_path = ("C++ layers" if self.cpp_layers is not None else
+                            "CUDA graphs" if self.decode_graphs is not None and self.decode_graphs.graphs else
+                            "PyTorch layers")
         self.eos = eos_ids(model)
         self.rows: list[Request | None] = [None] * max_batch
         self.waiting: collections.deque[Request] = collections.deque()
@@ -177,18 +180,22 @@ class Engine:
     # ---- engine thread --------------------------------------------------------------------------
     def warmup(self) -> None:
         """Run every decode batch size 1..max_batch and prefill lengths 1..32, 64..1024 once, so the kernels'
-        compilation and autotuning (Triton: per M, or M bucket) happen before the first request, not during it."""
+        compilation and autotuning (Triton: per M, or M bucket) and, on a GPU, the decode graphs' capture for the
+        first slot bucket happen before the first request, not during it."""
         t0 = time.monotonic()
         limit = min(self.max_seq, 1025)  # small M: kernels specialize per M; larger: per power-of-two bucket
         dev, lens = self.device, sorted((set(range(1, 33)) | {1 << i for i in range(6, 11)}) & set(range(1, limit)))
         with torch.inference_mode():
             for t in lens:
                 pos = torch.arange(t, device=dev)
-                self.model(torch.zeros(1, t, dtype=torch.long, device=dev), cache=_CacheView(self.cache, 0, 1),
+                self.model(torch.zeros(1, t, dtype=torch.long, device=dev), cache=CacheView(self.cache, 0, 1),
                            input_pos=pos, position_ids=pos[None], kv_len=t, last_only=True)
             for hi in range(1, self.max_batch + 1):
+                if self.decode_graphs is not None:  # also captures each batch size's graph for the first slot bucket
+                    self.decode_graphs([0] * hi, [0] * hi)
+                    continue
                 zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
-                self.model(zeros, cache=_CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
+                self.model(zeros, cache=CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
         log.info("warm-up: %d prefill lengths and decode batches 1..%d in %.1f s", len(lens), self.max_batch,
                  time.monotonic() - t0)
 
@@ -240,7 +247,7 @@ class Engine:
         ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
         pos = torch.arange(t, device=self.device)
         with torch.inference_mode():
-            logits = self.model(ids, cache=_CacheView(self.cache, row, row + 1), input_pos=pos,
+            logits = self.model(ids, cache=CacheView(self.cache, row, row + 1), input_pos=pos,
                                 position_ids=pos[None], kv_len=t, last_only=True)[:, -1].float()  # (1, V)
         req.length = t
         self.stats["requests"] += 1
@@ -256,17 +263,20 @@ class Engine:
         tokens, slots = [0] * hi, [0] * hi  # free rows: token 0 at slot 0 (overwritten by their next prefill)
         for r in busy:
             tokens[r.row], slots[r.row] = r.out_ids[-1], r.length
-        tok = torch.tensor(tokens, device=self.device)[:, None]  # (hi, 1)
-        pos = torch.tensor(slots, device=self.device)[:, None]  # (hi, 1): per-row cache slot = rotary position
         with torch.inference_mode():
-            view = _CacheView(self.cache, 0, hi)
-            if self.cpp_layers is not None:
-                from .. import cpu_decode
-
-                logits = cpu_decode.decode_rows(self.model, self.cpp_layers, view, tok, pos.view(-1))  # (hi, V)
+            if self.decode_graphs is not None:
+                logits = self.decode_graphs(tokens, slots)  # (hi, V)
             else:
-                logits = self.model(tok, cache=view, input_pos=pos, position_ids=pos,
-                                    kv_len=max(slots) + 1)[:, -1].float()  # (hi, V)
+                tok = torch.tensor(tokens, device=self.device)[:, None]  # (hi, 1)
+                pos = torch.tensor(slots, device=self.device)[:, None]  # (hi, 1): per-row cache slot = rotary position
+                view = CacheView(self.cache, 0, hi)
+                if self.cpp_layers is not None:
+                    from .. import cpu_decode
+
+                    logits = cpu_decode.decode_rows(self.model, self.cpp_layers, view, tok, pos.view(-1))  # (hi, V)
+                else:
+                    logits = self.model(tok, cache=view, input_pos=pos, position_ids=pos,
+                                        kv_len=max(slots) + 1)[:, -1].float()  # (hi, V)
         for r in busy:
             r.length += 1
         self.stats["steps"] += 1
