@@ -99,7 +99,12 @@ def main(argv=None):
         ax.grid(axis="y", alpha=0.3)
         if j == 0:
             ax.legend(fontsize=8)
-    handles, labels = axes[0][0].get_legend_handles_labels()
+    # one legend entry per variant in its own color (a variant missing from the first model, e.g. transformers in
+    # a run that has it for one model only, drew an empty bar there whose legend patch took another color)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[v]) for v in variants]
+    labels = [label(v, rows) for v in variants]
     fig.suptitle(f"{env.get('card', '?')} {env.get('date', '')}: random-weight models, greedy decode "
                  f"(bitengine: CUDA graph; transformers: generate)", y=0.99, fontsize=11)
     fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=min(len(labels), 4),
