@@ -51,9 +51,9 @@ def _configs():
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 32, "GROUP_M": 2}, num_warps=4)]
     # tiles whose shared memory lets two programs share an SM (int8: 3 x (128 + 128) x 128 B = 96 KB; fp16 at
-    # BLOCK_K 64 the same) won the M = 2048 sweep on every shape (gpu_prefill_sweep_..._2026-12-03: 128 x 128 x 128,
-    # 8 warps, 3 stages, 0.60-0.87x the time of the tile the old candidate list tuned to); the smaller ones are
-    # for short prompts and few output columns (the 640-row k / v: 64 x 64)
+    # BLOCK_K 64 the same): 128 x 128 x 128, 8 warps, 3 stages won the M = 2048 sweep on seven of eight shapes
+    # (gpu_prefill_sweep_run1_d658fe6_..._2026-12-03; the GEMM in 0.80-0.90x the time of the tile the old candidate
+    # list tuned to); the smaller ones are for short prompts and few output columns (the 640-row k / v: 64 x 64)
     shapes = [(128, 128, 128, 8, 3), (128, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 128, 8, 3),
               (128, 64, 128, 8, 3), (64, 64, 128, 4, 4), (128, 256, 128, 8, 3), (64, 128, 64, 4, 4)]
     if os.environ.get("BITENGINE_TUNE") == "0":
