@@ -54,7 +54,7 @@ def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
     code = ("import sys; from bitengine.server import serve; "
             f"serve({str(ckpt)!r}, host='127.0.0.1', port={port}, device={args.device!r}, backend={args.backend!r}, "
             f"max_batch={args.max_batch}, max_queue={args.max_queue}, max_seq={args.max_seq}, model_name='bench', "
-            "drain_timeout=10, log_level='warning')")
+            f"drain_timeout=10, log_level='warning', cuda_graph={not args.no_cuda_graph}, compile={args.compile})")
     return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT)
 
 
@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--max-seq", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--duration", type=float, default=30.0, help="seconds during which clients start requests")
+    ap.add_argument("--no-cuda-graph", action="store_true", help="GPU: the engine's decode steps eagerly (A/B)")
+    ap.add_argument("--compile", action="store_true", help="GPU: torch.compile the layers before the graphs")
     ap.add_argument("--out", default="bench/results/server_cpu", help="output path without extension")
     args = ap.parse_args()
     r = asyncio.run(run(args))

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One device call: build the CUDA extension, then the steps named in STEPS (default: kernels e2e tests; also
-# "adapters", "profile", "attention", "head", "ncu", "sweep"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
+# "adapters", "profile", "attention", "head", "ncu", "sweep", "server"), in that order, so a slow step cuts the later ones. From the repo root on the device machine:
 #   BITENGINE_COMMIT=<commit> bash bench/gpu_run.sh
 # with the commit taken from your local checkout: the device machine's copy of .git can be stale (one run printed an
 # older commit than the code it ran).
@@ -32,6 +32,12 @@ for step in $STEPS; do
     e2e)
       T=$(( $(left) - ${E2E_RESERVE_S:-0} )); [ "$T" -gt "${E2E_TIMEOUT:-170}" ] && T=${E2E_TIMEOUT:-170}
       timeout "$T" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | grep -v '^{' | tail -60 ;;
+    server)  # the OpenAI server under load (bench/bench_server.py): decode graphs, then the same engine eagerly
+      for mode in graph eager; do
+        timeout "${SERVER_TIMEOUT:-150}" python bench/bench_server.py --device cuda --clients 16 --max-batch 16 \
+          --duration "${SERVER_DURATION:-20}" $([ $mode = eager ] && echo --no-cuda-graph) ${SERVER_ARGS:-} \
+          --out "$OUT/server_gpu_$mode" 2>&1 | tail -18
+      done ;;
     sweep)  # the A8 prefill linear at M = 2048: its three kernels alone and a wider GEMM tile grid (bench/sweep_prefill_gemm.py)
       timeout "${SWEEP_TIMEOUT:-200}" python bench/sweep_prefill_gemm.py --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | tail -25 ;;
     head)  # LM head (cuBLAS fp16 vs the int8 head's configs) and greedy argmax at real vocabularies
