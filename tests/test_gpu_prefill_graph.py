@@ -113,4 +113,7 @@ def test_compiled_generate_twice(world):
     eager = model.generate(cuda_graph=False, **kw)
     first = model.generate(compile=True, **kw)
     assert model.generate(compile=True, **kw) == first
+    # compiled layers round differently from eager ones (inductor fuses the norms, rotary and glue), so greedy tokens
+    # of random weights may part at a near-tie; the strict checks are the line above (the kept session gives the
+    # same tokens twice) and test_gpu_model.py's compiled-vs-eager logits; this one only says the two still agree
     assert sum(x == y for x, y in zip(eager, first)) >= 20, (eager, first)
