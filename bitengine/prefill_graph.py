@@ -29,7 +29,9 @@ class GraphPrefill:
     """(ids (B, T) int64, positions (B, T) int64) -> logits (B, V) float32 of each row's last token, with the
     tokens' K / V written into `cache` slots [0, T) (and padding into [T, L))."""
 
-    def __init__(self, model, cache, bucket: int = BUCKET, graphs: bool | None = None):
+    def __init__(self, model, cache, bucket: int = BUCKET, graphs: bool | None = None, pool=None):
+        """pool: a torch.cuda.graph_pool_handle() to capture into (the server shares one among its rows' prefill
+        graphs and its decode graphs; they never replay at once), else a pool of its own."""
         if bucket < 1:
             raise ValueError(f"bucket must be >= 1, got {bucket}")
         b, s, dev = cache.batch, cache.max_seq, cache.device
@@ -42,7 +44,7 @@ class GraphPrefill:
         self.slots = torch.arange(s, device=dev)
         self.last = torch.zeros(1, dtype=torch.long, device=dev)
         self.captured: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.graphs else None
+        self.pool = (pool if pool is not None else torch.cuda.graph_pool_handle()) if self.graphs else None
 
     def bucket_len(self, t: int) -> int:
         """The padded length a prompt of t tokens runs at: t rounded up to the bucket, at most the cache length."""

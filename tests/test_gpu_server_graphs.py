@@ -1,6 +1,7 @@
-"""The server's decode step replayed from CUDA graphs (bitengine/server/graphs.py) on a CUDA device: the engine with
-graphs gives the same greedy tokens as the engine running the same views eagerly (cuda_graph=False: the same
-kernels on the same shapes), one graph per (busy rows, slot bucket) used."""
+"""The server's decode step and prompts replayed from CUDA graphs (bitengine/server/graphs.py) on a CUDA device: the
+engine with graphs gives the same greedy tokens as the engine running the same views eagerly (cuda_graph=False: the
+same kernels on the same shapes), one decode graph per (busy rows, slot bucket) used, prompt graphs per (row,
+bucket)."""
 
 from __future__ import annotations
 
@@ -35,4 +36,6 @@ def test_engine_graphs_equal_eager_views(tmp_path, dtype):
             assert keys and all(s % 16 == 0 and 1 <= hi <= 4 for hi, s in keys), keys
             assert any(s > 16 for _, s in keys), keys  # some step ran past the first bucket
             assert {(hi, 16) for hi in range(1, 5)} <= keys, keys  # the warm-up's
+            prompt_graphs = [set(p.captured) for p in engine.prefill_graphs.rows]
+            assert set().union(*prompt_graphs) == {64}, prompt_graphs  # every prompt here fits one 64-token bucket
     assert outs[True] == outs[False]

@@ -1,6 +1,7 @@
-"""The server's decode step over (rows, slot bucket) views (bitengine/server/graphs.py), on the CPU: the views run
-eagerly (graphs=False) and must give the engine's plain eager step (rows [0, hi), attention bounded by kv_len), and
-the engine driven through them must give generate()'s greedy tokens. The CUDA graph replay of the same views is
+"""The server's decode step over (rows, slot bucket) views and its prompts through per-row padded prefills
+(bitengine/server/graphs.py), on the CPU: the views run eagerly (graphs=False) and must give the engine's plain eager
+step (rows [0, hi), attention bounded by kv_len) and plain prefill, and the engine driven through them must give
+generate()'s greedy tokens. The CUDA graph replay of the same views is
 tests/test_gpu_server_graphs.py."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from serving_fixtures import bitengine_checkpoint
 
 import bitengine
 from bitengine.server.engine import Engine, Request, SamplingParams
-from bitengine.server.graphs import CacheView, DecodeGraphs
+from bitengine.server.graphs import CacheView, DecodeGraphs, PrefillGraphs
 
 
 @pytest.fixture(scope="module")
@@ -72,6 +73,27 @@ def test_slot_count_and_bad_input(model):
     assert view.k0.data_ptr() == cache.k0[1].data_ptr()  # a view: writes land in the shared cache
 
 
+def test_prefill_views_match_the_plain_prefill(model):
+    """A prompt through its row's padded prefill (graphs=False: the shapes the graphs replay) gives the plain prefill's
+    last logits and the same K / V in the prompt's slots, in any row, next to another row's prompt."""
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (70, 5)]  # 128- and 64-slot buckets
+    with torch.inference_mode():
+        plain, padded = model.new_cache(batch=3, max_seq=160), model.new_cache(batch=3, max_seq=160)
+        prefill = PrefillGraphs(model, padded, graphs=False)
+        for row, ids in zip((2, 0), prompts):
+            t = len(ids)
+            pos = torch.arange(t)
+            want = model(torch.tensor([ids]), cache=CacheView(plain, row, row + 1), input_pos=pos,
+                         position_ids=pos[None], kv_len=t, last_only=True)[:, -1].float()
+            got = prefill(row, ids)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            for i in range(plain.num_layers):
+                torch.testing.assert_close(padded.k[i][row, :, :t], plain.k[i][row, :, :t], rtol=1e-6, atol=1e-6)
+                torch.testing.assert_close(padded.v[i][row, :, :t], plain.v[i][row, :, :t], rtol=1e-6, atol=1e-6)
+        assert not padded.k[0][1].any()  # the row nobody prefilled
+
+
 def _run_engine(engine, prompts, max_tokens):
     done, outs = threading.Event(), {}
 
@@ -97,13 +119,15 @@ def _run_engine(engine, prompts, max_tokens):
 
 
 def test_engine_through_views_matches_generate(model):
-    """The engine with its decode steps on the views (as on a GPU, here eagerly): each request's greedy tokens are
-    generate()'s for that prompt alone, with requests joining and leaving the batch and slots crossing buckets."""
+    """The engine with its decode steps and prompts on the views (as on a GPU, here eagerly): each request's greedy
+    tokens are generate()'s for that prompt alone, with requests joining and leaving the batch, slots crossing
+    buckets and prompts padded past their length."""
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (3, 9, 1, 6, 12)]
     engine = Engine(model, max_batch=3, max_queue=8, max_seq=64)
     engine.cpp_layers = None  # the PyTorch layers, as the GPU runs them
     engine.decode_graphs = DecodeGraphs(model, engine.cache, bucket=8, graphs=False)
+    engine.prefill_graphs = PrefillGraphs(model, engine.cache, graphs=False)
     outs = _run_engine(engine, prompts, max_tokens=10)
     for p, out in zip(prompts, outs):
         want = model.generate(input_ids=p, max_new_tokens=10, ignore_eos=True)

@@ -6,8 +6,8 @@ view of the cache), then joins the running decode batch: every step runs one tok
 [0, hi) (hi = highest busy row + 1) with per-row cache slots (`input_pos` (B, 1)), so the batched
 (M > 1) linear kernels serve all requests at once. A finished or cancelled row leaves the batch at
 once and its slot is reused; free rows inside [0, hi) compute a throw-away token at slot 0.
-On a GPU the decode step replays a CUDA graph per (hi, slot bucket) (graphs.py; `cuda_graph=False`
-runs the same shapes eagerly); the prefill runs eagerly.
+On a GPU the decode step replays a CUDA graph per (hi, slot bucket) and each prompt one per (row, 64-token
+bucket) (graphs.py; `cuda_graph=False` runs the same shapes eagerly).
 
 Rows never share positions, so batching changes no result beyond float rounding: the ternary
 A8 sums are exact integers, and extra masked cache slots add exact zeros to attention. On the CPU
@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 
 from ..generate import eos_ids, greedy, sample
-from .graphs import CacheView, DecodeGraphs
+from .graphs import CacheView, DecodeGraphs, PrefillGraphs
 
 log = logging.getLogger("bitengine.server")
 
@@ -112,11 +112,13 @@ class Engine:
             self.cpp_layers = cpu_decode.plan(model)
         # on a GPU, decode steps run through DecodeGraphs: captured per (rows, slot bucket), or eagerly on the same
         # views with cuda_graph=False
-        self.decode_graphs = None
+        self.decode_graphs = self.prefill_graphs = None
         if self.device.type == "cuda":
             if compile:
                 model.compile_layers()
             self.decode_graphs = DecodeGraphs(model, self.cache, graphs=cuda_graph)
+            # each request's prompt too: per row and 64-token bucket, in the decode graphs' pool
+            self.prefill_graphs = PrefillGraphs(model, self.cache, graphs=cuda_graph, pool=self.decode_graphs.pool)
         self.decode_path = ("C++ layers" if self.cpp_layers is not None else
                             "CUDA graphs" if self.decode_graphs is not None and self.decode_graphs.graphs else
                             "PyTorch layers")
@@ -244,11 +246,14 @@ class Engine:
             req.generator = torch.Generator(device=self.device)
             req.generator.manual_seed(req.params.seed) if req.params.seed is not None else req.generator.seed()
         t0 = time.perf_counter()
-        ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
-        pos = torch.arange(t, device=self.device)
         with torch.inference_mode():
-            logits = self.model(ids, cache=CacheView(self.cache, row, row + 1), input_pos=pos,
-                                position_ids=pos[None], kv_len=t, last_only=True)[:, -1].float()  # (1, V)
+            if self.prefill_graphs is not None:
+                logits = self.prefill_graphs(row, req.prompt_ids)  # (1, V)
+            else:
+                ids = torch.tensor([req.prompt_ids], device=self.device)  # (1, T)
+                pos = torch.arange(t, device=self.device)
+                logits = self.model(ids, cache=CacheView(self.cache, row, row + 1), input_pos=pos,
+                                    position_ids=pos[None], kv_len=t, last_only=True)[:, -1].float()  # (1, V)
         req.length = t
         self.stats["requests"] += 1
         first = self._sample([req], logits)

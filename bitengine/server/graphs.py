@@ -1,4 +1,4 @@
-"""The server's decode step replayed from CUDA graphs over the engine's shared KV cache.
+"""The server's decode step (and each request's prompt) replayed from CUDA graphs over the engine's shared KV cache.
 
 Why: on a GPU the engine's eager step is host-bound (a few hundred small launches per token, issued from Python), as
 generate()'s was before it captured its step (README: the graph is what takes a 7B step from host speed to kernel
@@ -29,7 +29,29 @@ class CacheView:
             setattr(self, f"k{i}", getattr(cache, f"k{i}")[lo:hi, :, :s])
             setattr(self, f"v{i}", getattr(cache, f"v{i}")[lo:hi, :, :s])
         self.valid = cache.valid[lo:hi, :s]
-        self.num_layers, self.batch, self.max_seq = cache.num_layers, hi - lo, s
+        self.num_layers, self.batch, self.max_seq, self.device = cache.num_layers, hi - lo, s, cache.device
+
+
+class PrefillGraphs:
+    """A request's prompt forward into its row of the shared cache, replayed from CUDA graphs: one GraphPrefill
+    (prefill_graph.py: the prompt padded at its end to a multiple of 64 tokens, one graph per multiple) per row, over
+    that row's view, all in one pool (`pool`: the decode graphs'). The padding's K / V land in the row's slots past
+    the prompt, which its decode steps overwrite before any token of the row attends to them (each row's mask stops
+    at its own token). A (row, bucket) graph is captured on its first prompt: the first request of each pays one
+    eager forward and the capture on top."""
+
+    def __init__(self, model, cache, graphs: bool | None = None, pool=None):
+        from ..prefill_graph import GraphPrefill
+
+        self.rows = [GraphPrefill(model, CacheView(cache, r, r + 1), graphs=graphs, pool=pool)
+                     for r in range(cache.batch)]
+        self.device = cache.device
+
+    def __call__(self, row: int, prompt_ids: list[int]) -> torch.Tensor:
+        """The prompt's K / V into row `row`'s slots [0, T); the logits (1, V) float32 of its last token."""
+        t = len(prompt_ids)
+        ids = torch.tensor([prompt_ids], dtype=torch.long, device=self.device)
+        return self.rows[row](ids, torch.arange(t, device=self.device)[None])
 
 
 class DecodeGraphs:
