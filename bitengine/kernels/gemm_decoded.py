@@ -13,7 +13,6 @@ software pipeline with no work between loads and MMAs. Per-tensor / per-channel 
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -59,9 +58,17 @@ def decode_weight(words: torch.Tensor, dtype: torch.dtype, out: torch.Tensor | N
 OVERLAP = os.environ.get("BITENGINE_PREFILL_OVERLAP", "1") != "0"
 
 
-@functools.cache
-def _side_stream(index: int) -> torch.cuda.Stream:
-    return torch.cuda.Stream(index)
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
+
+
+def _side_stream(index: int) -> torch.cuda.Stream | None:
+    """The device's side stream, made on first use; None while a CUDA graph is being captured and none exists yet
+    (no stream is created inside a capture: the call then runs sequentially)."""
+    if index not in _SIDE_STREAMS:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 def _decode_and_quantize(x: torch.Tensor, words: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -71,12 +78,14 @@ def _decode_and_quantize(x: torch.Tensor, words: torch.Tensor) -> tuple[torch.Te
     only reused after the GEMM (which runs on that stream after the join); the side stream first waits for the
     caller's, so it never writes a block that an earlier kernel of the caller still reads."""
     n, kw = words.shape
-    if not (OVERLAP and x.is_cuda and not INTERPRET):
+    side = None
+    if OVERLAP and x.is_cuda and not INTERPRET:
+        side = _side_stream(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if side is None:
         w = decode_weight(words, torch.int8)
         return (w, *quantize_activations_int8(x, kw))
     w = torch.empty(n, kw * 16, dtype=torch.int8, device=x.device)
     caller = torch.cuda.current_stream(x.device)
-    side = _side_stream(x.device.index if x.device.index is not None else torch.cuda.current_device())
     side.wait_stream(caller)
     with torch.cuda.stream(side):
         decode_weight(words, torch.int8, out=w)
