@@ -42,7 +42,7 @@ from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
 from bitengine.generate import greedy  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
-from bitengine.kernels import decode_attention  # noqa: E402
+from bitengine.kernels import decode_attention, gemm_decoded  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
 from bitengine.model import CausalLM, rope_inv_freq  # noqa: E402
 from bitengine.nn import BitLinear, DenseLinear  # noqa: E402
@@ -79,7 +79,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
     its own kernel, not in the gate/up GEMV's epilogue), 'noattnpdl' (the decode attention kernels launched without
     programmatic dependent launch), 'mmaN' (the C++ tensor-core kernel for up to N tokens per call, Triton's kernels
     beyond: cuda_backend.MAX_MMA_M), 'gemv2' (the one-token C++ GEMV's version 2, the default before the lane-group
-    kernel, version 3, took rows of K <= 2560); handled by set_variant_flags;
+    kernel, version 3, took rows of K <= 2560), 'nooverlap' (the prefill linear's weight decode and token
+    quantization one after the other, not on two streams); handled by set_variant_flags;
     'noglue' (with 'compile': the step's embedding / rotary / mask / final-norm glue left eager,
     CausalLM.compile_layers(glue=False); handled by bench_model); 'eagerprefill' (the prompt's forward eager in the
     prefill rows and the time to first token, not replayed from its CUDA graph, bitengine.prefill_graph, as generate()
@@ -221,6 +222,8 @@ def set_variant_flags(variant: str) -> None:
     cuda_backend.FUSE_GATED = "+nogated" not in variant  # the MLP's gating in the gate/up GEMV's epilogue or apart
     # programmatic dependent launch of the decode attention kernels (off with +nopdl too)
     decode_attention.PDL = "+nopdl" not in variant and "+noattnpdl" not in variant
+    # the prefill linear's weight decode on a side stream beside the tokens' quantization, or one after the other
+    gemm_decoded.OVERLAP = "+nooverlap" not in variant
     TORCH_ARGMAX = "+torchargmax" in variant  # the step's argmax: torch's (one SM per row) or generate.greedy's
     # most tokens per call on the C++ tensor-core kernel (more go to Triton); '+mmaN': N (16 before 3e90439)
     mma = [int(mod[3:]) for mod in variant.split("+")[1:] if mod[:3] == "mma" and mod[3:].isdigit()]

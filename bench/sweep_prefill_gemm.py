@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_kernels import environment, random_ternary, time_calls  # noqa: E402
 
+from bitengine.kernels import gemm_decoded  # noqa: E402
 from bitengine.kernels.act_quant import quantize_activations_int8  # noqa: E402
 from bitengine.kernels.gemm_decoded import _gemm_dense_kernel, decode_weight, ternary_gemm_decoded  # noqa: E402
 
@@ -88,6 +89,9 @@ def sweep_shape(name, n, k, m, budget_end, tiles):
     row = {"shape": name, "N": n, "K": k, "M": m}
     row["engine_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)] * CALLS)
     best = getattr(_gemm_dense_kernel, "best_config", None)
+    overlap, gemm_decoded.OVERLAP = gemm_decoded.OVERLAP, False  # the same call with the decode not overlapped
+    row["engine_sequential_us"] = time_calls([lambda: ternary_gemm_decoded(x, words, scale, k, 8)] * CALLS)
+    gemm_decoded.OVERLAP = overlap
     row["engine_tile"] = str(best) if best is not None else None
     row["cublas_fp16_us"] = time_calls([lambda: x @ w16.t()] * CALLS)
     row["quantize_us"] = time_calls([lambda: quantize_activations_int8(x, words.shape[1])] * CALLS)
@@ -109,16 +113,17 @@ def markdown(env, rows):
              f"({env['date']})", "",
              f"torch {env['torch']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`. Median us of CUDA-graph "
              f"replays, {CALLS} calls per graph (inputs warm in L2, as after the op that wrote them). engine = decode + "
-             "quantize + autotuned GEMM as ternary_gemm_decoded runs it; best GEMM = the fastest bit-equal tile "
+             "quantize + autotuned GEMM as ternary_gemm_decoded runs it (the decode on a side stream beside the quantization: "
+             "gemm_decoded.OVERLAP; \"not overlapped\" one after the other); best GEMM = the fastest bit-equal tile "
              "(BM,BN,BK,warps,stages) of gemm_decoded's GEMM, the GEMM alone. Ratios are FP16 time / ternary time "
              "(above 1x: the ternary linear is faster).", "",
-             "| shape | N x K | engine us | cuBLAS FP16 us | engine vs FP16 | quantize us | decode us | "
-             "best GEMM us (tile) | engine tile |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| shape | N x K | engine us | decode not overlapped us | cuBLAS FP16 us | engine vs FP16 | quantize us | "
+             "decode us | best GEMM us (tile) | engine tile |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         best = (f"{r['dense_best_us']:.2f} ({','.join(map(str, r['dense_best_tile']))})"
                 if "dense_best_us" in r else "-")
-        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | "
+        lines.append(f"| {r['shape']} | {r['N']}x{r['K']} | {r['engine_us']:.2f} | {r['engine_sequential_us']:.2f} | "
                      f"{r['cublas_fp16_us']:.2f} | {r['cublas_fp16_us'] / r['engine_us']:.2f}x | {r['quantize_us']:.2f} | "
                      f"{r['decode_us']:.2f} | {best} | {r['engine_tile']} |")
     wrong = [f"{r['shape']} {r['dense_wrong_tiles']}" for r in rows if r.get("dense_wrong_tiles")]
@@ -146,7 +151,7 @@ def main():
             continue
         rows.append(sweep_shape(name, n, k, args.m, end, not args.no_tiles))
         r = rows[-1]
-        print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (fp16 "
+        print(f"{name} {n}x{k}: engine {r['engine_us']:.1f} us (not overlapped {r['engine_sequential_us']:.1f}; fp16 "
               f"{r['cublas_fp16_us']:.1f}), quantize {r['quantize_us']:.1f}, decode {r['decode_us']:.1f}, best GEMM "
               f"{r.get('dense_best_us')} {r.get('dense_best_tile')}, engine tile {r['engine_tile']}", flush=True)
     os.makedirs(args.out, exist_ok=True)
