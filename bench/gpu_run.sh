@@ -33,10 +33,14 @@ for step in $STEPS; do
       T=$(( $(left) - ${E2E_RESERVE_S:-0} )); [ "$T" -gt "${E2E_TIMEOUT:-170}" ] && T=${E2E_TIMEOUT:-170}
       timeout "$T" python bench/bench_e2e.py --out "$OUT" ${E2E_ARGS:-} 2>&1 | grep -v '^{' | tail -60 ;;
     server)  # the OpenAI server under load (bench/bench_server.py): decode graphs, then the same engine eagerly
+      # the bare device image lacks the server's stack (fastapi, uvicorn; httpx for the clients): install it from
+      # wheels carried in .whl/ (pip download for the device's Python, README "GPU runs"), never from the network
+      python -c "import fastapi, uvicorn, httpx" 2>/dev/null || \
+        pip install -q --no-index --find-links .whl fastapi uvicorn httpx 2>&1 | tail -3
       for mode in graph eager; do
         timeout "${SERVER_TIMEOUT:-150}" python bench/bench_server.py --device cuda --clients 16 --max-batch 16 \
           --duration "${SERVER_DURATION:-20}" $([ $mode = eager ] && echo --no-cuda-graph) ${SERVER_ARGS:-} \
-          --out "$OUT/server_gpu_$mode" 2>&1 | tail -18
+          --out "$OUT/server_gpu_$mode" 2>&1 | tail -30
       done ;;
     sweep)  # the A8 prefill linear at M = 2048: its three kernels alone and a wider GEMM tile grid (bench/sweep_prefill_gemm.py)
       timeout "${SWEEP_TIMEOUT:-200}" python bench/sweep_prefill_gemm.py --out "$OUT" ${SWEEP_ARGS:-} 2>&1 | tail -25 ;;

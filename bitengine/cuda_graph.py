@@ -9,6 +9,28 @@ from __future__ import annotations
 import torch
 
 
+def bucketed(n: int, step: int, cap: int) -> int:
+    """n rounded up to a multiple of step, at most cap: the fixed sizes graphs are captured at (one graph per bucket
+    used, so a few buckets serve every length)."""
+    return min(-(-n // step) * step, cap)
+
+
+def capture(fn, device, warmup: int = 1, pool=None):
+    """(graph, out): fn() run `warmup` times on a side stream (compiles, autotuning, lazy init and the allocator's
+    first blocks happen outside the capture), then captured once into `pool` (None: a private pool). out is the
+    captured call's output, rewritten by every graph.replay()."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn()
+    return graph, out
+
+
 class GraphDecoder:
     """(tokens (B, 1), slot int) -> logits (B, V) float32, replaying one captured forward."""
 
@@ -24,15 +46,7 @@ class GraphDecoder:
         def step():
             return model(self.tokens, cache=cache, input_pos=self.pos, position_ids=self.positions)[:, -1].float()
 
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture: autotuning, lazy init, allocator
-            for _ in range(warmup):
-                step()
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = step()
+        self.graph, self.logits = capture(step, dev, warmup=warmup)
 
     def __call__(self, tokens: torch.Tensor, slot: int) -> torch.Tensor:
         self.tokens.copy_(tokens)

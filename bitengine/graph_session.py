@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from .cuda_graph import bucketed
 from .prefill_graph import GraphPrefill
 
 CAPACITY_STEP = 256
@@ -22,7 +23,7 @@ CAPACITY_STEP = 256
 def cache_capacity(model, needed: int) -> int:
     """The cache length for a call that needs `needed` slots: rounded up to CAPACITY_STEP, at most the model's
     context (which generate() already keeps needed within)."""
-    return min(-(-needed // CAPACITY_STEP) * CAPACITY_STEP, max(model.max_seq, needed))
+    return bucketed(needed, CAPACITY_STEP, max(model.max_seq, needed))
 
 
 def mask_padding(cache, offset: torch.Tensor) -> None:

@@ -20,7 +20,11 @@ unpadded forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from .cuda_graph import bucketed, capture
 
 BUCKET = 64  # prompt lengths round up to a multiple of this: one graph per multiple that a prompt has used
 
@@ -48,7 +52,7 @@ class GraphPrefill:
 
     def bucket_len(self, t: int) -> int:
         """The padded length a prompt of t tokens runs at: t rounded up to the bucket, at most the cache length."""
-        return min(-(-t // self.bucket) * self.bucket, self.cache.max_seq)
+        return bucketed(t, self.bucket, self.cache.max_seq)
 
     def __call__(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         b, t = ids.shape
@@ -77,13 +81,4 @@ class GraphPrefill:
                           position_ids=self.positions[:, :n], kv_len=n, last_index=self.last)[:, -1].float()
 
     def _capture(self, n: int):
-        dev = self.cache.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture: compiles, autotuning, lazy init, allocator
-            self._forward(n)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(n)
-        return graph, out
+        return capture(functools.partial(self._forward, n), self.cache.device, pool=self.pool)

@@ -15,7 +15,11 @@ check against the plain eager step.
 
 from __future__ import annotations
 
+import functools
+
 import torch
+
+from ..cuda_graph import bucketed, capture
 
 BUCKET = 256  # slot counts round up to a multiple of this: at most max_seq / BUCKET graphs per batch size
 
@@ -73,7 +77,7 @@ class DecodeGraphs:
     def slot_count(self, needed: int) -> int:
         """The slots a step whose highest slot is needed - 1 attends over: rounded up to the bucket, at most the
         cache's."""
-        return min(-(-needed // self.bucket) * self.bucket, self.cache.max_seq)
+        return bucketed(needed, self.bucket, self.cache.max_seq)
 
     def __call__(self, tokens: list[int], slots: list[int]) -> torch.Tensor:
         hi = len(tokens)
@@ -99,13 +103,5 @@ class DecodeGraphs:
                           position_ids=self.slots[:hi])[:, -1].float()
 
     def _capture(self, hi: int, s: int):
-        dev = self.cache.device
-        side = torch.cuda.Stream(dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):  # warm-up outside capture: compiles, autotuning, lazy init, allocator
-            self._forward(hi, s)  # writes the same K / V the replay below writes again
-        torch.cuda.current_stream(dev).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self._forward(hi, s)
-        return graph, out
+        # the warm-up call writes the same K / V the replay writes again
+        return capture(functools.partial(self._forward, hi, s), self.cache.device, pool=self.pool)
