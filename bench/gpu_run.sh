@@ -36,7 +36,7 @@ for step in $STEPS; do
       # the bare device image lacks the server's stack (fastapi, uvicorn; httpx for the clients): install it from
       # wheels carried in .whl/ (pip download for the device's Python, README "GPU runs"), never from the network
       python -c "import fastapi, uvicorn, httpx" 2>/dev/null || \
-        pip install -q --no-index --find-links .whl fastapi uvicorn httpx 2>&1 | tail -3
+        python -m pip install -q --no-index --find-links .whl --root-user-action=ignore fastapi uvicorn httpx 2>&1 | tail -3
       for mode in graph eager; do
         timeout "${SERVER_TIMEOUT:-150}" python bench/bench_server.py --device cuda --clients 16 --max-batch 16 \
           --duration "${SERVER_DURATION:-20}" $([ $mode = eager ] && echo --no-cuda-graph) ${SERVER_ARGS:-} \
