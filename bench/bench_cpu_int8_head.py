@@ -1,8 +1,9 @@
-"""Perplexity cost of the int8 head (and int8 embeddings) on a real model, on CPU.
+"""Perplexity cost of the int8 head (and int8 embeddings) and of the int4 head on a real model, on CPU.
 
 Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures
 perplexity with the loader's head, then after quantize_head_int8 (head only, then head +
-embeddings). Texts: the Zen of Python and the start of CPython's LICENSE.txt (both ship with
+embeddings), then after quantize_head_int4 (head only; on the CPU through its float64 reference, the same numbers
+as the GPU kernels up to float32 summation order). Texts: the Zen of Python and the start of CPython's LICENSE.txt (both ship with
 every Python install).
 
     python bench/bench_cpu_int8_head.py /tmp/smol_fp16 --out bench/results/cpu_int8_head_ppl.json
@@ -21,6 +22,7 @@ import torch
 
 import bitengine
 from bitengine.evaluate import perplexity, zen_of_python
+from bitengine.int4_head import quantize_head_int4
 from bitengine.int8_head import quantize_head_int8
 
 
@@ -39,9 +41,11 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows = []
-    for variant in ("loader head", "int8 head", "int8 head + int8 embeddings"):
+    for variant in ("loader head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
         model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend)
-        if variant != "loader head":
+        if variant == "int4 head":
+            quantize_head_int4(model)
+        elif variant != "loader head":
             quantize_head_int8(model, embeddings="embeddings" in variant)
         for name, text in texts().items():
             with torch.no_grad():

@@ -41,6 +41,7 @@ from bitengine.backends import cuda as cuda_backend  # noqa: E402
 from bitengine.config import ModelConfig  # noqa: E402
 from bitengine.fuse import fuse_projections, fused_layers  # noqa: E402
 from bitengine.generate import greedy  # noqa: E402
+from bitengine.int4_head import quantize_head_int4  # noqa: E402
 from bitengine.int8_head import quantize_head_int8  # noqa: E402
 from bitengine.kernels import decode_attention, gemm_decoded  # noqa: E402
 from bitengine.loader import checkpoint_layout_to_host  # noqa: E402
@@ -73,6 +74,7 @@ def next_token(logits: torch.Tensor) -> torch.Tensor:
 def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> CausalLM:
     """Random-weight model; variant 'a8' / 'a16' (ternary) or 'fp16' (dense), with optional '+' modifiers:
     'unfused' (q/k/v and gate/up as separate matmuls), 'int8head' (per-row int8 head, bitengine.int8_head),
+    'int4head' (group-wise int4 head, bitengine.int4_head),
     'compile', 'nopdl', 'sdpa', 'sepnorm' (norms and residual adds as separate kernels, not in the C++ GEMV),
     'split' (the split decode attention kernel instead of the grouped one), 'nocombo' (no inductor combo
     kernels in the compiled layers), 'torchargmax' (torch.argmax picks the token) and 'nogated' (the MLP's gating as
@@ -129,6 +131,8 @@ def build(cfg: ModelConfig, variant: str, max_seq: int, seed: int = 0) -> Causal
         model.backend_name = "dense"
     if "int8head" in mods:
         quantize_head_int8(model)
+    if "int4head" in mods:
+        quantize_head_int4(model)
     return model
 
 
@@ -516,7 +520,7 @@ def main():
     ap.add_argument("--plan", default="", help="per-model variants, overriding --models/--variants: "
                     "'llama-2-7b=a8+compile,fp16+compile;bitnet-2b-4t=a8+compile'")
     ap.add_argument("--variants", default="a8,fp16,a16,hf-fp16",
-                    help="a8, a16, fp16 (bitengine; '+unfused', '+int8head', '+compile' modifiers) and hf-fp16 "
+                    help="a8, a16, fp16 (bitengine; '+unfused', '+int8head', '+int4head', '+compile' modifiers) and hf-fp16 "
                          "(transformers generate baseline)")
     ap.add_argument("--batches", default="1,8,32")
     ap.add_argument("--prefills", default="512,2048")

@@ -6,6 +6,9 @@ Head (M = 1 and 8): cuBLAS FP16 (F.linear) against the int8 head: the op the eng
 (torch.ops.bitengine.int8_linear), the C++ GEMV (csrc/cuda/int8_gemv.cu, M = 1) and the Triton kernels
 (kernels/int8_linear.py: the GEMV at M = 1, with --sweep a sweep of its configs, BLOCK_N x BLOCK_K x warps x stages;
 the GEMM at M = 8), plus the C++ read probe on the int8 bytes (a plain streaming read: the ceiling).
+The int4 head (bitengine.int4_head: group-wise int4 of the same fp16 weights): its op (torch.ops.bitengine.int4_linear:
+the C++ GEMV csrc/cuda/int4_gemv.cu at M = 1, the Triton GEMM at M = 8), checked against its float64 reference, and
+the read probe on its bytes.
 Argmax over (B, V) logits: torch.argmax against kernels/argmax.py.
 Median us of CUDA-graph replays (bench_kernels.time_calls); every head weight is larger than L2, so no rotation.
 Results: bench_head_<card>_<date>.json and .md.
@@ -23,8 +26,9 @@ import torch
 import torch.nn.functional as F
 from bench_kernels import cuda_ext, environment, rel_err, time_calls
 
+from bitengine.int4_head import int4_groups, int4_linear_reference
 from bitengine.kernels import argmax as argmax_kernel
-from bitengine.kernels import int8_linear
+from bitengine.kernels import int4_linear, int8_linear
 
 HEADS = {"llama2_7b.head": (32000, 4096), "bitnet2b.head": (128256, 2560), "llama3_8b.head": (128256, 4096)}
 SWEEP = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=ns)
@@ -38,6 +42,7 @@ def bench_head(name, n, k, ext, budget_end, sweep=False):
     w16 = torch.randn(n, k, device="cuda", generator=g).half()
     w8 = torch.randint(-127, 128, (n, k), device="cuda", dtype=torch.int8, generator=g)
     scale = torch.rand(n, device="cuda", generator=g) / 100
+    w4, s4 = int4_groups(w16)
     for m in (1, 8):
         x = torch.randn(m, k, device="cuda", generator=g).half()
         ref = (x.double() @ w8.double().t() * scale.double()).float()
@@ -78,12 +83,17 @@ def bench_head(name, n, k, ext, budget_end, sweep=False):
             if best is None or us < best["us"]:
                 best = {"cfg": cfg, "us": us}
         r["int8_best"] = best
+        y = int4_linear.int4_linear(x, w4, s4, None, k)
+        r["int4_op_err"] = rel_err(y, int4_linear_reference(x.double(), w4, s4, None, k).float())
+        assert r["int4_op_err"] < 2e-3, r["int4_op_err"]
+        r["int4_op"] = time_calls([lambda x=x, w=w4, s=s4: torch.ops.bitengine.int4_linear(x, w, s, None, k)])
         if m == 1 and ext is not None:
             sink = torch.empty(1, dtype=torch.int32, device="cuda")
             r["read_probe_int8"] = time_calls([functools.partial(ext._C_cuda.read_probe, w8, sink)])
+            r["read_probe_int4"] = time_calls([functools.partial(ext._C_cuda.read_probe, w4, sink)])
         row[f"M{m}"] = r
         print(json.dumps({"shape": name, "M": m, **{k2: v for k2, v in r.items() if k2 != "sweep"}}), flush=True)
-    del w16, w8
+    del w16, w8, w4, s4
     torch.cuda.empty_cache()
     return row
 
@@ -102,10 +112,11 @@ def bench_argmax(v):
 def markdown(env, heads, argmaxes):
     lines = [f"# LM head and greedy argmax on {env['card']} ({env['date']})", "",
              f"torch {env['torch']}, CUDA {env['cuda']}, triton {env['triton']}, commit `{env['git_commit'][:12]}`; "
-             "median us of CUDA-graph replays. int8 weights: half the bytes of fp16.", "",
+             "median us of CUDA-graph replays. int8 weights: half the bytes of fp16; int4 (groups of 128, fp16 scales): a "
+             "quarter plus 1/64 for the scales.", "",
              ("| head | N x K | M | cuBLAS FP16 us | int8 op (engine) us | C++ int8 GEMV us | Triton kernel | us |"
-             " Triton GEMV best of sweep us | its config | int8 read probe us |"),
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             " Triton GEMV best of sweep us | its config | int8 read probe us | int4 op us | int4 read probe us |"),
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for h in heads:
         for m in (1, 8):
             r = h.get(f"M{m}")
@@ -115,10 +126,11 @@ def markdown(env, heads, argmaxes):
             cfg = ", ".join(f"{a}={b}" for a, b in (best.get("cfg") or {}).items())
             probe = f"{r['read_probe_int8']:.2f}" if "read_probe_int8" in r else "-"
             cpp = f"{r['cuda_int8_gemv']:.2f}" if "cuda_int8_gemv" in r else "-"
+            probe4 = f"{r['read_probe_int4']:.2f}" if "read_probe_int4" in r else "-"
             lines.append(f"| {h['shape']} | {h['N']}x{h['K']} | {m} | {r['cublas_fp16']:.2f} | {r['int8_op']:.2f} | {cpp} | "
                          f"{r['int8_engine_kernel']} | "
                          f"{r['int8_engine']:.2f} | "
-                         f"{best.get('us', float('nan')):.2f} | {cfg} | {probe} |")
+                         f"{best.get('us', float('nan')):.2f} | {cfg} | {probe} | {r['int4_op']:.2f} | {probe4} |")
     lines += ["", "| vocabulary | batch | torch.argmax us | kernels/argmax.py us |", "| --- | --- | --- | --- |"]
     for a in argmaxes:
         for b in (1, 8, 32):

@@ -66,7 +66,7 @@ for step in $STEPS; do
         # the model tests first: they are the slowest (inductor compiles), and at the end of the list the step's
         # time limit cut them in every call of 2026-12-03 (bench/results/gpu_tests_*_2026-12-03.log)
         timeout "$T" python -m pytest -rf -p no:cacheprovider -m gpu ${TEST_FILES:-tests/test_gpu_model.py tests/test_decode_attention.py \
-          tests/test_gpu_kernels.py tests/test_argmax.py tests/test_gpu_prefill_graph.py tests/test_gpu_server_graphs.py} ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
+          tests/test_gpu_kernels.py tests/test_argmax.py tests/test_gpu_prefill_graph.py tests/test_gpu_server_graphs.py tests/test_gpu_int4_head.py} ${TEST_K:+-k "$TEST_K"} ${TEST_ARGS:-} > "$OUT/tests.log" 2>&1
         grep -E "^FAILED|^ERROR|passed|failed" "$OUT/tests.log" | tail -20
       fi ;;
   esac

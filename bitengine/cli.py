@@ -20,8 +20,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="DIR[:WEIGHT]", help="LoRA adapter (repeatable)")
     p.add_argument("--adapter-mode", default="fused", choices=["fused", "merge"])
     p.add_argument("--adapter-dtype", default=None, choices=["int8"], help="store adapter factors as int8")
-    p.add_argument("--head", default=None, choices=["fp16", "int8", "int8+embeddings"],
-                   help="store the output head (and embeddings) as int8 at load time")
+    p.add_argument("--head", default=None, choices=["fp16", "int8", "int8+embeddings", "int4"],
+                   help="store the output head (and embeddings) as int8, or the head as group-wise int4 (GPU), at "
+                        "load time")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -28,6 +28,8 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
         return torch.float32  # CPU half-precision matmuls are slow or missing; kernels take fp32 activations
     return torch.bfloat16 if stored == "bfloat16" else torch.float16
 
+HEADS = (None, "fp16", "int8", "int8+embeddings", "int4")  # load(head=...): how the output head is stored
+
 
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
          max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", adapter_dtype: str | None = None,
@@ -40,11 +42,12 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     adapters / adapter_mode / adapter_dtype: LoRA adapters applied at load time, [dir or (dir, weight)],
     "fused" or "merge", factors in 16-bit or "int8" (see bitengine.lora).
     head: None keeps the 16-bit head; "int8" stores it as per-row int8 (and "int8+embeddings" the
-    embeddings too), a large share of decode bytes on small models (see bitengine.int8_head).
+    embeddings too), a large share of decode bytes on small models (see bitengine.int8_head); "int4" as
+    group-wise int4 for the GPU (a quarter of the bytes, coarser: see bitengine.int4_head).
     fuse: run q/k/v and gate/up as one ternary matmul each (exact; see bitengine.fuse).
     """
-    if head not in (None, "fp16", "int8", "int8+embeddings"):
-        raise ValueError(f"head must be fp16, int8 or int8+embeddings, got {head!r}")
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(h for h in HEADS if h)}, got {head!r}")
     device = torch.device(device)
     reader = CheckpointReader(path)
     cfg = ModelConfig.from_hf(reader.config, str(reader.path / "config.json"))
@@ -103,6 +106,10 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
         from .int8_head import quantize_head_int8
 
         quantize_head_int8(model, embeddings=head == "int8+embeddings")
+    elif head == "int4":
+        from .int4_head import quantize_head_int4
+
+        quantize_head_int4(model)
     if adapters:
         from .lora import apply_adapters
 

@@ -43,6 +43,10 @@ def test_int8_linear_under_interpreter():
     _run_child("int8")
 
 
+def test_int4_linear_under_interpreter():
+    _run_child("int4")
+
+
 def _patch_interpreter_index():
     """numpy >= 2.4 refuses int() of a 1-element array, which the interpreter does for loop bounds."""
     import numpy as np
@@ -284,6 +288,41 @@ def _int8_main() -> int:
     return 1 if failures else 0
 
 
+def _int4_main() -> int:
+    """int4_gemm / bitengine::int4_linear (the int4 head's Triton GEMM, any M) against int4_head's float64
+    reference."""
+    import time
+
+    import torch
+
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    _patch_interpreter_index()
+    from bitengine.int4_head import Int4Linear, int4_linear_reference
+    from bitengine.kernels.int4_linear import int4_gemm
+
+    torch.manual_seed(3)
+    failures = []
+    start = time.time()
+    for n, k, with_bias in [(37, 200, True), (64, 128, False), (130, 300, True)]:
+        head = Int4Linear(torch.randn(n, k) * 0.05, torch.randn(n) if with_bias else None)  # K padded to 128
+        w, s, b = head.weight_int4, head.weight_scale, head.bias
+        for dtype in (torch.float32, torch.float16):  # no bf16: see the int8 part
+            tol = {torch.float32: 1e-5, torch.float16: 1e-3}[dtype]
+            for m in (1, 3, 17):
+                x = torch.randn(m, k).to(dtype)
+                ref = int4_linear_reference(x.double(), w, s, b, k)
+                runs = [("gemm", int4_gemm), ("op", lambda *a: torch.ops.bitengine.int4_linear(*a))]
+                for name, fn in runs:
+                    y = fn(x, w, s, b, k)
+                    err = ((y.double() - ref).norm() / ref.norm()).item()
+                    ok = y.shape == (m, n) and y.dtype == dtype and err < tol
+                    print(f"int4 {name:4s} {n}x{k} m={m:2d} {str(dtype)[6:]:8s} rel.err {err:.2e} {'ok' if ok else 'FAIL'}")
+                    if not ok:
+                        failures.append(f"int4 {name} {n}x{k} m={m} {dtype}: {err:.2e}")
+    print(f"{time.time() - start:.1f} s; failures: {failures}")
+    return 1 if failures else 0
+
+
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "base"
-    sys.exit({"base": _main, "lora": _lora_main, "int8": _int8_main}[part]())
+    sys.exit({"base": _main, "lora": _lora_main, "int8": _int8_main, "int4": _int4_main}[part]())

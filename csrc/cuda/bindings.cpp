@@ -18,6 +18,9 @@ cudaError_t read_probe_cuda(torch::Tensor buf, torch::Tensor out);
 cudaError_t int8_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
                            const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
 constexpr int64_t kInt8GemvMaxK = 12288;  // int8_gemv.cu: x as float in 48 KB of shared memory
+cudaError_t int4_gemv_cuda(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scale,
+                           const c10::optional<torch::Tensor>& bias, int K, torch::Tensor& y);
+constexpr int64_t kInt4GemvMaxK = 32768;  // int4_gemv.cu: x as int8 in shared memory (Kp bytes)
 // ternary_mma_kernels.cuh (M > 1): 8 tokens' x_q rows (mma_row_bytes) and 8 KB for the static arrays in 227 KB
 constexpr int64_t kMmaMaxK = 27904;
 inline bool mma_fits(int64_t kw) { return 8 * (((kw / 4 + 3) / 4 * 4 + 1) * 64) + 8192 <= 227 * 1024; }
@@ -108,10 +111,37 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, i
   return y;
 }
 
+// The int4 head's GEMV (int4_gemv.cu); kernels/int4_linear.py checks the same rules first.
+torch::Tensor int4_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scale, int64_t in_features,
+                        c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.is_cuda() && w.is_cuda() && scale.is_cuda() && x.device() == w.device() && x.device() == scale.device(),
+              "int4_gemv: x, w and scale must be on one CUDA device");
+  TORCH_CHECK(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat,
+              "int4_gemv: x must be float16, bfloat16 or float32, got ", x.scalar_type());
+  TORCH_CHECK(x.numel() == in_features && x.is_contiguous() && in_features > 0,
+              "int4_gemv: x must be a contiguous [1, ", in_features, "] tensor, got ", x.sizes());
+  const int64_t kp = (in_features + 127) / 128 * 128;
+  TORCH_CHECK(w.scalar_type() == at::kByte && w.dim() == 2 && w.is_contiguous() && w.size(1) * 2 == kp &&
+                  kp <= kInt4GemvMaxK && reinterpret_cast<uintptr_t>(w.data_ptr()) % 16 == 0,
+              "int4_gemv: w must be 16-byte aligned contiguous uint8 [N, ", kp / 2, "] with ", kp, " <= ",
+              kInt4GemvMaxK, ", got ", w.sizes());
+  TORCH_CHECK(scale.scalar_type() == at::kHalf && scale.dim() == 2 && scale.size(0) == w.size(0) &&
+                  scale.size(1) == kp / 128 && scale.is_contiguous(),
+              "int4_gemv: scale must be contiguous float16 [", w.size(0), ", ", kp / 128, "]");
+  TORCH_CHECK(!bias || (bias->is_cuda() && bias->device() == x.device() && bias->scalar_type() == at::kFloat &&
+                        bias->numel() == w.size(0) && bias->is_contiguous()),
+              "int4_gemv: bias must be contiguous float32 [", w.size(0), "] on x's device");
+  auto y = torch::empty({1, w.size(0)}, x.options());
+  if (w.size(0) == 0) return y;
+  const cudaError_t err = int4_gemv_cuda(x, w, scale, bias, static_cast<int>(in_features), y);
+  TORCH_CHECK(err == cudaSuccess, "int4_gemv: CUDA launch failed: ", cudaGetErrorString(err));
+  return y;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout, the int8 head's GEMV";
+  m.doc() = "bitengine CUDA kernels: W1.58A8 decode GEMV on the i2w weight layout, the int8 and int4 heads' GEMVs";
   m.def("ternary_gemv_a8", &ternary_gemv_a8,
         "y[M, N] = W1.58A8 linear of x[M, K] (or of RMSNorm(x) * norm_weight) (+ bias) (+ residual), or with act 1 / 2 "
         "act(gate) * up of an interleaved gate/up layer (y[M, N / 2]); fused per-token quantization; M > 1 on the "
@@ -120,6 +150,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("norm_weight") = py::none(), py::arg("norm_eps") = 0.0, py::arg("residual") = py::none(),
         py::arg("act") = 0, py::arg("version") = 2, py::arg("rows_per_warp") = 1, py::arg("pdl") = false);
   m.def("int8_gemv", &int8_gemv, "y[1, N] = (x[1, K] @ W_q^T) * scale (+ bias): the int8 head's decode GEMV",
+        py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
+  m.def("int4_gemv", &int4_gemv,
+        "y[1, N] = the int4 head's decode GEMV of x[1, K] (group-wise int4 weights, x quantized to int8 per token)",
         py::arg("x"), py::arg("w"), py::arg("scale"), py::arg("in_features"), py::arg("bias") = py::none());
   m.def("read_probe", &read_probe, "read a buffer once at full speed (bandwidth ceiling for the benchmarks)",
         py::arg("buf"), py::arg("out"));

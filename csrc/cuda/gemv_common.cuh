@@ -266,9 +266,15 @@ __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
 // Three block reductions (sum of squares, absmax, sum of x_q), one barrier each: each has its own shared array, and
 // the last one's barrier is also the one that makes xq visible to the block (these barriers sit on the prologue's
 // critical path, between the x loads and the first dot products).
-template <typename T, int RegWords = kRegWords>
+// Where quantize_to_shared puts x_q word wi: xq_slot by default (the ternary GEMV's permutation); the int4 head's
+// GEMV passes its own (int4_gemv.cu).
+struct XqSlot {
+  __device__ __forceinline__ int operator()(int wi) const { return xq_slot(wi); }
+};
+
+template <typename T, int RegWords = kRegWords, typename Slot = XqSlot>
 __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
-                                   int4* xq, float& a_out, int& xsum_out) {
+                                   int4* xq, float& a_out, int& xsum_out, Slot slot = Slot()) {
   __shared__ float red_ss[kWarps], red_max[kWarps];
   __shared__ int red_i[kWarps];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -317,12 +323,12 @@ __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict_
 #pragma unroll
   for (int i = 0; i < RegWords; ++i) {
     const int wi = tid + i * kThreads;
-    if (wi < KW) xq[xq_slot(wi)] = pack_word(v[i], a, sum);
+    if (wi < KW) xq[slot(wi)] = pack_word(v[i], a, sum);
   }
   for (int wi = tid + RegWords * kThreads; wi < KW; wi += kThreads) {
     XWord<T> t = load_word(x, wi, K);
     if (norm_w != nullptr) norm_word(load_word(norm_w, wi, K), r, t);
-    xq[xq_slot(wi)] = pack_word(t, a, sum);
+    xq[slot(wi)] = pack_word(t, a, sum);
   }
   for (int o = 16; o; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if (lane == 0) red_i[warp] = sum;
