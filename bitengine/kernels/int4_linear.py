@@ -30,19 +30,19 @@ CUDA_MAX_K = 32768  # int4_gemv.cu keeps x as int8 in shared memory (K_pad bytes
 @triton.jit
 def _int4_gemm_kernel(xq_ptr, stride_xm, a_ptr, w_ptr, stride_wn, s_ptr, stride_sn, b_ptr, y_ptr, stride_ym, M, N,
                       GROUPS, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                      GROUP_M: tl.constexpr):
+                      GROUP_M: tl.constexpr, GROUP_K: tl.constexpr):
     offs_m, offs_n, m_mask, n_mask = grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    byte = tl.arange(0, 64)  # the group's 64 bytes: chunk byte // 16, byte byte % 16 of it
+    byte = tl.arange(0, GROUP_K // 2)  # the group's 64 bytes: chunk byte // 16, byte byte % 16 of it
     k_lo = 32 * (byte // 16) + byte % 16  # the activation under each byte's low nibble; its high nibble's is + 16
     x_rows = xq_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + byte[None, :]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for g in range(0, GROUPS):
-        w = tl.load(w_rows + g * 64, mask=n_mask[:, None], other=0).to(tl.int8, bitcast=True)  # [BN, 64]
+        w = tl.load(w_rows + g * (GROUP_K // 2), mask=n_mask[:, None], other=0).to(tl.int8, bitcast=True)  # [BN, 64]
         lo = (w << 4) >> 4  # arithmetic shifts: the low nibble sign-extended
         hi = w >> 4
-        xl = tl.load(x_rows + g * GROUP + k_lo[None, :], mask=m_mask[:, None], other=0)  # int8 [BM, 64]
-        xh = tl.load(x_rows + g * GROUP + 16 + k_lo[None, :], mask=m_mask[:, None], other=0)
+        xl = tl.load(x_rows + g * GROUP_K + k_lo[None, :], mask=m_mask[:, None], other=0)  # int8 [BM, 64]
+        xh = tl.load(x_rows + g * GROUP_K + 16 + k_lo[None, :], mask=m_mask[:, None], other=0)
         d = tl.dot(xl, tl.trans(lo)) + tl.dot(xh, tl.trans(hi))  # int32 [BM, BN], exact
         s = tl.load(s_ptr + offs_n.to(tl.int64) * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
         acc += d.to(tl.float32) * s[None, :]
@@ -87,8 +87,8 @@ def int4_gemm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, bias: 
         cfg["num_stages"] = 3
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _int4_gemm_kernel[grid](xq, xq.stride(0), a, packed, packed.stride(0), scale, scale.stride(0),
-                            bias if bias is not None else a, y, y.stride(0), m, n, packed.shape[1] // 64,
-                            HAS_BIAS=bias is not None, **cfg)
+                            bias if bias is not None else a, y, y.stride(0), m, n, packed.shape[1] // (GROUP // 2),
+                            HAS_BIAS=bias is not None, GROUP_K=GROUP, **cfg)
     return y
 
 
