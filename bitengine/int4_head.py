@@ -21,6 +21,8 @@ y[n] = sum_g scale[n, g] * (q[n, g] . x_q[g]) / a (+ bias): float32 sums in the 
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
@@ -29,6 +31,7 @@ from .quant import quantize_activations
 
 GROUP = 128  # weights per scale (GPTQ / AWQ's usual group); K pads to a multiple of it
 QMAX = 7
+log = logging.getLogger("bitengine")
 
 
 def padded_k(k: int) -> int:
@@ -143,4 +146,7 @@ def quantize_head_int4(model: nn.Module, head: str = "lm_head") -> list[str]:
     done = _replace(model, head, make)
     if not done and not any(isinstance(m, Int4Linear) for m in model.modules()):
         raise ValueError(f"quantize_head_int4: no module named {head!r} in {type(model).__name__}")
+    if any(model.get_submodule(name).weight_int4.device.type != "cuda" for name in done):
+        log.warning("int4 head off the GPU: it runs its float64 reference there (slow); the int8 head has a C++ "
+                    "kernel on the CPU")
     return done
