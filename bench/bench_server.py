@@ -61,17 +61,23 @@ def start_server(ckpt: Path, port: int, args) -> subprocess.Popen:
 async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -> dict:
     import httpx
 
-    deadline = time.time() + timeout
+    start = time.time()
+    deadline, report = start + timeout, start + 10
     async with httpx.AsyncClient() as c:
         while time.time() < deadline:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {proc.returncode} before becoming healthy")
+            status = "not listening"
             try:
                 r = await c.get(url + "/health")
                 if r.status_code == 200:
                     return r.json()
+                status = r.json().get("status", r.status_code)
             except httpx.TransportError:
                 pass
+            if time.time() > report:  # a run cut by an outer time limit still shows how far start-up got
+                print(f"waiting for the server: {status} after {time.time() - start:.0f} s", flush=True)
+                report += 10
             await asyncio.sleep(0.5)
     raise RuntimeError(f"server not healthy after {timeout} s")
 
@@ -164,7 +170,8 @@ async def run(args) -> dict:
         "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
         "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
         "max_active_rows": after.get("max_active"), "server_exit_code": rc,
-        "engine_stats": {k: after.get(k) for k in ("steps", "slowest_prefill_s", "slowest_step_s", "steps_over_1s")},
+        "engine_stats": {k: after.get(k) for k in ("warmup_s", "steps", "slowest_prefill_s", "slowest_step_s",
+                                                   "steps_over_1s")},
         "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
@@ -194,6 +201,7 @@ def markdown(r: dict) -> str:
             ("time to first token p50 / p99", f"{r['ttft_p50_s']} s / {r['ttft_p99_s']} s"),
             ("most rows decoded together", r["max_active_rows"]),
             ("engine: slowest prefill / decode step, steps > 1 s", _engine_line(r.get("engine_stats") or {})),
+            ("engine: start-up warm-up (graph captures included)", f"{(r.get('engine_stats') or {}).get('warmup_s')} s"),
             ("server exit code (SIGINT)", r["server_exit_code"]),
             ("load average (1 min) / cores", f"{r['load_average_1m']} / {r['cpu_count']}"), ("date", r["date"])]
     return "| metric | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"

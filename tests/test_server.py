@@ -203,6 +203,11 @@ def test_queue_limit_429(ckpt):
     srv = LiveServer(app)
     try:
         client = srv.client()
+        deadline = time.time() + 60
+        while (health := httpx.get(srv.url + "/health").json())["status"] == "starting":
+            assert time.time() < deadline, "warm-up did not finish"
+            time.sleep(0.05)
+        assert health["status"] == "ok" and health["warmup_s"] >= 0  # the start-up's cost, reported once done
 
         def ask(_):
             try:

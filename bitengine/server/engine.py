@@ -198,8 +198,9 @@ class Engine:
                     continue
                 zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
                 self.model(zeros, cache=CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
+        self.stats["warmup_s"] = round(time.monotonic() - t0, 2)  # /health reports it (start-up cost, graphs included)
         log.info("warm-up: %d prefill lengths and decode batches 1..%d in %.1f s", len(lens), self.max_batch,
-                 time.monotonic() - t0)
+                 self.stats["warmup_s"])
 
     def run(self) -> None:
         try:
