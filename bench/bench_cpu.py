@@ -184,11 +184,14 @@ def run_bitengine(work, act_bits, head, backend, n_prompt, n_gen, reps, decode="
     import bitengine
     from bitengine import cpu_decode
     from bitengine.generate import compiled_forward
+    from bitengine.int4_head import quantize_head_int4
     from bitengine.int8_head import quantize_head_int8, use_cpu_half_head
 
     model = bitengine.load(work / f"be_a{act_bits}", device="cpu", backend=backend)
     if head == "int8":
         quantize_head_int8(model)
+    elif head == "int4":
+        quantize_head_int4(model)
     elif head == "fp16":
         use_cpu_half_head(model)
     ids = torch.tensor([_prompt(n_prompt)])
@@ -268,7 +271,8 @@ def run_llamacpp(work, stem, threads, n_prompt, n_gen, reps):
 def engines():
     """name -> (kind, options), ordered so each llama.cpp format runs next to its bitengine peer.
 
-    bitengine heads: fp16 (F16C kernel, use_cpu_half_head), int8 (Int8Linear, quantize_head_int8)."""
+    bitengine heads: fp16 (F16C kernel, use_cpu_half_head), int8 (Int8Linear, quantize_head_int8), int4 (Int4Linear,
+    quantize_head_int4)."""
     be = lambda a, k, h, d="cpp": ("bitengine", dict(act_bits=a, kernel=k, head=h, decode=d))  # noqa: E731
     return {
         "llama.cpp tq2_0_f16head": ("llamacpp", dict(stem="tq2_0_f16head")),
@@ -278,6 +282,7 @@ def engines():
         "llama.cpp tq2_0": ("llamacpp", dict(stem="tq2_0")),
         "bitengine A8 dot, int8 head": be(8, "dot", "int8"),
         "bitengine A8 dot, int8 head, compiled": be(8, "dot", "int8", "compiled"),
+        "bitengine A8 dot, int4 head": be(8, "dot", "int4"),
         "bitengine A8 add, fp16 head": be(8, "add", "fp16"),
         "bitengine A8 add, int8 head": be(8, "add", "int8"),
         "llama.cpp tq1_0_f16head": ("llamacpp", dict(stem="tq1_0_f16head")),

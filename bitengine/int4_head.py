@@ -1,9 +1,10 @@
-"""A 4-bit head for decode on the GPU: group-wise int4 weights, a quarter of the fp16 head's bytes.
+"""A 4-bit head for decode: group-wise int4 weights, a quarter of the fp16 head's bytes.
 
-Why: a batch-1 decode step reads the whole head. On BitNet-2B-4T's shape the int8 head (128256 x 2560 bytes) takes
-~102 us of a ~0.81 ms step on an H200 (bench/GPU_LOG.md); half the bytes should take about half the time. The cost is
-accuracy: int4 weights round far more coarsely than int8 (bench/bench_cpu_int8_head.py measures the perplexity of
-each head on a real model), which is why it is an option (`load(..., head="int4")`, `--head int4`), never the default.
+Why: a batch-1 decode step reads the whole head (on the CPU too: csrc/cpu has its kernel, int4_linear_cpu). On
+BitNet-2B-4T's shape the int8 head (128256 x 2560 bytes) takes ~102 us of a ~0.81 ms step on an H200
+(bench/GPU_LOG.md); half the bytes should take about half the time. The cost is accuracy: int4 weights round far more
+coarsely than int8 (bench/bench_cpu_int8_head.py measures the perplexity of each head on a real model), which is why
+it is an option (`load(..., head="int4")`, `--head int4`), never the default.
 
 Format (in memory only: the head is quantized at load time from the checkpoint's 16-bit weights):
   - groups of GROUP = 128 consecutive weights of a row, K padded with zeros to a multiple of GROUP;
@@ -21,8 +22,6 @@ y[n] = sum_g scale[n, g] * (q[n, g] . x_q[g]) / a (+ bias): float32 sums in the 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from torch import nn
 
@@ -31,7 +30,6 @@ from .quant import quantize_activations
 
 GROUP = 128  # weights per scale (GPTQ / AWQ's usual group); K pads to a multiple of it
 QMAX = 7
-log = logging.getLogger("bitengine")
 
 
 def padded_k(k: int) -> int:
@@ -96,8 +94,8 @@ def int4_linear_reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Te
 
 
 class Int4Linear(nn.Module):
-    """y = int4 head (see the module docstring); the GPU op where it runs (`bitengine::int4_linear`), else the
-    float64 reference (slow: the int4 head is meant for the GPU; on the CPU the int8 head has a C++ kernel)."""
+    """y = int4 head (see the module docstring): the GPU op where it runs (`bitengine::int4_linear`), the C++ CPU op
+    where the CPU kernels are built (`bitengine::int4_linear_cpu`, csrc/cpu), else the float64 reference."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -113,10 +111,19 @@ class Int4Linear(nn.Module):
 
             return torch.ops.bitengine.int4_linear(x, self.weight_int4, self.weight_scale, self.bias,
                                                    self.in_features)
+        if _cpu_ready(x):
+            return torch.ops.bitengine.int4_linear_cpu(x, self.weight_int4, self.weight_scale, self.bias,
+                                                       self.in_features)
         return int4_linear_reference(x, self.weight_int4, self.weight_scale, self.bias, self.in_features)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, int4 groups of {GROUP} + fp16 scales"
+
+
+def _cpu_ready(x: torch.Tensor) -> bool:
+    from .int8_head import _kernel_ready  # the C++ CPU kernels are built and x is on the CPU
+
+    return _kernel_ready(x)
 
 
 def _gpu_ready(x: torch.Tensor) -> bool:
@@ -146,7 +153,4 @@ def quantize_head_int4(model: nn.Module, head: str = "lm_head") -> list[str]:
     done = _replace(model, head, make)
     if not done and not any(isinstance(m, Int4Linear) for m in model.modules()):
         raise ValueError(f"quantize_head_int4: no module named {head!r} in {type(model).__name__}")
-    if any(model.get_submodule(name).weight_int4.device.type != "cuda" for name in done):
-        log.warning("int4 head off the GPU: it runs its float64 reference there (slow); the int8 head has a C++ "
-                    "kernel on the CPU")
     return done

@@ -189,6 +189,27 @@ def test_dense_heads(isa, kind):
         assert err < TOL, (isa, kind, m, err)
 
 
+@pytest.mark.parametrize("n,k", [(77, 1000), (130, 128), (5, 4100)])
+def test_int4_head_kernel(isa, n, k):
+    """bitengine::int4_linear_cpu == int4_head's float64 reference (the same integers per group; float32 sums), through
+    Int4Linear, for float32 / bfloat16 inputs, with and without bias, and under torch.compile's fake tensors."""
+    from bitengine.int4_head import Int4Linear, int4_linear_reference
+
+    w = torch.randn(n, k, generator=_gen(n + k)) * 0.05
+    for bias in (torch.randn(n, generator=_gen(13)), None):
+        mod = Int4Linear(w, bias)
+        for m in (1, 3, 17):
+            x = torch.randn(m, k, generator=_gen(m))
+            ref = int4_linear_reference(x.double(), mod.weight_int4, mod.weight_scale, mod.bias, k)
+            assert _rel(mod(x), ref) < TOL, (isa, n, k, m)
+            xb = x.bfloat16()
+            y = mod(xb)
+            assert y.dtype == torch.bfloat16
+            assert _rel(y, int4_linear_reference(xb.double(), mod.weight_int4, mod.weight_scale, mod.bias, k)) < 1e-2
+    torch.library.opcheck(torch.ops.bitengine.int4_linear_cpu.default,
+                          (x, mod.weight_int4, mod.weight_scale, None, k), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_backend_on_bitlinear():
     from bitengine.backends import get
     from bitengine.nn import BitLinear

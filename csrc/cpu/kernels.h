@@ -85,6 +85,19 @@ void int8_rows_avx2(const int8_t*, int64_t, int64_t, const float*, int64_t, int6
 void half_rows_avx2(const uint16_t*, int64_t, int64_t, const float*, int64_t, int64_t, int64_t,
                     float*, int64_t);
 
+// The int4 head (bitengine/int4_head.py): w uint8 rows of kpad / 2 bytes (stride ws) in its chunk layout (byte b of a
+// 16-byte chunk c: weight 32c + b in the low nibble, 32c + 16 + b in the high one, 4-bit two's complement), scale
+// float16 bits [rows, kpad / 128] (stride ss); xq int8 tokens [M, kpad] (stride xs, zero past K), xsum[m * groups + g]
+// the sum of token m's xq over group g. out[m * os + r] = sum over groups g, in order, of scale[r, g] * (the group's
+// exact integer dot product), float32. Both twins compute the same integers (the sums over g may round differently).
+using Int4Kernel = void (*)(const uint8_t* w, int64_t ws, const uint16_t* scale, int64_t ss, int64_t nrows,
+                            const int8_t* xq, int64_t xs, const int32_t* xsum, int64_t M, int64_t kpad, float* out,
+                            int64_t os);
+void int4_rows_scalar(const uint8_t*, int64_t, const uint16_t*, int64_t, int64_t, const int8_t*, int64_t,
+                      const int32_t*, int64_t, int64_t, float*, int64_t);
+void int4_rows_avx2(const uint8_t*, int64_t, const uint16_t*, int64_t, int64_t, const int8_t*, int64_t,
+                    const int32_t*, int64_t, int64_t, float*, int64_t);
+
 // Per-token int8 activation quantization (quant.quantize_activations): returns a = 127 / max(max|x|,
 // 1e-5) (computed as reciprocal(.) * 127, as torch does), writes q[k] = clamp(rint(x[k] * a), -128,
 // 127) for k < K and gsum[g] = sum of q over [g * gsize, (g + 1) * gsize). Both twins give the same bits.

@@ -423,6 +423,44 @@ void a16_avx2_dot(const uint8_t* w, int64_t ws, int64_t nrows, const float* xp, 
   else run_rows<4>(f, nrows, M);
 }
 
+// Per group of 128 weights (64 bytes, two 32-byte halves of two chunks each): the nibbles become unsigned codes
+// c = v + 8 (the 4-bit two's complement v with its sign bit flipped), so one maddubs takes codes x int8 tokens with no
+// saturation (2 * 15 * 128 < 2^15), and 8 * sum(xq) over the group takes the offset off: the same integer as the scalar
+// twin's. In a 32-byte half, the low nibbles pair with tokens [0, 16) of each chunk and the high ones with [16, 32):
+// two 128-bit lane permutes of the half's 64 tokens line them up.
+void int4_rows_avx2(const uint8_t* w, int64_t ws, const uint16_t* scale, int64_t ss, int64_t nrows,
+                    const int8_t* xq, int64_t xs, const int32_t* xsum, int64_t M, int64_t kpad, float* out,
+                    int64_t os) {
+  const int64_t groups = kpad / 128;
+  const __m256i nib = _mm256_set1_epi8(0x0F), flip = _mm256_set1_epi8(0x08), ones = _mm256_set1_epi16(1);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const uint8_t* wr = w + r * ws;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xm = xq + m * xs;
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        __m256i s32 = _mm256_setzero_si256();
+        for (int h = 0; h < 2; ++h) {
+          const __m256i b = _mm256_loadu_si256((const __m256i*)(wr + g * 64 + h * 32));
+          const __m256i lo = _mm256_xor_si256(_mm256_and_si256(b, nib), flip);
+          const __m256i hi = _mm256_xor_si256(_mm256_and_si256(_mm256_srli_epi16(b, 4), nib), flip);
+          const int8_t* xh = xm + g * 128 + h * 64;
+          const __m256i x0 = _mm256_loadu_si256((const __m256i*)xh), x1 = _mm256_loadu_si256((const __m256i*)(xh + 32));
+          const __m256i xlo = _mm256_permute2x128_si256(x0, x1, 0x20), xhi = _mm256_permute2x128_si256(x0, x1, 0x31);
+          const __m256i p16 = _mm256_add_epi16(_mm256_maddubs_epi16(lo, xlo), _mm256_maddubs_epi16(hi, xhi));
+          s32 = _mm256_add_epi32(s32, _mm256_madd_epi16(p16, ones));
+        }
+        __m128i t = _mm_add_epi32(_mm256_castsi256_si128(s32), _mm256_extracti128_si256(s32, 1));
+        t = _mm_hadd_epi32(t, t);
+        t = _mm_hadd_epi32(t, t);
+        const int32_t s = _mm_cvtsi128_si32(t) - 8 * xsum[m * groups + g];
+        acc += _cvtsh_ss(scale[r * ss + g]) * (float)s;
+      }
+      out[m * os + r] = acc;
+    }
+  }
+}
+
 void int8_rows_avx2(const int8_t* w, int64_t ws, int64_t nrows, const float* x, int64_t xs,
                     int64_t M, int64_t kpad, float* out, int64_t os) {
   dense_rows([w, ws](int64_t r0) {

@@ -111,6 +111,29 @@ inline float factor_at(const void* p, int ft, int64_t i) {
 }
 }  // namespace
 
+void int4_rows_scalar(const uint8_t* w, int64_t ws, const uint16_t* scale, int64_t ss, int64_t nrows,
+                      const int8_t* xq, int64_t xs, const int32_t* xsum, int64_t M, int64_t kpad, float* out,
+                      int64_t os) {
+  (void)xsum;  // the scalar twin sign-extends the nibbles itself
+  const int64_t groups = kpad / 128;
+  for (int64_t r = 0; r < nrows; ++r)
+    for (int64_t m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int32_t s = 0;
+        for (int64_t c = 0; c < 4; ++c)
+          for (int64_t b = 0; b < 16; ++b) {
+            const int byte = w[r * ws + g * 64 + c * 16 + b];
+            const int lo = (byte & 15) - ((byte & 8) << 1), hi = (byte >> 4) - ((byte & 128) >> 3);
+            const int64_t k = g * 128 + c * 32 + b;
+            s += lo * xq[m * xs + k] + hi * xq[m * xs + k + 16];
+          }
+        acc += half_to_float(scale[r * ss + g]) * (float)s;
+      }
+      out[m * os + r] = acc;
+    }
+}
+
 float quantize_row_scalar(const float* x, int64_t K, int64_t gsize, int8_t* q, int32_t* gsum) {
   float amax = 0.f;
   for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::fabs(x[k]));

@@ -482,6 +482,47 @@ at::Tensor dense_linear_cpu(const at::Tensor& x, const at::Tensor& w, const c10:
   return finish(y, x, N);
 }
 
+// The int4 head (bitengine/int4_head.py): y [..., N] = (sum_g scale[n, g] * q[n, g] . xq[g]) / a (+ bias), x quantized
+// per token to int8 (a = 127 / max|x|, as every ternary linear's input), w uint8 [N, Kpad / 2], scale float16
+// [N, Kpad / 128], Kpad = K rounded up to 128. The same numbers as int4_linear_reference up to float32 sums.
+at::Tensor int4_linear_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale,
+                           const c10::optional<at::Tensor>& bias, int64_t K) {
+  const int64_t kpad = (K + 127) / 128 * 128, groups = kpad / 128;
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.dtype() == at::kByte && w.size(1) == kpad / 2,
+              "int4 weight must be contiguous uint8 [N, ", kpad / 2, "], got ", w.sizes(), " for K=", K);
+  const int64_t N = w.size(0);
+  TORCH_CHECK(scale.dim() == 2 && scale.is_contiguous() && scale.dtype() == at::kHalf && scale.size(0) == N &&
+                  scale.size(1) == groups,
+              "int4 scale must be contiguous float16 [", N, ", ", groups, "], got ", scale.sizes());
+  const at::Tensor x2 = as_float_rows(x, K);
+  const int64_t M = x2.size(0);
+  auto xq = at::zeros({M, kpad}, at::kChar);
+  auto a = at::empty({M}, at::kFloat);
+  auto xsum = at::empty({M, groups}, at::kInt);
+  const QuantizeRow quant = active_isa() == kAvx2 ? quantize_row_avx2 : quantize_row_scalar;
+  std::vector<int32_t> unused(1);
+  for (int64_t m = 0; m < M; ++m) {
+    int8_t* q = xq.data_ptr<int8_t>() + m * kpad;
+    a.data_ptr<float>()[m] = quant(x2.data_ptr<float>() + m * K, K, K, q, unused.data());
+    for (int64_t g = 0; g < groups; ++g) {
+      int32_t t = 0;
+      for (int64_t k = g * 128; k < (g + 1) * 128; ++k) t += q[k];
+      xsum.data_ptr<int32_t>()[m * groups + g] = t;
+    }
+  }
+  auto y = at::empty({M, N}, at::kFloat);
+  const Int4Kernel kern = active_isa() == kAvx2 ? int4_rows_avx2 : int4_rows_scalar;
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scale.data_ptr<at::Half>());
+  for_row_chunks(N, [&](int64_t r0, int64_t nr, int64_t) {
+    kern(wp + r0 * (kpad / 2), kpad / 2, sp + r0 * groups, groups, nr, xq.data_ptr<int8_t>(), kpad,
+         xsum.data_ptr<int32_t>(), M, kpad, y.data_ptr<float>() + r0, N);
+  });
+  y.div_(a.unsqueeze(1));
+  if (bias.has_value() && bias->defined()) y.add_(bias->to(at::kFloat));
+  return finish(y, x, N);
+}
+
 int kernel_threads() { return num_threads(); }
 bool kernels_use_avx2() { return active_isa() == kAvx2; }
 
@@ -492,6 +533,7 @@ TORCH_LIBRARY_FRAGMENT(bitengine, m) {
   m.def("ternary_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features, int out_features, int act_bits, int variant, Tensor? lora_A=None, Tensor? lora_B=None, Tensor? lora_A_scale=None, Tensor? lora_B_scale=None) -> Tensor");
   m.def("ternary_accumulate_cpu(Tensor x_q, Tensor w, int in_features, int out_features, int variant) -> Tensor");
   m.def("dense_linear_cpu(Tensor x, Tensor w, Tensor? w_scale, Tensor? bias, int in_features) -> Tensor");
+  m.def("int4_linear_cpu(Tensor x, Tensor w, Tensor scale, Tensor? bias, int in_features) -> Tensor");
   m.def("large_pages_copy_cpu(Tensor t) -> Tensor");
 }
 
@@ -500,6 +542,7 @@ TORCH_LIBRARY_IMPL(bitengine, CPU, m) {
   m.impl("ternary_linear_cpu", &bitengine_cpu::ternary_linear_cpu);
   m.impl("ternary_accumulate_cpu", &bitengine_cpu::ternary_accumulate_cpu);
   m.impl("dense_linear_cpu", &bitengine_cpu::dense_linear_cpu);
+  m.impl("int4_linear_cpu", &bitengine_cpu::int4_linear_cpu);
   m.impl("large_pages_copy_cpu", &bitengine_cpu::large_pages_copy_cpu);
 }
 
