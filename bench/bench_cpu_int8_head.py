@@ -1,5 +1,5 @@
 """Perplexity cost of the int8 head (and int8 embeddings) and of the int4 head on a real model, on CPU, and each
-head's greedy decode speed (64 tokens after the Zen of Python's first line, median of 3 generate() calls).
+head's greedy decode speed (64 tokens after the Zen of Python's first line; the heads take turns, median of 5 rounds).
 
 Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures perplexity with the loader's
 head, then after quantize_head_int8 (head only, then head + embeddings), then after quantize_head_int4 (head only;
@@ -36,24 +36,20 @@ def texts() -> dict[str, str]:
     return out
 
 
-def decode_speed(model, new_tokens: int = 64, reps: int = 3) -> float:
-    prompt = zen_of_python().splitlines()[0]
-    model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        model.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
-        times.append(time.perf_counter() - t0)
-    return round(new_tokens / statistics.median(times), 1)
+def decode_seconds(model, prompt: str, new_tokens: int) -> float:
+    t0 = time.perf_counter()
+    model.generate(prompt, max_new_tokens=new_tokens, ignore_eos=True)
+    return time.perf_counter() - t0
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--backend", default="cpu")
+    ap.add_argument("--rounds", type=int, default=5, help="decode timing rounds (every head once per round)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    rows = []
+    rows, models = [], {}
     for variant in ("loader head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
         model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend)
         if variant == "int4 head":
@@ -65,7 +61,20 @@ def main():
                 r = perplexity(model, model.tokenizer, text, max_len=1024)
             rows.append({"variant": variant, "text": name, "perplexity": r["perplexity"], "tokens": r["tokens"]})
             print(rows[-1], flush=True)
-        rows.append({"variant": variant, "decode_tok_s": decode_speed(model)})
+        models[variant] = model
+    # decode speed: 64 greedy tokens after the Zen's first line; the heads take turns, the order rotated every round,
+    # so a machine that speeds up or slows down over the run moves every head alike; median over the rounds
+    prompt, new = zen_of_python().splitlines()[0], 64
+    for model in models.values():
+        model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+    times = {v: [] for v in models}
+    names = list(models)
+    for r in range(args.rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            times[v].append(decode_seconds(models[v], prompt, new))
+    for v in names:
+        rows.append({"variant": v, "decode_tok_s": round(new / statistics.median(times[v]), 1),
+                     "decode_tok_s_each": [round(new / t, 1) for t in times[v]]})
         print(rows[-1], flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "date": time.strftime(

@@ -261,17 +261,17 @@ __device__ __forceinline__ float abs_max(const XWord<T>& v, float acc) {
   }
 }
 
-// x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
-// quant.quantize_activations does on those values; a_out the scale, xsum_out sum(x_q), both in every thread.
-// Three block reductions (sum of squares, absmax, sum of x_q), one barrier each: each has its own shared array, and
-// the last one's barrier is also the one that makes xq visible to the block (these barriers sit on the prologue's
-// critical path, between the x loads and the first dot products).
 // Where quantize_to_shared puts x_q word wi: xq_slot by default (the ternary GEMV's permutation); the int4 head's
 // GEMV passes its own (int4_gemv.cu).
 struct XqSlot {
   __device__ __forceinline__ int operator()(int wi) const { return xq_slot(wi); }
 };
 
+// x (or RMSNorm(x) * norm_w when norm_w is given) quantized to int8 into shared memory, exactly as
+// quant.quantize_activations does on those values; a_out the scale, xsum_out sum(x_q), both in every thread.
+// Three block reductions (sum of squares, absmax, sum of x_q), one barrier each: each has its own shared array, and
+// the last one's barrier is also the one that makes xq visible to the block (these barriers sit on the prologue's
+// critical path, between the x loads and the first dot products).
 template <typename T, int RegWords = kRegWords, typename Slot = XqSlot>
 __device__ void quantize_to_shared(const T* __restrict__ x, const T* __restrict__ norm_w, float eps, int K, int KW,
                                    int4* xq, float& a_out, int& xsum_out, Slot slot = Slot()) {
