@@ -1,11 +1,11 @@
 """Perplexity cost of the int8 head (and int8 embeddings) and of the int4 head on a real model, on CPU, and each
 head's greedy decode speed (64 tokens after the Zen of Python's first line; the heads take turns, median of 5 rounds).
 
-Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures perplexity with the loader's
-head, then after quantize_head_int8 (head only, then head + embeddings), then after quantize_head_int4 (head only;
-the C++ op int4_linear_cpu where the CPU kernels are built, else the float64 reference: the same numbers as the GPU
-kernels up to float32 sums). Texts: the Zen of Python and the start of CPython's LICENSE.txt (both ship with every
-Python install).
+Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures perplexity with the
+loader's head (float32 on the CPU), with load(head="fp16") (the F16C kernel), then after quantize_head_int8 (head
+only, then head + embeddings), then after quantize_head_int4 (head only; the C++ op int4_linear_cpu where the CPU
+kernels are built, else the float64 reference: the same numbers as the GPU kernels up to float32 sums). Texts: the
+Zen of Python and the start of CPython's LICENSE.txt (both ship with every Python install).
 
     python bench/bench_cpu_int8_head.py /tmp/smol_fp16 --out bench/results/cpu_int8_head_ppl.json
 """
@@ -50,11 +50,13 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows, models = [], {}
-    for variant in ("loader head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
-        model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend)
+    for variant in ("loader head", "fp16 head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
+        # "fp16 head": load(head="fp16"), the F16C kernel on the checkpoint's fp16 head
+        model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend,
+                               head="fp16" if variant == "fp16 head" else None)
         if variant == "int4 head":
             quantize_head_int4(model)
-        elif variant != "loader head":
+        elif variant.startswith("int8"):
             quantize_head_int8(model, embeddings="embeddings" in variant)
         for name, text in texts().items():
             with torch.no_grad():

@@ -31,6 +31,17 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
 HEADS = (None, "fp16", "int8", "int8+embeddings", "int4")  # load(head=...): how the output head is stored
 
 
+def _cpu_half_head_applies(device: torch.device, block: dict, ternary: set) -> bool:
+    """head="fp16" on the CPU: the F16C head kernel, where the C++ kernels are built and the checkpoint's head is a
+    dense float16 one (a bfloat16 head would round; a ternary head is not a dense one). Elsewhere the head already is
+    16-bit (GPU) or has no faster fp16 path, and stays as loaded."""
+    if device.type != "cpu" or "lm_head" in ternary or block.get("dtype", "float16") != "float16":
+        return False
+    from .backends import cpu
+
+    return cpu._C is not None
+
+
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
          max_seq: int | None = None, adapters=None, adapter_mode: str = "fused", adapter_dtype: str | None = None,
          head: str | None = None, verify_codes: bool = True, fuse: bool = True):
@@ -41,9 +52,11 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
     adapters / adapter_mode / adapter_dtype: LoRA adapters applied at load time, [dir or (dir, weight)],
     "fused" or "merge", factors in 16-bit or "int8" (see bitengine.lora).
-    head: None keeps the 16-bit head; "int8" stores it as per-row int8 (and "int8+embeddings" the
-    embeddings too), a large share of decode bytes on small models (see bitengine.int8_head); "int4" as
-    group-wise int4 for the GPU (a quarter of the bytes, coarser: see bitengine.int4_head).
+    head: None keeps the 16-bit head (in `dtype`: float32 on the CPU); "fp16" keeps it in float16, on the CPU
+    through the F16C kernel (exact: the checkpoint's fp16 values; half the bytes per decode step); "int8" stores
+    it as per-row int8 (and "int8+embeddings" the embeddings too), a large share of decode bytes on small models
+    (see bitengine.int8_head); "int4" as group-wise int4 (a quarter of the bytes, much coarser: see
+    bitengine.int4_head).
     fuse: run q/k/v and gate/up as one ternary matmul each (exact; see bitengine.fuse).
     """
     if head not in HEADS:
@@ -110,6 +123,10 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
         from .int4_head import quantize_head_int4
 
         quantize_head_int4(model)
+    elif head == "fp16" and _cpu_half_head_applies(device, block, ternary):
+        from .int8_head import use_cpu_half_head
+
+        use_cpu_half_head(model)  # the checkpoint's own fp16 values, read at half the fp32 head's bytes
     if adapters:
         from .lora import apply_adapters
 

@@ -102,6 +102,25 @@ def test_load_with_int4_head_generates(tmp_path):
         bitengine.load(tmp_path / "bit", head="int5")
 
 
+def test_load_fp16_head_on_cpu_is_the_half_kernel(tmp_path):
+    """head="fp16" on the CPU: the checkpoint's float16 head through the F16C kernel (where the C++ kernels are built):
+    the same weights as the default float32 head, so the same logits up to float32 summation order."""
+    from tinymodels import make_llama
+
+    from bitengine.backends import cpu
+    from bitengine.int8_head import HalfLinearCpu
+
+    make_llama(tmp_path / "hf", tokenizer=True, vocab_size=300, hidden_size=128, intermediate_size=256,
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    bitengine.convert(tmp_path / "hf", tmp_path / "bit", progress=False)
+    ids = torch.randint(3, 300, (1, 12), generator=_gen(6))
+    default, half = bitengine.load(tmp_path / "bit"), bitengine.load(tmp_path / "bit", head="fp16")
+    assert isinstance(half.lm_head, HalfLinearCpu) == (cpu._C is not None)
+    with torch.no_grad():
+        ref, got = default(ids).double(), half(ids).double()
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
 def test_cli_accepts_int4_head():
     from bitengine.cli import build_parser
 
