@@ -73,7 +73,7 @@ async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -
                 if r.status_code == 200:
                     return r.json()
                 status = r.json().get("status", r.status_code)
-            except httpx.TransportError:
+            except (httpx.TransportError, ValueError):  # not listening yet, or a body that is not JSON
                 pass
             if time.time() > report:  # a run cut by an outer time limit still shows how far start-up got
                 print(f"waiting for the server: {status} after {time.time() - start:.0f} s", flush=True)
@@ -191,6 +191,10 @@ def _engine_line(e: dict) -> str:
     return f"{e['slowest_prefill_s']} s / {e['slowest_step_s']} s, {e['steps_over_1s']}"
 
 
+def _warmup_line(e: dict) -> str:
+    return "n/a (no warm-up)" if e.get("warmup_s") is None else f"{e['warmup_s']} s"
+
+
 def markdown(r: dict) -> str:
     rows = [("device", f"{r['device']} ({r['device_name']}), backend {r['backend']}, decode step: {r.get('decode')}"),
             ("model", r["model"]),
@@ -201,7 +205,7 @@ def markdown(r: dict) -> str:
             ("time to first token p50 / p99", f"{r['ttft_p50_s']} s / {r['ttft_p99_s']} s"),
             ("most rows decoded together", r["max_active_rows"]),
             ("engine: slowest prefill / decode step, steps > 1 s", _engine_line(r.get("engine_stats") or {})),
-            ("engine: start-up warm-up (graph captures included)", f"{(r.get('engine_stats') or {}).get('warmup_s')} s"),
+            ("engine: start-up warm-up (graph captures included)", _warmup_line(r.get("engine_stats") or {})),
             ("server exit code (SIGINT)", r["server_exit_code"]),
             ("load average (1 min) / cores", f"{r['load_average_1m']} / {r['cpu_count']}"), ("date", r["date"])]
     return "| metric | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
