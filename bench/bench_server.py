@@ -72,7 +72,8 @@ async def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 600) -
                 r = await c.get(url + "/health")
                 if r.status_code == 200:
                     return r.json()
-                status = r.json().get("status", r.status_code)
+                body = r.json()
+                status = " ".join(str(x) for x in (body.get("status", r.status_code), body.get("warmup_step")) if x)
             except (httpx.TransportError, ValueError):  # not listening yet, or a body that is not JSON
                 pass
             if time.time() > report:  # a run cut by an outer time limit still shows how far start-up got

@@ -37,7 +37,7 @@ for step in $STEPS; do
       # wheels carried in .whl/ (pip download for the device's Python, README "GPU runs"), never from the network
       python -c "import fastapi, uvicorn, httpx" 2>/dev/null || \
         python -m pip install -q --no-index --find-links .whl --root-user-action=ignore fastapi uvicorn httpx 2>&1 | tail -3
-      for mode in graph eager; do
+      for mode in ${SERVER_MODES:-graph eager}; do
         timeout "${SERVER_TIMEOUT:-150}" python bench/bench_server.py --device cuda --clients 16 --max-batch 16 \
           --duration "${SERVER_DURATION:-20}" $([ $mode = eager ] && echo --no-cuda-graph) ${SERVER_ARGS:-} \
           --out "$OUT/server_gpu_$mode" 2>&1 | tail -30

@@ -234,6 +234,17 @@ def test_engine_queue_is_bounded_without_http(ref):
         engine.submit(reqs[3])
 
 
+def test_warmup_reports_its_progress(ref):
+    engine = Engine(ref, max_batch=2, max_seq=40, warmup=True)
+    seen, model = [], engine.model
+    engine.model = lambda *a, **kw: (seen.append(engine.stats.get("warmup_step")), model(*a, **kw))[1]
+    engine.warmup()
+    # 32 prompt lengths (1..32; 64 and up exceed max_seq 40), then each decode batch size (eager on the CPU)
+    assert seen[0] == "prompt length 1 (1 of 32)" and seen[31] == "prompt length 32 (32 of 32)"
+    assert seen[32:] == ["decode batch 1 of 2", "decode batch 2 of 2"]
+    assert "warmup_step" not in engine.stats and engine.stats["warmup_s"] >= 0
+
+
 def _sse_events(resp) -> list:
     return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
 

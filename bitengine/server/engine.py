@@ -188,16 +188,20 @@ class Engine:
         limit = min(self.max_seq, 1025)  # small M: kernels specialize per M; larger: per power-of-two bucket
         dev, lens = self.device, sorted((set(range(1, 33)) | {1 << i for i in range(6, 11)}) & set(range(1, limit)))
         with torch.inference_mode():
-            for t in lens:
+            for i, t in enumerate(lens):
+                # /health shows how far start-up got (a slow start and a stuck one look alike from outside)
+                self.stats["warmup_step"] = f"prompt length {t} ({i + 1} of {len(lens)})"
                 pos = torch.arange(t, device=dev)
                 self.model(torch.zeros(1, t, dtype=torch.long, device=dev), cache=CacheView(self.cache, 0, 1),
                            input_pos=pos, position_ids=pos[None], kv_len=t, last_only=True)
             for hi in range(1, self.max_batch + 1):
+                self.stats["warmup_step"] = f"decode batch {hi} of {self.max_batch}"
                 if self.decode_graphs is not None:  # also captures each batch size's graph for the first slot bucket
                     self.decode_graphs([0] * hi, [0] * hi)
                     continue
                 zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
                 self.model(zeros, cache=CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
+        del self.stats["warmup_step"]
         self.stats["warmup_s"] = round(time.monotonic() - t0, 2)  # /health reports it (start-up cost, graphs included)
         log.info("warm-up: %d prefill lengths and decode batches 1..%d in %.1f s", len(lens), self.max_batch,
                  self.stats["warmup_s"])
