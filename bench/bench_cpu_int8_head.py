@@ -1,8 +1,9 @@
 """Perplexity cost of the int8 head (and int8 embeddings) and of the int4 head on a real model, on CPU, and each
 head's greedy decode speed (64 tokens after the Zen of Python's first line; the heads take turns, median of 5 rounds).
 
-Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures perplexity with the
-loader's head (float32 on the CPU), with load(head="fp16") (the F16C kernel), then after quantize_head_int8 (head
+Loads a bitengine checkpoint (e.g. SmolLM2-135M converted with --weights fp16), measures perplexity with a float32
+copy of the head (the CPU loader's head before 2026-12-03), with the loader's head (the checkpoint's float16 values
+through the F16C kernel: load()'s default on the CPU since then), then after quantize_head_int8 (head
 only, then head + embeddings), then after quantize_head_int4 (head only; the C++ op int4_linear_cpu where the CPU
 kernels are built, else the float64 reference: the same numbers as the GPU kernels up to float32 sums). Texts: the
 Zen of Python and the start of CPython's LICENSE.txt (both ship with every Python install).
@@ -50,11 +51,12 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     rows, models = [], {}
-    for variant in ("loader head", "fp16 head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
-        # "fp16 head": load(head="fp16"), the F16C kernel on the checkpoint's fp16 head
-        model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend,
-                               head="fp16" if variant == "fp16 head" else None)
-        if variant == "int4 head":
+    for variant in ("float32 head", "fp16 head", "int8 head", "int8 head + int8 embeddings", "int4 head"):
+        # "fp16 head": the loader's (F16C kernel on the checkpoint's fp16 head, where the C++ kernels are built)
+        model = bitengine.load(args.checkpoint, device="cpu", backend=args.backend)
+        if variant == "float32 head":  # a float32 copy run by PyTorch's matmul (untied from the embedding)
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.float(), requires_grad=False)
+        elif variant == "int4 head":
             quantize_head_int4(model)
         elif variant.startswith("int8"):
             quantize_head_int8(model, embeddings="embeddings" in variant)

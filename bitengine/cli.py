@@ -21,8 +21,9 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter-mode", default="fused", choices=["fused", "merge"])
     p.add_argument("--adapter-dtype", default=None, choices=["int8"], help="store adapter factors as int8")
     p.add_argument("--head", default=None, choices=["fp16", "int8", "int8+embeddings", "int4"],
-                   help="store the output head (and embeddings) as int8, or the head as group-wise int4 (GPU), at "
-                        "load time")
+                   help="how the output head is stored at load time: default the checkpoint's 16-bit head (on the CPU "
+                        "float16 through the F16C kernel); fp16 forces that on any CPU backend; int8 (and embeddings), "
+                        "or group-wise int4 (faster, less accurate)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,8 +6,8 @@ shape: 131 MB of fp16 head vs 242 MB of 2-bit linear weights), and decode is mem
     (W ~= scale[n] * W_q[n, :], scale multiplies; W_q in [-127, 127]); activations stay float, so
     the only error is the weight rounding. Halves the head bytes.
   - quantize_head_int8(model, embeddings=True) also stores the token embeddings as int8 rows.
-  - use_cpu_half_head(model): keeps fp16 weights but runs them through the F16C kernel instead of
-    torch's fp16 GEMV, which is ~2x slower on CPU.
+  - use_cpu_half_head(model): keeps the head's fp16 weights (the loader's default on the CPU); nn.DenseLinear runs a
+    float16 weight under float32 activations through the F16C kernel instead of torch's fp16 GEMV (~2x slower).
 On CPU both run `torch.ops.bitengine.dense_linear_cpu` (csrc/cpu). On CUDA the int8 head runs
 `torch.ops.bitengine.int8_linear` (kernels/int8_linear.py, Triton: int8 weights read as they are, never
 dequantized to a float copy). Elsewhere, or without the extension / triton, the modules fall back to plain
@@ -108,24 +108,6 @@ class Int8Linear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, int8 rows + fp32 scale"
 
 
-class HalfLinearCpu(nn.Module):
-    """y = x @ W^T (+ bias) with fp16 W [N, ceil(K/32)*32] (zero padded) and fp32 accumulation."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.register_buffer("weight_half", _streamed(_pad_cols(weight.detach().to(torch.float16))))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _kernel_ready(x):
-            return torch.ops.bitengine.dense_linear_cpu(x, self.weight_half, None, self.bias, self.in_features)
-        y = F.linear(x.float(), self.weight_half[:, : self.in_features].float())
-        if self.bias is not None:
-            y = y + self.bias
-        return y.to(x.dtype)
-
-
 class Int8Embedding(nn.Module):
     """Token embeddings as int8 rows with an fp32 scale per row; returns `dtype` vectors."""
 
@@ -190,12 +172,21 @@ def quantize_head_int8(model: nn.Module, head: str = "lm_head", embeddings: bool
     return done
 
 
-def use_cpu_half_head(model: nn.Module, head: str = "lm_head") -> list[str]:
-    """Run the fp16 head through the F16C kernel (same weights, fp32 accumulation)."""
-    def make(m):
-        if isinstance(m, (Int8Linear, HalfLinearCpu)):
-            return None
-        w, b = _weight_and_bias(m)
-        return HalfLinearCpu(w, b)
+def use_cpu_half_head(model: nn.Module) -> bool:
+    """The head's weight (and a tied embedding's, the same tensor) as float16 in 2 MB pages, so nn._dense_linear runs
+    it through the C++ F16C kernel (float32 sums; torch's float16 matmul on the CPU is ~2x slower and a float32 copy
+    reads twice the bytes). What load() does by default on the CPU (loader.cpu_keeps_half_head). Exact when the
+    weight holds float16 values (a float16 checkpoint's head). Returns False, changing nothing, where it does not
+    apply: no dense head, not on the CPU, the kernels not built, or a row length that is not a multiple of 32."""
+    from .nn import DenseLinear
 
-    return _replace(model, head, make)
+    m = getattr(model, "lm_head", None)
+    if not isinstance(m, DenseLinear) or m.in_features % PAD or not _kernel_ready(m.weight):
+        return False
+    release_graphs(model)  # captured graphs read the old weight
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    tied = getattr(emb, "weight", None) is m.weight
+    m.weight = nn.Parameter(_streamed(m.weight.detach().to(torch.float16).contiguous()), requires_grad=False)
+    if tied:
+        emb.weight = m.weight
+    return True

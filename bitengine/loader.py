@@ -31,15 +31,23 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
 HEADS = (None, "fp16", "int8", "int8+embeddings", "int4")  # load(head=...): how the output head is stored
 
 
-def _cpu_half_head_applies(device: torch.device, block: dict, ternary: set) -> bool:
-    """head="fp16" on the CPU: the F16C head kernel, where the C++ kernels are built and the checkpoint's head is a
-    dense float16 one (a bfloat16 head would round; a ternary head is not a dense one). Elsewhere the head already is
-    16-bit (GPU) or has no faster fp16 path, and stays as loaded."""
-    if device.type != "cpu" or "lm_head" in ternary or block.get("dtype", "float16") != "float16":
+def cpu_keeps_half_head(device: torch.device, dtype: torch.dtype, head: str | None, backend: str, block: dict,
+                        ternary: set, hidden: int) -> bool:
+    """Whether the head stays float16 on the CPU and runs through the C++ F16C kernel (nn._dense_linear): by default
+    under the C++ backend, and for head="fp16" under any, where the kernels are built, activations are float32, the
+    checkpoint's head is a dense float16 one (a bfloat16 head would round; a ternary head is not dense) and its rows
+    need no padding (hidden % 32 == 0; a tied head is the embedding itself). The same float16 values with float32 sums
+    as a float32 copy, at half the bytes a decode step reads (ternary SmolLM2 decode on 2 cores: 55.6 -> 93.5 tok/s,
+    bench/results/cpu_head_ternary_smollm2_2026-12-03.json). Elsewhere the head is loaded in `dtype`."""
+    if head not in (None, "fp16") or (head is None and backend != "cpu"):
         return False
-    from .backends import cpu
+    if device.type != "cpu" or dtype != torch.float32 or "lm_head" in ternary or hidden % 32:
+        return False
+    if block.get("dtype", "float16") != "float16":
+        return False
+    from .nn import cpu_kernels_built
 
-    return cpu._C is not None
+    return cpu_kernels_built()
 
 
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
@@ -52,8 +60,9 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
     adapters / adapter_mode / adapter_dtype: LoRA adapters applied at load time, [dir or (dir, weight)],
     "fused" or "merge", factors in 16-bit or "int8" (see bitengine.lora).
-    head: None keeps the 16-bit head (in `dtype`: float32 on the CPU); "fp16" keeps it in float16, on the CPU
-    through the F16C kernel (exact: the checkpoint's fp16 values; half the bytes per decode step); "int8" stores
+    head: None keeps the 16-bit head: in `dtype`, except on the CPU under the C++ backend, where a float16 head stays
+    float16 and runs through the F16C kernel (the checkpoint's values, float32 sums, half the bytes per decode step;
+    a tied embedding stays float16 too; see cpu_keeps_half_head); "fp16" does that under any CPU backend; "int8" stores
     it as per-row int8 (and "int8+embeddings" the embeddings too), a large share of decode bytes on small models
     (see bitengine.int8_head); "int4" as group-wise int4 (a quarter of the bytes, much coarser: see
     bitengine.int4_head).
@@ -74,6 +83,8 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     shapes, linears = expected_shapes(cfg)
     ternary = {m for m in linears + ["lm_head"] if f"{m}.weight_packed" in reader.index}
     _validate(reader, shapes, ternary)
+    chosen = backends.select(device, backend)
+    half_head = cpu_keeps_half_head(device, dtype, head, chosen.name, block, ternary, cfg.hidden_size)
 
     with torch.device("meta"):
         model = CausalLM(cfg, dense_linear, max_seq=max_seq)
@@ -101,10 +112,13 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     if missing or unexpected:  # _validate should have caught these; keep the invariant explicit
         raise CheckpointError(f"{reader.path}: state mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
+    if half_head:  # back to the checkpoint's float16 values (exact), in 2 MB pages
+        from .int8_head import use_cpu_half_head
+
+        use_cpu_half_head(model)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.eval()
 
-    chosen = backends.select(device, backend)
     for m in model.modules():
         if isinstance(m, BitLinear):
             m.prepare(chosen)
@@ -123,10 +137,6 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
         from .int4_head import quantize_head_int4
 
         quantize_head_int4(model)
-    elif head == "fp16" and _cpu_half_head_applies(device, block, ternary):
-        from .int8_head import use_cpu_half_head
-
-        use_cpu_half_head(model)  # the checkpoint's own fp16 values, read at half the fp32 head's bytes
     if adapters:
         from .lora import apply_adapters
 

@@ -254,7 +254,7 @@ class CausalLM(nn.Module):
     def _front(self, input_ids, input_pos, position_ids, valid, s):
         """What every layer takes: the embeddings (B, T, D), the rotary cos / sin (B, 1, T, hd) in their dtype (once
         for all layers) and the attention mask over s slots (valid: the cache's (B, S) slot mask, or None)."""
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids).to(self.activation_dtype)  # a float16 tied head's embedding on the CPU
         cos, sin = (c.to(x.dtype) for c in self.rope(position_ids))
         return x, cos, sin, self._mask_over(input_ids.shape[0], input_ids.shape[1], input_pos, valid, s)
 

@@ -139,7 +139,24 @@ class DenseLinear(nn.Module, _AdapterPath):
         """residual + linear(norm(x)) (norm and residual optional), as BitLinear."""
         if norm is not None:
             x = norm(x)
-        y = F.linear(x, self.weight, self.bias)
+        y = _dense_linear(x, self.weight, self.bias)
         if self.lora_A is not None:
             y = y + self._adapter_delta(x)
         return y if residual is None else y + residual
+
+
+def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear, except a float16 weight under float32 activations on the CPU (the loader's head there, see
+    loader.cpu_keeps_half_head): the C++ F16C kernel, float32 sums of the float16 values, no float32 copy of the weight.
+    """
+    if w.dtype == torch.float16 and x.dtype == torch.float32 and x.device.type == "cpu":
+        if w.shape[1] % 32 == 0 and w.is_contiguous() and cpu_kernels_built():
+            return torch.ops.bitengine.dense_linear_cpu(x, w, None, b, w.shape[1])
+        return F.linear(x, w.float(), None if b is None else b.float())
+    return F.linear(x, w, b)
+
+
+def cpu_kernels_built() -> bool:
+    from .backends import cpu
+
+    return cpu._C is not None

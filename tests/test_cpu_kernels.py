@@ -172,12 +172,17 @@ def test_bad_shapes_raise():
 
 @pytest.mark.parametrize("kind", ["int8", "half"])
 def test_dense_heads(isa, kind):
-    from bitengine.int8_head import HalfLinearCpu, Int8Linear, int8_rows
+    from bitengine.int8_head import Int8Linear, int8_rows
+    from bitengine.nn import DenseLinear
 
-    k, n = 1000, 77
+    k, n = 1024, 77  # a float16 DenseLinear runs the F16C kernel at K % 32 == 0 (Int8Linear pads any K)
     w = torch.randn(n, k, generator=_gen(11))
     bias = torch.randn(n, generator=_gen(12))
-    mod = Int8Linear(w, bias) if kind == "int8" else HalfLinearCpu(w, bias)
+    if kind == "int8":
+        mod = Int8Linear(w, bias)
+    else:
+        mod = DenseLinear(k, n, bias=True)
+        mod.weight.data, mod.bias.data = w.half(), bias
     if kind == "int8":
         q, s = int8_rows(w)
         w_eff = q.double() * s.double()[:, None]
@@ -187,6 +192,8 @@ def test_dense_heads(isa, kind):
         x = torch.randn(m, k, generator=_gen(m))
         err = _rel(mod(x), x.double() @ w_eff.t() + bias.double())
         assert err < TOL, (isa, kind, m, err)
+        if kind == "half":  # the module runs the kernel (not a float32 fallback)
+            assert torch.equal(mod(x), torch.ops.bitengine.dense_linear_cpu(x, mod.weight, None, mod.bias, k))
 
 
 @pytest.mark.parametrize("n,k", [(77, 1000), (130, 128), (5, 4100)])
@@ -389,7 +396,9 @@ def test_whole_model_with_adapters_matches_reference_backend(tiny_llama, isa, ac
     ids = torch.randint(3, 256, (2, 19), generator=_gen(5))
     logits, plain = {}, {}
     for backend in ("reference", "cpu"):
-        model = bitengine.load(tiny_llama / f"a{act_bits}", device="cpu", backend=backend, dtype=torch.float32)
+        # the same (float16, F16C) head under both backends: the comparison is the ternary layers'
+        model = bitengine.load(tiny_llama / f"a{act_bits}", device="cpu", backend=backend, dtype=torch.float32,
+                               head="fp16")
         with torch.no_grad():
             plain[backend] = model(ids).double()
         layers = [mod for mod in model.modules() if isinstance(mod, BitLinear)]

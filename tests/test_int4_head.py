@@ -102,23 +102,33 @@ def test_load_with_int4_head_generates(tmp_path):
         bitengine.load(tmp_path / "bit", head="int5")
 
 
-def test_load_fp16_head_on_cpu_is_the_half_kernel(tmp_path):
-    """head="fp16" on the CPU: the checkpoint's float16 head through the F16C kernel (where the C++ kernels are built):
-    the same weights as the default float32 head, so the same logits up to float32 summation order."""
+@pytest.mark.parametrize("tied", [True, False])
+def test_cpu_default_head_is_the_checkpoints_float16(tmp_path, tied):
+    """On the CPU under the C++ backend the head stays float16 (a tied embedding too) and runs through the F16C kernel:
+    the same weights as the reference backend's float32 head, so the same logits up to float32 summation order;
+    head="fp16" does the same under the reference backend."""
     from tinymodels import make_llama
 
-    from bitengine.backends import cpu
-    from bitengine.int8_head import HalfLinearCpu
+    from bitengine.nn import cpu_kernels_built
 
     make_llama(tmp_path / "hf", tokenizer=True, vocab_size=300, hidden_size=128, intermediate_size=256,
-               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               tie_word_embeddings=tied)
     bitengine.convert(tmp_path / "hf", tmp_path / "bit", progress=False)
     ids = torch.randint(3, 300, (1, 12), generator=_gen(6))
-    default, half = bitengine.load(tmp_path / "bit"), bitengine.load(tmp_path / "bit", head="fp16")
-    assert isinstance(half.lm_head, HalfLinearCpu) == (cpu._C is not None)
+    fast, ref = bitengine.load(tmp_path / "bit", backend="cpu"), bitengine.load(tmp_path / "bit", backend="reference")
+    half_ref = bitengine.load(tmp_path / "bit", backend="reference", head="fp16")
+    kept = torch.float16 if cpu_kernels_built() else torch.float32
+    assert fast.lm_head.weight.dtype == half_ref.lm_head.weight.dtype == kept
+    assert ref.lm_head.weight.dtype == torch.float32
+    assert (fast.lm_head.weight is fast.model.embed_tokens.weight) == tied
+    assert fast.model.embed_tokens.weight.dtype == (kept if tied else torch.float32)
     with torch.no_grad():
-        ref, got = default(ids).double(), half(ids).double()
-    assert float((got - ref).norm() / ref.norm()) < 1e-5
+        want = ref(ids).double()
+        for model in (fast, half_ref):
+            got = model(ids)
+            assert got.dtype == torch.float32
+            assert float((got.double() - want).norm() / want.norm()) < 1e-5
 
 
 def test_cli_accepts_int4_head():
