@@ -37,8 +37,8 @@ def cpu_keeps_half_head(device: torch.device, dtype: torch.dtype, head: str | No
     under the C++ backend, and for head="fp16" under any, where the kernels are built, activations are float32, the
     checkpoint's head is a dense float16 one (a bfloat16 head would round; a ternary head is not dense) and its rows
     need no padding (hidden % 32 == 0; a tied head is the embedding itself). The same float16 values with float32 sums
-    as a float32 copy, at half the bytes a decode step reads (ternary SmolLM2 decode on 2 cores: 55.6 -> 93.5 tok/s,
-    bench/results/cpu_head_ternary_smollm2_2026-12-03.json). Elsewhere the head is loaded in `dtype`."""
+    as a float32 copy, at half the bytes a decode step reads (ternary SmolLM2 decode on 2 cores: 49.8 -> 91.0 tok/s,
+    bench/results/cpu_head_ternary_smollm2_f16default_2026-12-03.json). Elsewhere the head is loaded in `dtype`."""
     if head not in (None, "fp16") or (head is None and backend != "cpu"):
         return False
     if device.type != "cpu" or dtype != torch.float32 or "lm_head" in ternary or hidden % 32:
