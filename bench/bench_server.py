@@ -171,7 +171,8 @@ async def run(args) -> dict:
         "latency_p50_s": round(pct(lat, 50), 3), "latency_p99_s": round(pct(lat, 99), 3),
         "ttft_p50_s": round(pct(ttft, 50), 3), "ttft_p99_s": round(pct(ttft, 99), 3),
         "max_active_rows": after.get("max_active"), "server_exit_code": rc,
-        "engine_stats": {k: after.get(k) for k in ("warmup_s", "steps", "slowest_prefill_s", "slowest_step_s",
+        "engine_stats": {k: after.get(k) for k in ("warmup_s", "warmup_prompts_s", "warmup_decode_s", "warmup_slowest",
+                                                   "steps", "slowest_prefill_s", "slowest_step_s",
                                                    "steps_over_1s")},
         "load_average_1m": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -193,7 +194,12 @@ def _engine_line(e: dict) -> str:
 
 
 def _warmup_line(e: dict) -> str:
-    return "n/a (no warm-up)" if e.get("warmup_s") is None else f"{e['warmup_s']} s"
+    if e.get("warmup_s") is None:
+        return "n/a (no warm-up)"
+    if e.get("warmup_prompts_s") is None:  # an engine before the split
+        return f"{e['warmup_s']} s"
+    return (f"{e['warmup_s']} s (prompt lengths {e['warmup_prompts_s']} s, decode batch sizes {e['warmup_decode_s']} s; "
+            f"slowest {e['warmup_slowest']})")
 
 
 def markdown(r: dict) -> str:

@@ -243,6 +243,9 @@ def test_warmup_reports_its_progress(ref):
     assert seen[0] == "prompt length 1 (1 of 32)" and seen[31] == "prompt length 32 (32 of 32)"
     assert seen[32:] == ["decode batch 1 of 2", "decode batch 2 of 2"]
     assert "warmup_step" not in engine.stats and engine.stats["warmup_s"] >= 0
+    stats = engine.stats  # the start-up's split: prompt lengths, decode batch sizes, the slowest item
+    assert 0 <= stats["warmup_prompts_s"] <= stats["warmup_s"] and 0 <= stats["warmup_decode_s"] <= stats["warmup_s"]
+    assert stats["warmup_slowest"].startswith(("prompt length ", "decode batch ")) and stats["warmup_slowest"][-2:] == " s"
 
 
 def _sse_events(resp) -> list:

@@ -88,6 +88,12 @@ def _cut(text: str, stops: list[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (so a warm-up item's time is its own, not the next one's)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Engine:
     """Owns the model and its KV cache; `submit()` from any thread, `run()` on the engine thread."""
 
@@ -187,21 +193,35 @@ class Engine:
         t0 = time.monotonic()
         limit = min(self.max_seq, 1025)  # small M: kernels specialize per M; larger: per power-of-two bucket
         dev, lens = self.device, sorted((set(range(1, 33)) | {1 << i for i in range(6, 11)}) & set(range(1, limit)))
+        slowest = (0.0, "")
         with torch.inference_mode():
             for i, t in enumerate(lens):
                 # /health shows how far start-up got (a slow start and a stuck one look alike from outside)
                 self.stats["warmup_step"] = f"prompt length {t} ({i + 1} of {len(lens)})"
+                t1 = time.monotonic()
                 pos = torch.arange(t, device=dev)
                 self.model(torch.zeros(1, t, dtype=torch.long, device=dev), cache=CacheView(self.cache, 0, 1),
                            input_pos=pos, position_ids=pos[None], kv_len=t, last_only=True)
+                _sync(dev)
+                slowest = max(slowest, (time.monotonic() - t1, f"prompt length {t}"))
+            t_prompts = time.monotonic()
             for hi in range(1, self.max_batch + 1):
                 self.stats["warmup_step"] = f"decode batch {hi} of {self.max_batch}"
+                t1 = time.monotonic()
                 if self.decode_graphs is not None:  # also captures each batch size's graph for the first slot bucket
                     self.decode_graphs([0] * hi, [0] * hi)
-                    continue
-                zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
-                self.model(zeros, cache=CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros, kv_len=1)
+                else:
+                    zeros = torch.zeros(hi, 1, dtype=torch.long, device=dev)
+                    self.model(zeros, cache=CacheView(self.cache, 0, hi), input_pos=zeros, position_ids=zeros,
+                               kv_len=1)
+                _sync(dev)
+                slowest = max(slowest, (time.monotonic() - t1, f"decode batch {hi}"))
         del self.stats["warmup_step"]
+        # where start-up time goes (/health): the prompt lengths (kernel compilation and autotuning per shape), the
+        # decode batch sizes (graph captures on a GPU), and the slowest single item
+        self.stats["warmup_prompts_s"] = round(t_prompts - t0, 2)
+        self.stats["warmup_decode_s"] = round(time.monotonic() - t_prompts, 2)
+        self.stats["warmup_slowest"] = f"{slowest[1]}: {slowest[0]:.2f} s"
         self.stats["warmup_s"] = round(time.monotonic() - t0, 2)  # /health reports it (start-up cost, graphs included)
         log.info("warm-up: %d prefill lengths and decode batches 1..%d in %.1f s", len(lens), self.max_batch,
                  self.stats["warmup_s"])
