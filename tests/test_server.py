@@ -248,6 +248,19 @@ def test_warmup_reports_its_progress(ref):
     assert stats["warmup_slowest"].startswith(("prompt length ", "decode batch ")) and stats["warmup_slowest"][-2:] == " s"
 
 
+def test_warmup_with_prompt_graphs_runs_their_buckets_only(ref):
+    """With the GPU's prompt path (PrefillGraphs: prompts padded to 64-token buckets) the warm-up runs only the
+    lengths prompts can run at, not 1..32 (here eagerly on the CPU, graphs=False)."""
+    from bitengine.server.graphs import PrefillGraphs
+
+    engine = Engine(ref, max_batch=1, max_seq=200, warmup=True)
+    engine.prefill_graphs = PrefillGraphs(ref, engine.cache, graphs=False)
+    seen, model = [], engine.model
+    engine.model = lambda *a, **kw: (seen.append((engine.stats.get("warmup_step"), a[0].shape[1])), model(*a, **kw))[1]
+    engine.warmup()
+    assert seen == [("prompt length 64 (1 of 2)", 64), ("prompt length 128 (2 of 2)", 128), ("decode batch 1 of 1", 1)]
+
+
 def _sse_events(resp) -> list:
     return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
 

@@ -187,12 +187,15 @@ class Engine:
 
     # ---- engine thread --------------------------------------------------------------------------
     def warmup(self) -> None:
-        """Run every decode batch size 1..max_batch and prefill lengths 1..32, 64..1024 once, so the kernels'
+        """Run every decode batch size 1..max_batch and prefill lengths 1..32, 64..1024 once (on a GPU, whose
+        prompts run padded to 64-token buckets, those lengths' buckets: 64, 128, ..., 1024), so the kernels'
         compilation and autotuning (Triton: per M, or M bucket) and, on a GPU, the decode graphs' capture for the
         first slot bucket happen before the first request, not during it."""
         t0 = time.monotonic()
         limit = min(self.max_seq, 1025)  # small M: kernels specialize per M; larger: per power-of-two bucket
         dev, lens = self.device, sorted((set(range(1, 33)) | {1 << i for i in range(6, 11)}) & set(range(1, limit)))
+        if self.prefill_graphs is not None:  # a GPU's prompts run padded to 64-token buckets (PrefillGraphs): only
+            lens = sorted({self.prefill_graphs.rows[0].bucket_len(t) for t in lens})  # those lengths ever run
         slowest = (0.0, "")
         with torch.inference_mode():
             for i, t in enumerate(lens):
