@@ -194,6 +194,11 @@ def test_dense_heads(isa, kind):
         assert err < TOL, (isa, kind, m, err)
         if kind == "half":  # the module runs the kernel (not a float32 fallback)
             assert torch.equal(mod(x), torch.ops.bitengine.dense_linear_cpu(x, mod.weight, None, mod.bias, k))
+    # a token's outputs have the same bits alone and anywhere in a batch (the server decodes rows alone and batched)
+    x = torch.randn(19, k, generator=_gen(99))
+    batch = mod(x)
+    assert all(torch.equal(batch[i:i + 1], mod(x[i:i + 1])) for i in range(19)), (isa, kind)
+    assert torch.equal(batch[5:12], mod(x[5:12])), (isa, kind)
 
 
 @pytest.mark.parametrize("n,k", [(77, 1000), (130, 128), (5, 4100)])
