@@ -175,12 +175,26 @@ def quantize_head_int8(model: nn.Module, head: str = "lm_head", embeddings: bool
 def use_cpu_half_head(model: nn.Module) -> bool:
     """The head's weight (and a tied embedding's, the same tensor) as float16 in 2 MB pages, so nn._dense_linear runs
     it through the C++ F16C kernel (float32 sums; torch's float16 matmul on the CPU is ~2x slower and a float32 copy
-    reads twice the bytes). What load() does by default on the CPU (loader.cpu_keeps_half_head). Exact when the
-    weight holds float16 values (a float16 checkpoint's head). Returns False, changing nothing, where it does not
-    apply: no dense head, not on the CPU, the kernels not built, or a row length that is not a multiple of 32."""
+    reads twice the bytes). Exact when the weight holds float16 values (a float16 checkpoint's head). Returns False,
+    changing nothing, where it does not apply: no dense head, not on the CPU, the kernels not built, or a row length
+    that is not a multiple of 32."""
+    m = getattr(model, "lm_head", None)
+    return _to_half(model, m) if m is not None else False
+
+
+def use_cpu_half_dense(model: nn.Module) -> list[str]:
+    """use_cpu_half_head for every dense linear layer of the model (the head, and the layers of a `--weights fp16`
+    checkpoint or kept 16-bit modules): what load() does by default on the CPU (loader.cpu_keeps_half). The F16C
+    kernel against torch's float32 F.linear on the same values: 0.14-0.81x the time at 1-64 tokens, 0.94-1.10x at 512
+    (bench/results/cpu_dense_f16c_2026-12-03.md). Returns the names of the layers converted."""
     from .nn import DenseLinear
 
-    m = getattr(model, "lm_head", None)
+    return [name for name, m in list(model.named_modules()) if isinstance(m, DenseLinear) and _to_half(model, m)]
+
+
+def _to_half(model: nn.Module, m: nn.Module) -> bool:
+    from .nn import DenseLinear
+
     if not isinstance(m, DenseLinear) or m.in_features % PAD or not _kernel_ready(m.weight):
         return False
     release_graphs(model)  # captured graphs read the old weight

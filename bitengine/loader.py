@@ -31,23 +31,24 @@ def _default_dtype(device: torch.device, stored: str) -> torch.dtype:
 HEADS = (None, "fp16", "int8", "int8+embeddings", "int4")  # load(head=...): how the output head is stored
 
 
-def cpu_keeps_half_head(device: torch.device, dtype: torch.dtype, head: str | None, backend: str, block: dict,
-                        ternary: set, hidden: int) -> bool:
-    """Whether the head stays float16 on the CPU and runs through the C++ F16C kernel (nn._dense_linear): by default
-    under the C++ backend, and for head="fp16" under any, where the kernels are built, activations are float32, the
-    checkpoint's head is a dense float16 one (a bfloat16 head would round; a ternary head is not dense) and its rows
-    need no padding (hidden % 32 == 0; a tied head is the embedding itself). The same float16 values with float32 sums
-    as a float32 copy, at half the bytes a decode step reads (ternary SmolLM2 decode on 2 cores: 49.8 -> 91.0 tok/s,
-    bench/results/cpu_head_ternary_smollm2_f16default_2026-12-03.json). Elsewhere the head is loaded in `dtype`."""
-    if head not in (None, "fp16") or (head is None and backend != "cpu"):
-        return False
-    if device.type != "cpu" or dtype != torch.float32 or "lm_head" in ternary or hidden % 32:
-        return False
+def cpu_keeps_half(device: torch.device, dtype: torch.dtype, head: str | None, backend: str, block: dict) -> str:
+    """Which dense float16 weights stay float16 on the CPU and run through the C++ F16C kernel (nn._dense_linear):
+    "all" (the head and every dense layer, e.g. a `--weights fp16` checkpoint's) by default under the C++ backend,
+    "head" for head="fp16" under another backend, "" otherwise. Only where the kernels are built, activations are
+    float32 and the checkpoint's 16-bit weights are float16 (bfloat16 ones would round); per layer, rows need no
+    padding (int8_head._to_half; a tied head is the embedding itself). The same float16 values with float32 sums as a
+    float32 copy, at half the bytes (ternary SmolLM2 decode on 2 cores: 49.8 -> 91.0 tok/s,
+    bench/results/cpu_head_ternary_smollm2_f16default_2026-12-03.json; the kernel at 0.14-1.10x float32 F.linear's
+    time from 1 to 512 tokens, cpu_dense_f16c_2026-12-03.md). Elsewhere they are loaded in `dtype`."""
+    if head not in (None, "fp16") or device.type != "cpu" or dtype != torch.float32:
+        return ""
     if block.get("dtype", "float16") != "float16":
-        return False
+        return ""
     from .nn import cpu_kernels_built
 
-    return cpu_kernels_built()
+    if not cpu_kernels_built():
+        return ""
+    return "all" if backend == "cpu" else "head" if head == "fp16" else ""
 
 
 def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | str | None = None,
@@ -60,9 +61,10 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     16-bit type on CUDA). max_seq: KV-cache length limit (default: the model's context length).
     adapters / adapter_mode / adapter_dtype: LoRA adapters applied at load time, [dir or (dir, weight)],
     "fused" or "merge", factors in 16-bit or "int8" (see bitengine.lora).
-    head: None keeps the 16-bit head: in `dtype`, except on the CPU under the C++ backend, where a float16 head stays
-    float16 and runs through the F16C kernel (the checkpoint's values, float32 sums, half the bytes per decode step;
-    a tied embedding stays float16 too; see cpu_keeps_half_head); "fp16" does that under any CPU backend; "int8" stores
+    head: None keeps the 16-bit head: in `dtype`, except on the CPU under the C++ backend, where float16 dense weights
+    (the head, a tied embedding with it, the layers of a float16 checkpoint) stay float16 and run through the F16C
+    kernel (the checkpoint's values, float32 sums, half the bytes; see cpu_keeps_half); "fp16" does that for the head
+    under any CPU backend; "int8" stores
     it as per-row int8 (and "int8+embeddings" the embeddings too), a large share of decode bytes on small models
     (see bitengine.int8_head); "int4" as group-wise int4 (a quarter of the bytes, much coarser: see
     bitengine.int4_head).
@@ -84,7 +86,7 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     ternary = {m for m in linears + ["lm_head"] if f"{m}.weight_packed" in reader.index}
     _validate(reader, shapes, ternary)
     chosen = backends.select(device, backend)
-    half_head = cpu_keeps_half_head(device, dtype, head, chosen.name, block, ternary, cfg.hidden_size)
+    keep_half = cpu_keeps_half(device, dtype, head, chosen.name, block)
 
     with torch.device("meta"):
         model = CausalLM(cfg, dense_linear, max_seq=max_seq)
@@ -112,10 +114,13 @@ def load(path, device="cpu", backend: str | None = None, dtype: torch.dtype | st
     if missing or unexpected:  # _validate should have caught these; keep the invariant explicit
         raise CheckpointError(f"{reader.path}: state mismatch (missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.tie_weights()
-    if half_head:  # back to the checkpoint's float16 values (exact), in 2 MB pages
-        from .int8_head import use_cpu_half_head
+    if keep_half:  # back to the checkpoint's float16 values (exact), in 2 MB pages
+        from .int8_head import use_cpu_half_dense, use_cpu_half_head
 
-        use_cpu_half_head(model)
+        if keep_half == "all":
+            use_cpu_half_dense(model)
+        else:
+            use_cpu_half_head(model)
     model.inv_freq = rope_inv_freq(cfg).to(device)
     model.eval()
 

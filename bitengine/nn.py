@@ -146,9 +146,8 @@ class DenseLinear(nn.Module, _AdapterPath):
 
 
 def _dense_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear, except a float16 weight under float32 activations on the CPU (the loader's head there, see
-    loader.cpu_keeps_half_head): the C++ F16C kernel, float32 sums of the float16 values, no float32 copy of the weight.
-    """
+    """F.linear, except a float16 weight under float32 activations on the CPU (what the loader keeps there, see
+    loader.cpu_keeps_half): the C++ F16C kernel, float32 sums of the float16 values, no float32 copy of the weight."""
     if w.dtype == torch.float16 and x.dtype == torch.float32 and x.device.type == "cpu":
         if w.shape[1] % 32 == 0 and w.is_contiguous() and cpu_kernels_built():
             return torch.ops.bitengine.dense_linear_cpu(x, w, None, b, w.shape[1])

@@ -57,6 +57,24 @@ def test_fp16_matches_transformers(llama):
     assert got == want
 
 
+def test_fp16_checkpoint_layers_stay_float16_on_cpu(llama):
+    """On the CPU under the C++ backend a float16 checkpoint's dense layers and head stay float16 (the F16C kernel,
+    half the bytes); the reference backend keeps float32 copies; the logits agree to float32 summation order."""
+    from bitengine.nn import DenseLinear, cpu_kernels_built
+
+    d, _ = llama
+    if not (d / "fp16").exists():
+        bitengine.convert(d / "src", d / "fp16", weights="fp16", progress=False)
+    fast, ref = bitengine.load(d / "fp16", backend="cpu"), bitengine.load(d / "fp16", backend="reference")
+    dense = {n: m.weight.dtype for n, m in fast.named_modules() if isinstance(m, DenseLinear)}
+    assert len(dense) > 8 and "lm_head" in dense
+    assert set(dense.values()) == {torch.float16 if cpu_kernels_built() else torch.float32}
+    assert {m.weight.dtype for m in ref.modules() if isinstance(m, DenseLinear)} == {torch.float32}
+    ids = torch.randint(0, 256, (2, 23))
+    with torch.no_grad():
+        assert rel(fast(ids), ref(ids)) < 1e-5
+
+
 @pytest.mark.parametrize("act_bits", [8, 16])
 @pytest.mark.parametrize("scale", ["tensor", "channel", "group:32"])
 def test_ternary_matches_bitnet_formulas(llama, act_bits, scale):
