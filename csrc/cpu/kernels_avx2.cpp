@@ -248,8 +248,9 @@ struct A16Runner {
 };
 
 // ---- dense rows (head): a tile of NR rows x MT tokens, so each converted weight vector serves MT tokens and each x
-// vector NR rows (one token at a time, a weight vector was loaded and converted once per token: at M = 256-512 that
-// ran ~1.2-1.9x slower than MKL's float32 GEMM). One accumulator per (row, token), k ascending, then one horizontal
+// vector NR rows (one token at a time, a weight vector was loaded and converted once per token: at 512 tokens that
+// took 1.35-1.66x the time of torch's float32 F.linear, 0.94-1.10x now: bench/results/cpu_dense_f16c_*2026-12-03.md).
+// One accumulator per (row, token), k ascending, then one horizontal
 // sum: every output has the same bits whatever M is and wherever its token sits in the batch (the server decodes a
 // row alone and in a batch; greedy tokens must not depend on that).
 template <typename Load, int NR, int MT>
