@@ -14,7 +14,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -23,19 +23,16 @@ import torch.nn.functional as F
 
 from bitengine.backends import cpu
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu_kernels import _median_time  # noqa: E402  (the CPU benches' median of timed calls)
+
 SHAPES = {"smollm2 head": (49152, 576), "tinyllama head": (32000, 2048), "tinyllama q / o": (2048, 2048),
           "tinyllama gate / up": (5632, 2048), "tinyllama down": (2048, 5632), "smollm2 gate / up": (1536, 576)}
 MS = (1, 2, 16, 64, 512)
 
 
 def median_ms(fn, reps: int) -> float:
-    fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) * 1e3
+    return _median_time(fn, reps) * 1e3
 
 
 def main():

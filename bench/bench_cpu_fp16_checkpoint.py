@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,9 @@ import torch
 import bitengine
 from bitengine.evaluate import perplexity, zen_of_python
 from bitengine.nn import DenseLinear
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_cpu_int8_head import decode_rounds  # noqa: E402  (the interleaved decode timing)
 
 
 def float32_layers(model) -> int:
@@ -50,20 +52,7 @@ def main():
             r = perplexity(model, model.tokenizer, zen_of_python(), max_len=1024)
         rows.append({"variant": name, "perplexity": r["perplexity"], "tokens": r["tokens"]})
         print(rows[-1], flush=True)
-    prompt = zen_of_python().splitlines()[0]
-    for model in models.values():
-        model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
-    times = {v: [] for v in models}
-    names = list(models)
-    for r in range(args.rounds):
-        for v in names[r % len(names):] + names[:r % len(names)]:
-            t0 = time.perf_counter()
-            models[v].generate(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
-            times[v].append(time.perf_counter() - t0)
-    for v in names:
-        rows.append({"variant": v, "decode_tok_s": round(args.new_tokens / statistics.median(times[v]), 1),
-                     "decode_tok_s_each": [round(args.new_tokens / t, 1) for t in times[v]]})
-        print(rows[-1], flush=True)
+    rows += decode_rounds(models, args.rounds, args.new_tokens)
     if args.out:
         Path(args.out).with_suffix(".json").write_text(json.dumps(
             {"checkpoint": str(args.checkpoint), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -43,6 +43,26 @@ def decode_seconds(model, prompt: str, new_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def decode_rounds(models: dict, rounds: int, new: int = 64) -> list[dict]:
+    """Greedy decode speed of each model ({name: model}): `new` tokens after the Zen's first line, the models taking
+    turns with the order rotated every round, so a machine that speeds up or slows down over the run moves every model
+    alike; median over the rounds. One row per model (printed as it comes)."""
+    prompt = zen_of_python().splitlines()[0]
+    for model in models.values():
+        model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
+    times = {v: [] for v in models}
+    names = list(models)
+    for r in range(rounds):
+        for v in names[r % len(names):] + names[:r % len(names)]:
+            times[v].append(decode_seconds(models[v], prompt, new))
+    rows = []
+    for v in names:
+        rows.append({"variant": v, "decode_tok_s": round(new / statistics.median(times[v]), 1),
+                     "decode_tok_s_each": [round(new / t, 1) for t in times[v]]})
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
@@ -66,20 +86,7 @@ def main():
             rows.append({"variant": variant, "text": name, "perplexity": r["perplexity"], "tokens": r["tokens"]})
             print(rows[-1], flush=True)
         models[variant] = model
-    # decode speed: 64 greedy tokens after the Zen's first line; the heads take turns, the order rotated every round,
-    # so a machine that speeds up or slows down over the run moves every head alike; median over the rounds
-    prompt, new = zen_of_python().splitlines()[0], 64
-    for model in models.values():
-        model.generate(prompt, max_new_tokens=4, ignore_eos=True)  # warm-up
-    times = {v: [] for v in models}
-    names = list(models)
-    for r in range(args.rounds):
-        for v in names[r % len(names):] + names[:r % len(names)]:
-            times[v].append(decode_seconds(models[v], prompt, new))
-    for v in names:
-        rows.append({"variant": v, "decode_tok_s": round(new / statistics.median(times[v]), 1),
-                     "decode_tok_s_each": [round(new / t, 1) for t in times[v]]})
-        print(rows[-1], flush=True)
+    rows += decode_rounds(models, args.rounds)
     if args.out:
         Path(args.out).write_text(json.dumps({"checkpoint": str(args.checkpoint), "date": time.strftime(
             "%Y-%m-%d %H:%M UTC", time.gmtime()), "python": sys.version.split()[0], "rows": rows}, indent=1))
