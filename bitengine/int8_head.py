@@ -6,8 +6,9 @@ shape: 131 MB of fp16 head vs 242 MB of 2-bit linear weights), and decode is mem
     (W ~= scale[n] * W_q[n, :], scale multiplies; W_q in [-127, 127]); activations stay float, so
     the only error is the weight rounding. Halves the head bytes.
   - quantize_head_int8(model, embeddings=True) also stores the token embeddings as int8 rows.
-  - use_cpu_half_head(model): keeps the head's fp16 weights (the loader's default on the CPU); nn.DenseLinear runs a
-    float16 weight under float32 activations through the F16C kernel instead of torch's fp16 GEMV (~2x slower).
+  - use_cpu_half_head(model) / use_cpu_half_dense(model): keep the head's (every dense layer's) fp16 weights (the
+    loader's default on the CPU); nn.DenseLinear runs a float16 weight under float32 activations through the F16C
+    kernel instead of torch's fp16 GEMV (~2x slower).
 On CPU both run `torch.ops.bitengine.dense_linear_cpu` (csrc/cpu). On CUDA the int8 head runs
 `torch.ops.bitengine.int8_linear` (kernels/int8_linear.py, Triton: int8 weights read as they are, never
 dequantized to a float copy). Elsewhere, or without the extension / triton, the modules fall back to plain
